@@ -1,0 +1,36 @@
+# dsv3 — the two commands a new user runs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Set VENV_FLAGS=--system-site-packages to reuse a torch (e.g. a CUDA build) already on the system.
+VENV_FLAGS ?=
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-all lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# A bare `torch` requirement would pull a multi-GB CUDA build: pin the local CPU build,
+	@# and only when no torch is importable at all.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "" --timeout=3600
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+
+demo: install
+	$(PY) -m dsv3.demo
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

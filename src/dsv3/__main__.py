@@ -1,0 +1,3 @@
+from dsv3.cli import main
+
+raise SystemExit(main())
