@@ -55,9 +55,12 @@ HF_PASSTHROUGH_KEYS = frozenset(
         "pretraining_tp", "ep_size", "aux_loss_alpha", "seq_aux", "quantization_config",
         "output_hidden_states", "output_attentions", "output_router_logits", "return_dict",
         "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
-        "_name_or_path", "tokenizer_class", "num_mtp_layers", "head_dim", "qk_head_dim",
+        "_name_or_path", "tokenizer_class", "num_mtp_layers",
     }
 )
+
+# Keys transformers derives from the others; dropped on load and written fresh by to_hf_dict.
+HF_DERIVED_KEYS = frozenset({"head_dim", "qk_head_dim"})
 
 # Keys whose value changes the math: only the value DeepSeek-V3 uses is supported.
 HF_FIXED_KEYS: dict[str, Any] = {
@@ -163,6 +166,8 @@ class ModelConfig(_Strict):
                 value = data.pop(key)
                 if value != expected:
                     raise ValueError(f"{key}: only {expected!r} is supported, got {value!r}")
+        for key in HF_DERIVED_KEYS:
+            data.pop(key, None)
         for key in list(data):
             if key in HF_PASSTHROUGH_KEYS:
                 extras[key] = data.pop(key)
@@ -213,6 +218,8 @@ class ModelConfig(_Strict):
         d = self.model_dump(exclude={"hf_extras", "rope_scaling"})
         d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.model_dump()
         d["num_key_value_heads"] = self.num_attention_heads
+        d["qk_head_dim"] = self.qk_head_dim
+        d["head_dim"] = self.qk_rope_head_dim  # transformers' name for the rotary width
         d.update(HF_FIXED_KEYS)
         extras = {k: v for k, v in self.hf_extras.items() if k not in ("quantization_config",)}
         d.update(extras)
