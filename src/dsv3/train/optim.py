@@ -1,0 +1,82 @@
+"""AdamW with decoupled weight decay on matrices only, and learning-rate schedules as pure functions.
+
+The schedule is a function of the step alone, so resuming needs no scheduler object: the step in
+the checkpoint gives the same learning rate back, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from dsv3.config import TrainConfig
+
+__all__ = ["param_groups", "build_optimizer", "lr_at", "set_lr"]
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay weight matrices (and stacked expert weights); never norms, biases or frozen buffers.
+
+    A 1-D tensor is a norm scale or a bias: decaying it pulls it toward 0, which for an RMSNorm
+    scale means shrinking the signal, not regularising it.
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA, the multi-tensor one elsewhere."""
+    on_cuda = next(model.parameters()).is_cuda
+    groups = param_groups(model, cfg.weight_decay)
+    n_decay = sum(p.numel() for p in groups[0]["params"])
+    n_plain = sum(p.numel() for p in groups[1]["params"])
+    log.debug("AdamW: %d parameters with weight decay, %d without", n_decay, n_plain)
+    return torch.optim.AdamW(
+        groups,
+        lr=lr_at(0, cfg),
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=True if on_cuda else None,
+        foreach=None if on_cuda else True,
+    )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the chosen schedule.
+
+    cosine: half a cosine from lr to min_lr over the steps after warmup.
+    constant: lr after warmup.
+    wsd (warmup-stable-decay): lr until the last `decay_fraction` of the steps, then linear to min_lr.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    # wsd
+    decay_steps = max(round(cfg.decay_fraction * cfg.steps), 1)
+    decay_start = max(cfg.steps - decay_steps, cfg.warmup_steps)
+    if step < decay_start:
+        return cfg.lr
+    progress = min((step - decay_start) / max(cfg.steps - decay_start, 1), 1.0)
+    return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
