@@ -239,6 +239,9 @@ class DataConfig(_Strict):
     train: list[str] = Field(default_factory=list, description="shard prefixes or directories")
     valid: list[str] = Field(default_factory=list, description="validation shard prefixes or directories")
     tokenizer: str | None = Field(default=None, description="tokenizer.json for samples and generation")
+    valid_fraction: float = Field(
+        default=0.02, gt=0, lt=1, description="share of the training windows held out when `valid` is empty"
+    )
 
 
 class TrainConfig(_Strict):
