@@ -264,6 +264,7 @@ class TrainConfig(_Strict):
     mtp_lambda: float = Field(default=0.3, ge=0, description="weight of the MTP loss")
     balance_alpha: float = Field(default=0.0, ge=0, description="sequence-wise balance loss weight")
     bias_update_speed: float = Field(default=1e-3, ge=0, description="gamma of aux-loss-free balancing")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
