@@ -33,6 +33,11 @@ __all__ = [
     "plan_run",
     "training_hours",
     "select_configs",
+    "plan_sections",
+    "markdown_report",
+    "human_count",
+    "human_bytes",
+    "describe_layout",
 ]
 
 GiB = 1024**3
@@ -44,6 +49,7 @@ MASTER_BYTES, GRAD_BYTES, OPTIM_BYTES, COMPUTE_BYTES = 4, 4, 8, 2
 ACT_BYTES = 2  # activations are bf16
 LOGIT_BYTES = ACT_BYTES + 4  # bf16 logits plus the fp32 copy cross-entropy works on
 FP8_SCALE_BYTES = 4  # one fp32 scale per token per layer for an fp8 KV cache
+HEADROOM = 0.1  # of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation
 RECOMPUTE_SLOWDOWN = 4 / 3  # full recomputation repeats the forward: 4 passes of work instead of 3
 
 
@@ -329,7 +335,7 @@ class MemoryEstimate:
         act = self.activations_recompute if self.recompute else self.activations
         return self.weights + self.gradients + self.optimizer + act
 
-    def fits(self, gpu_memory_gb: float, headroom: float = 0.1) -> bool:
+    def fits(self, gpu_memory_gb: float, headroom: float = HEADROOM) -> bool:
         """Within the GPU's memory, keeping `headroom` for the CUDA context, NCCL and fragmentation."""
         return self.total <= gpu_memory_gb * GiB * (1 - headroom)
 
@@ -410,9 +416,9 @@ def _in_flight(schedule: str, pp: int, stage: int, n_micro: int) -> float:
 
 
 def _memory(
-    prof: _Profile, *, seq_len: int, micro_batch: int, n_micro: int, dp_shard: int, tp: int, pp: int, ep: int,
-    schedule: str, recompute: bool,
+    prof: _Profile, layout: ParallelConfig, *, seq_len: int, micro_batch: int, n_micro: int, recompute: bool
 ) -> MemoryEstimate:
+    dp_shard, tp, pp, ep, schedule = layout.dp_shard, layout.tp, layout.pp, layout.ep, layout.pp_schedule
     tokens = micro_batch * seq_len
     units = [*prof.blocks, prof.embedding, *prof.outputs]
     gathered = max(u.gathered(tp, ep) for u in units)  # the largest unit FSDP all-gathers at once
@@ -463,9 +469,7 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
     dp = parallel.dp_replicate * parallel.dp_shard
     n_micro = max(1, train.global_batch_size // (train.micro_batch_size * dp))
     return _memory(
-        _profile(cfg), seq_len=train.seq_len, micro_batch=train.micro_batch_size, n_micro=n_micro,
-        dp_shard=parallel.dp_shard, tp=parallel.tp, pp=parallel.pp, ep=parallel.ep,
-        schedule=parallel.pp_schedule,
+        _profile(cfg), parallel, seq_len=train.seq_len, micro_batch=train.micro_batch_size, n_micro=n_micro,
         recompute=parallel.activation_recompute or train.activation_checkpointing,
     )
 
@@ -623,23 +627,68 @@ def _pow2_divisors(n: int, limit: int) -> list[int]:
 
 
 def _layouts(cfg: ModelConfig, train: TrainConfig, gpus: int, gpus_per_node: int):
-    """Candidate layouts, simplest first: fewest pipeline stages, then tensor ranks, larger micro-batches,
-    fewest expert ranks. FSDP shards over every data-parallel rank (dp_shard = dp)."""
+    """Candidate layouts, simplest first: fewest pipeline stages, then tensor ranks, larger micro-batches.
+
+    FSDP shards over every data-parallel rank (dp_shard = dp). Experts go over the node's GPUs first
+    (all-to-all on NVLink, and FSDP no longer gathers whole expert sets), wider only when memory asks.
+    """
     mbs_options = [m for m in range(train.micro_batch_size, 0, -1) if train.micro_batch_size % m == 0]
     for pp in [p for p in range(1, gpus + 1) if gpus % p == 0 and p <= cfg.num_hidden_layers]:
         for tp in _pow2_divisors(gpus // pp, gpus_per_node):
             if cfg.num_attention_heads % tp:
                 continue
             dp = gpus // (pp * tp)
+            eps = [e for e in _pow2_divisors(dp, cfg.n_routed_experts) if cfg.n_routed_experts % e == 0]
+            in_node = max(e for e in eps if e <= max(1, gpus_per_node // tp))
             for mbs in mbs_options:
                 if train.global_batch_size % (mbs * dp):
                     continue
                 n_micro = train.global_batch_size // (mbs * dp)
                 if pp > 1 and n_micro < pp:  # fewer micro-batches than stages: mostly bubble
                     continue
-                for ep in _pow2_divisors(dp, cfg.n_routed_experts):
-                    if cfg.n_routed_experts % ep == 0:
-                        yield pp, tp, dp, mbs, n_micro, ep
+                for ep in (e for e in eps if e >= in_node):
+                    yield ParallelConfig(gpus=gpus, dp_shard=dp, tp=tp, pp=pp, ep=ep), mbs, n_micro
+
+
+def _judge(
+    run: RunConfig, gpus: int, gpu_memory_gb: float, hours: float | None, mfu: float, peak_tflops: float,
+    ratio: float, headroom: float, gpus_per_node: int,
+) -> Choice:
+    cfg, train = run.model, run.train
+    counts = count_params(cfg)
+    tokens = math.ceil(ratio * counts.active)
+    flops = float(training_flops_per_token(cfg, train.seq_len).total) * tokens
+    base = {"name": run.name, "total_params": counts.total, "active_params": counts.active,
+            "tokens": tokens, "flops": flops}
+    layouts = list(_layouts(cfg, train, gpus, gpus_per_node))
+    if not layouts:
+        return Choice(**base, fits=False, reason=(
+            f"its global batch of {train.global_batch_size} sequences cannot be split over {gpus} GPUs "
+            f"(data-parallel ranks <= {train.global_batch_size}, tp <= {gpus_per_node}, "
+            f"pp <= {cfg.num_hidden_layers} layers)"
+        ))
+    prof = _profile(cfg)
+    smallest = None
+    for recompute in (False, True):  # recomputation costs a forward pass: only when nothing else fits
+        for layout, mbs, n_micro in layouts:
+            mem = _memory(prof, layout, seq_len=train.seq_len, micro_batch=mbs, n_micro=n_micro,
+                          recompute=recompute)
+            if not mem.fits(gpu_memory_gb, headroom):
+                smallest = mem if smallest is None or mem.total < smallest.total else smallest
+                continue
+            layout = layout.model_copy(
+                update={"activation_recompute": recompute, "gpu_memory_gb": gpu_memory_gb}
+            )
+            h = training_hours(flops, gpus, mfu, peak_tflops, recompute)
+            late = hours is not None and h > hours
+            reason = f"needs {h:,.1f} h at {mfu:.0%} MFU, more than the {hours:g} h budget" if late else ""
+            return Choice(**base, fits=not late, reason=reason, parallel=layout, micro_batch_size=mbs,
+                          memory=mem, hours=h)
+    assert smallest is not None
+    return Choice(**base, fits=False, reason=(
+        f"needs at least {smallest.total / GiB:.1f} GiB per GPU in any layout (with recomputation); "
+        f"{gpu_memory_gb * (1 - headroom):.1f} GiB usable of {gpu_memory_gb:g}"
+    ))
 
 
 def select_configs(
@@ -650,58 +699,227 @@ def select_configs(
     mfu: float = 0.4,
     peak_tflops: float = H100_BF16_TFLOPS,
     ratio: float = 20.0,
-    headroom: float = 0.1,
+    headroom: float = HEADROOM,
     gpus_per_node: int = 8,
 ) -> list[Choice]:
-    """Judge each run for `gpus` x `gpu_memory_gb`; fitting ones first, largest active model first.
+    """Judge each run for `gpus` x `gpu_memory_gb`: fitting ones first, the largest active model first.
 
-    Per run, the simplest layout that fits wins: no recomputation before recomputation, then the order of
-    `_layouts`. Time is the Chinchilla budget (`ratio` x N_active tokens) at `mfu` of `peak_tflops`.
+    Per run, the simplest layout that fits wins: no recomputation before recomputation, then the order
+    of `_layouts`. Time is the Chinchilla budget (`ratio` x N_active tokens) at `mfu` of `peak_tflops`.
     """
-    if gpus < 1 or gpu_memory_gb <= 0 or not 0 < mfu <= 1:
-        raise ValueError("need gpus >= 1, gpu_memory_gb > 0 and 0 < mfu <= 1")
-    choices = []
-    for run in runs:
-        cfg, train = run.model, run.train
-        counts = count_params(cfg)
-        tokens = math.ceil(ratio * counts.active)
-        flops = float(training_flops_per_token(cfg, train.seq_len).total) * tokens
-        base = {"name": run.name, "total_params": counts.total, "active_params": counts.active,
-                "tokens": tokens, "flops": flops}
-        prof = _profile(cfg)
-        layouts = list(_layouts(cfg, train, gpus, gpus_per_node))
-        if not layouts:
-            choices.append(Choice(**base, fits=False, reason=(
-                f"its global batch of {train.global_batch_size} sequences cannot be split over {gpus} GPUs "
-                f"(data-parallel ranks <= {train.global_batch_size}, tp <= {gpus_per_node}, "
-                f"pp <= {cfg.num_hidden_layers} layers)"
-            )))
-            continue
-        found, smallest = None, None
-        for recompute in (False, True):
-            for pp, tp, dp, mbs, n_micro, ep in layouts:
-                mem = _memory(prof, seq_len=train.seq_len, micro_batch=mbs, n_micro=n_micro, dp_shard=dp,
-                              tp=tp, pp=pp, ep=ep, schedule="1F1B", recompute=recompute)
-                if smallest is None or mem.total < smallest.total:
-                    smallest = mem
-                if mem.fits(gpu_memory_gb, headroom):
-                    found = (pp, tp, dp, mbs, ep, recompute, mem)
-                    break
-            if found:
-                break
-        if found is None:
-            assert smallest is not None
-            choices.append(Choice(**base, fits=False, reason=(
-                f"needs at least {smallest.total / GiB:.1f} GiB per GPU (full sharding and recomputation); "
-                f"{gpu_memory_gb * (1 - headroom):.1f} GiB usable of {gpu_memory_gb:g}"
-            )))
-            continue
-        pp, tp, dp, mbs, ep, recompute, mem = found
-        layout = ParallelConfig(gpus=gpus, dp_shard=dp, tp=tp, pp=pp, ep=ep, activation_recompute=recompute,
-                                gpu_memory_gb=gpu_memory_gb)
-        h = training_hours(flops, gpus, mfu, peak_tflops, recompute)
-        late = hours is not None and h > hours
-        reason = f"needs {h:,.1f} h at {mfu:.0%} MFU, more than the {hours:g} h budget" if late else ""
-        choices.append(Choice(**base, fits=not late, reason=reason, parallel=layout, micro_batch_size=mbs,
-                              memory=mem, hours=h))
+    if gpus < 1 or gpu_memory_gb <= 0 or not 0 < mfu <= 1 or (hours is not None and hours <= 0):
+        raise ValueError("need gpus >= 1, gpu_memory_gb > 0, 0 < mfu <= 1 and hours > 0")
+    args = (gpus, gpu_memory_gb, hours, mfu, peak_tflops, ratio, headroom, gpus_per_node)
+    choices = [_judge(run, *args) for run in runs]
     return sorted(choices, key=lambda c: (not c.fits, -c.active_params, c.hours or 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Reports: the tables `dsv3 plan` prints and docs/scaling.md holds
+# --------------------------------------------------------------------------------------------
+
+Section = tuple[str, list[tuple[str, list[str]]]]  # title, rows of (label, one cell per plan)
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def human_count(x: float) -> str:
+    """1.24B, 205.23M: counts for people; JSON output keeps the exact integers."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{suffix}"
+    return f"{x:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    for scale, unit in ((GiB, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def describe_layout(p: ParallelConfig, gpus: bool = True) -> str:
+    """'8 GPUs, dp_shard 8, ep 8': the parallel degrees above 1, the schedule when pipelined."""
+    degrees = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "ep": p.ep, "tp": p.tp, "pp": p.pp}
+    parts = [f"{p.gpus} GPU" + ("s" if p.gpus > 1 else "")] if gpus else []
+    parts += [f"{k} {v}" for k, v in degrees.items() if v > 1]
+    if p.pp > 1:
+        parts.append(p.pp_schedule)
+    return ", ".join(parts) or "1 GPU"
+
+
+def plan_sections(plans: list[Plan]) -> list[Section]:
+    """The plan as titled tables, one column per plan: one layout for the terminal and for the docs."""
+
+    def row(label: str, fn) -> tuple[str, list[str]]:
+        return label, [fn(p) for p in plans]
+
+    def n(x: int) -> str:
+        return f"{x:,}"
+
+    return [
+        ("Parameters (exact; MTP apart, not in total)", [
+            row("total", lambda p: n(p.params.total)),
+            row("active per token", lambda p: n(p.params.active)),
+            row("embedding (input table)", lambda p: n(p.params.embedding)),
+            row("output head", lambda p: n(p.params.output_head) if p.params.output_head else "tied"),
+            row("attention (MLA)", lambda p: n(p.params.attention)),
+            row("dense FFN", lambda p: n(p.params.dense_ffn)),
+            row("routed experts", lambda p: n(p.params.routed_experts)),
+            row("routed experts, active", lambda p: n(p.params.routed_experts_active)),
+            row("shared experts", lambda p: n(p.params.shared_experts)),
+            row("router", lambda p: n(p.params.router)),
+            row("norms", lambda p: n(p.params.norms)),
+            row("MTP module", lambda p: n(p.params.mtp)),
+            row("MTP module, active", lambda p: n(p.params.mtp_active)),
+        ]),
+        ("Training FLOPs per token", [
+            row("sequence length", lambda p: f"{p.flops.seq_len:,}" + (" causal" if p.flops.causal else "")),
+            row("6·N_active", lambda p: _si(p.flops.matmul, "FLOP")),
+            row("attention 6·L·(s/2)·H·(d_qk+d_v)", lambda p: _si(p.flops.attention, "FLOP")),
+            row("MTP", lambda p: _si(p.flops.mtp, "FLOP")),
+            row("total", lambda p: _si(p.flops.total, "FLOP")),
+        ]),
+        ("KV cache per token (all layers)", [
+            row("MLA latent, bf16", lambda p: human_bytes(p.kv_cache.mla_bf16)),
+            row("MLA latent, fp8", lambda p: human_bytes(p.kv_cache.mla_fp8)),
+            row("multi-head equivalent, bf16", lambda p: human_bytes(p.kv_cache.mha_bf16)),
+            row("multi-head equivalent, fp8", lambda p: human_bytes(p.kv_cache.mha_fp8)),
+            row("MLA saving", lambda p: f"{p.kv_cache.mha_bf16 / p.kv_cache.mla_bf16:.1f}x"),
+        ]),
+        ("Memory per GPU (the preset's layout, heaviest pipeline stage)", [
+            row("layout", lambda p: describe_layout(p.parallel)),
+            row("micro-batch x sequence", lambda p: f"{p.micro_batch_size} x {p.flops.seq_len:,}"),
+            row("weights", lambda p: human_bytes(p.memory.weights)),
+            row("gradients", lambda p: human_bytes(p.memory.gradients)),
+            row("optimizer states", lambda p: human_bytes(p.memory.optimizer)),
+            row("activations", lambda p: human_bytes(p.memory.activations)),
+            row("activations, recomputed", lambda p: human_bytes(p.memory.activations_recompute)),
+            row("total", lambda p: human_bytes(p.memory.total) + (" (recompute)" * p.memory.recompute)),
+            row(f"fits in {1 - HEADROOM:.0%} of", lambda p: f"{p.parallel.gpu_memory_gb:g} GB: "
+                + ("yes" if p.memory.fits(p.parallel.gpu_memory_gb) else "NO")),
+        ]),
+        ("Chinchilla", [
+            row("planned tokens", lambda p: human_count(p.chinchilla.tokens)),
+            row(f"required ({plans[0].chinchilla.ratio_min:g} x active)" if plans else "required",
+                lambda p: human_count(p.chinchilla.required_tokens)),
+            row("tokens per active parameter", lambda p: f"{p.chinchilla.tokens_per_param:.1f}"),
+            row("verdict", lambda p: p.chinchilla.verdict),
+            row("peak lr (suggested)", lambda p: f"{p.suggested_lr:.1e}"),
+            row("batch tokens (suggested)", lambda p: human_count(p.suggested_batch_tokens)),
+        ]),
+    ]
+
+
+DOCS_COMMAND = "dsv3 plan --all --markdown > docs/scaling.md"
+
+_CONVENTIONS = """\
+## Conventions and formulas
+
+All numbers come from `src/dsv3/scaling.py`; `dsv3 plan --config X --json` prints them exactly.
+
+**Parameters.** Shapes are those of the Hugging Face DeepSeek-V3 modules, with no biases. Per block:
+`input_layernorm` and `post_attention_layernorm` (hidden each); MLA: `q_a_proj` (hidden x q_lora_rank),
+`q_a_layernorm`, `q_b_proj` (q_lora_rank x heads·qk_head_dim), or one `q_proj` when q_lora_rank is null;
+`kv_a_proj_with_mqa` (hidden x (kv_lora_rank + qk_rope_head_dim)), `kv_a_layernorm`, `kv_b_proj`
+(kv_lora_rank x heads·(qk_nope_head_dim + v_head_dim)), `o_proj` (heads·v_head_dim x hidden). Block i is MoE
+iff `ModelConfig.is_moe_layer(i)`; a dense block has a SwiGLU MLP of width intermediate_size; an MoE block
+has the router `gate.weight` (n_routed_experts x hidden; `e_score_correction_bias` is a buffer, not a
+parameter), n_routed_experts SwiGLU experts of width moe_intermediate_size, and the shared experts as one
+SwiGLU of width moe_intermediate_size·n_shared_experts. Then the final norm and `lm_head` (none when
+`tie_word_embeddings`). "norms" counts every RMSNorm weight. The total equals
+`sum(p.numel() for p in model.parameters())`, checked against transformers' `DeepseekV3ForCausalLM` on the
+meta device in `tests/test_scaling.py`.
+
+**MTP, listed apart.** Each of the num_nextn_predict_layers modules holds `enorm`, `hnorm` (hidden each),
+`eh_proj` (2·hidden x hidden), one full block (MoE iff a block at index num_hidden_layers would be) and
+`shared_head.norm`. It shares the main model's embedding and output head, so they are not counted again.
+The published checkpoint stores its own copies of both in layer 61 (2 x 926,679,040 for DeepSeek-V3),
+which is why 671B + MTP reads 685B there.
+
+**Active per token.** Every parameter a token is multiplied through: everything but the input-embedding
+table (a lookup, no FLOPs), with only num_experts_per_tok routed experts per MoE block; the router and the
+shared experts count. With tied embeddings the table counts once, as the output head.
+
+**Training FLOPs per token** (forward + backward, no recomputation; the MFU numerator):
+`6·N_active + 6·L·s_eff·H·(qk_head_dim + v_head_dim)`, where the second term is the QK^T and AV products
+and s_eff = s/2 under causal masking (the mean number of keys a query sees; `causal=False` gives s).
+Each MTP depth adds `6·(its active parameters + vocab·hidden for the shared head)` plus its own attention
+term; the total includes it, `FlopBreakdown.without_mtp` leaves it out.
+Call `training_flops_per_token(cfg, seq_len, causal=True)`.
+
+**KV cache per token** over the num_hidden_layers main blocks (MTP only drafts and is not cached). MLA caches
+the compressed latent and the shared RoPE key: kv_lora_rank + qk_rope_head_dim values per layer. The
+equivalent multi-head cache holds heads·(qk_head_dim + v_head_dim) values per layer. bf16 is 2 bytes per
+value; fp8 is 1 byte per value plus one fp32 scale per token per layer.
+
+**Memory per GPU** for a layout, on the heaviest pipeline stage:
+- AdamW with FSDP2 mixed precision (torchtitan's recipe): fp32 master weights, fp32 gradients, fp32 m and
+  v: 16 bytes per parameter, sharded over dp_shard. Routed experts are split over ep ranks (then FSDP over
+  dp_shard/ep), matrices over tp (norms and router replicated), blocks over pp stages (even split, the
+  first stage also holds the embedding, the last the final norm, head and MTP).
+- Compute copies in bf16: with dp_shard > 1, the gathered weights of the largest FSDP unit twice (current
+  and prefetched) and its fp32 unsharded gradient; on one replica, autocast's bf16 copy of every weight.
+- Activations, bf16, adapted from Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models") to MLA + SwiGLU/MoE with a flash-attention kernel (no s x s scores, no dropout):
+  per token per block, 2 bytes x [2·hidden (norm in/out) + 2·q_lora_rank + (kv_lora_rank + qk_rope_head_dim)
+  + kv_lora_rank + heads·(2·qk_head_dim + 2·v_head_dim) (q, k, v, attention output) + 2·hidden (second
+  norm) + FFN], FFN = 4·intermediate_size dense, or num_experts_per_tok·(2·hidden + 4·moe_intermediate_size)
+  + 4·moe_intermediate_size·n_shared_experts for MoE, plus fp32 softmax statistics (4·heads) and router
+  scores (4·n_routed_experts). The last stage adds bf16 logits and their fp32 copy (6·vocab bytes per token)
+  for the head and again per MTP depth. Activations are divided by tp (sequence parallelism assumed).
+- With recomputation each block keeps only its input (2·hidden bytes per token) and one block is rebuilt at
+  a time. Pipeline schedules hold several micro-batches: 1F1B min(pp - stage, micro-batches) on a stage,
+  interleaved 1F1B that times 1 + (pp-1)/(2·pp) (two virtual stages), DualPipe pp + 1 and two copies of the
+  parameters (DeepSeek-V3 report, Table 2).
+- A layout fits when the total stays under 90% of the GPU's memory (GB here means GiB).
+
+**Chinchilla.** Hoffmann et al. 2022: compute-optimal training uses 20-26 tokens per parameter; for an MoE
+the parameter count is N_active, since compute per token follows it. Planned tokens are
+steps x global_batch_size x seq_len. `dsv3 validate-chinchilla --strict` holds every preset to it.
+Suggested peak LR and batch come from DeepSeek LLM's fits (Bi et al. 2024):
+lr = 0.3118·C^-0.125, batch tokens = 0.2920·C^0.3271, with C the training FLOPs of the Chinchilla budget.
+
+**Config selection** (`dsv3 select-config --gpus N --gpu-memory GB [--hours H] [--mfu M]`): for each preset,
+FSDP over every data-parallel rank, experts over the GPUs of a node first; the first layout that fits wins,
+trying no recomputation before recomputation, then fewest pipeline stages, fewest tensor ranks, largest
+micro-batch. Time = the Chinchilla budget's training FLOPs / (GPUs x peak x MFU), x 4/3 with
+recomputation (it repeats the forward). Those that fit (and finish within --hours) rank first, the largest
+active model first.
+"""
+
+
+def markdown_report(plans: list[Plan]) -> str:
+    """docs/scaling.md: a summary of every plan, the full tables, then the conventions behind them."""
+    lines = [
+        "# Scaling: parameters, FLOPs, KV cache, memory and Chinchilla budgets of the presets",
+        "",
+        f"Generated by `{DOCS_COMMAND}` (`make docs`); do not edit by hand. `tests/test_scaling.py` fails",
+        "when this file and the command disagree.",
+        "",
+        "| preset | total params | active params | KV cache/token (MLA bf16) | memory/GPU (layout) "
+        "| Chinchilla tokens | planned tokens |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for p in plans:
+        chin = p.chinchilla
+        cells = [
+            p.name,
+            human_count(p.params.total),
+            human_count(p.params.active),
+            human_bytes(p.kv_cache.mla_bf16),
+            f"{human_bytes(p.memory.total)} ({describe_layout(p.parallel)})",
+            human_count(chin.required_tokens),
+            f"{human_count(chin.tokens)} ({chin.tokens_per_param:.1f}/param)",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    for title, rows in plan_sections(plans):
+        lines += ["", f"## {title}", "", "| | " + " | ".join(p.name for p in plans) + " |",
+                  "|---|" + "---:|" * len(plans)]
+        lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(lines) + "\n\n" + _CONVENTIONS
