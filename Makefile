@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 VENV_FLAGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all lint demo bench docs clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test-all: install
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks
+
+# docs/scaling.md is generated; tests/test_scaling.py fails when it is stale.
+docs: install
+	$(VENV)/bin/dsv3 plan --all --markdown > docs/scaling.md.tmp && mv docs/scaling.md.tmp docs/scaling.md
 
 demo: install
 	$(PY) -m dsv3.demo

@@ -143,7 +143,7 @@ def run_plan(args: argparse.Namespace) -> int:
 COMMANDS.append((
     "plan",
     "exact parameter counts, training FLOPs, KV cache, memory per GPU and Chinchilla budget of a config",
-    "dsv3 plan --config small --set parallel.gpus=1 --json",
+    "dsv3 plan --config small --set train.micro_batch_size=4 --json",
     add_plan,
     run_plan,
 ))
