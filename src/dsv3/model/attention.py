@@ -1,0 +1,103 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V2/V3's attention with a compressed KV latent.
+
+Queries go through a low-rank bottleneck (q_a_proj → RMSNorm → q_b_proj; a plain q_proj when
+q_lora_rank is null). Keys and values come from one small latent per token: kv_a_proj_with_mqa
+gives c_kv (kv_lora_rank) plus one rope key k_pe shared by all heads; kv_b_proj expands c_kv to
+per-head k_nope and v. Only the rope slices carry position (decoupled RoPE).
+
+The pieces are separate methods so a decode cache can hold just (c_kv, k_pe): `query` and
+`latent_kv` give them, `expand_kv` + `causal_attention` is the training/prefill path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import apply_rope
+
+__all__ = ["MLA", "causal_attention", "SDPA_PAD_V"]
+
+# Flash and cuDNN SDPA kernels want one head dim for q, k and v; MLA's v is narrower than q·k
+# (v_head_dim < qk_head_dim), so on CUDA we pad v with zeros and slice the output. Off → torch
+# picks the memory-efficient kernel instead. A switch so benchmarks can measure both.
+SDPA_PAD_V = True
+
+# transformers and DeepSeek's reference build the two latent norms with the default eps,
+# independent of config.rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention through torch's fused SDPA: q, k (B, T, H, Dqk), v (B, T, H, Dv) → (B, T, H, Dv)."""
+    dv = v.shape[-1]
+    if SDPA_PAD_V and q.is_cuda and dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    # SDPA takes (B, H, T, D); the transposes are views whose last dim stays contiguous.
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+    )
+    return out.transpose(1, 2)[..., :dv]  # (B, T, H, Dv)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = cfg.qk_head_dim, cfg.v_head_dim
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.softmax_scale = cfg.softmax_scale
+        self.rope_interleave = cfg.rope_interleave
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
+
+    def query(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d) → q_nope (B, T, H, qk_nope_head_dim), q_pe (B, T, H, qk_rope_head_dim) rotated."""
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.rope_interleave)
+
+    def latent_kv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d) → the latent a cache keeps: c_kv (B, T, r) normed, k_pe (B, T, rope) rotated."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent → full keys (B, S, H, qk_head_dim) and values (B, S, H, v_head_dim)."""
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_pe = k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.qk_rope_head_dim)
+        return torch.cat((k_nope, k_pe), dim=-1), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over x (B, T, d) at the positions cos/sin (1 or B, T, rope/2) encode."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)
+        k, v = self.expand_kv(*self.latent_kv(x, cos, sin))
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, qk_head_dim)
+        out = causal_attention(q, k, v, self.softmax_scale)  # (B, T, H, v_head_dim)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_head_dim))
