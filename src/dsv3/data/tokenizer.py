@@ -1,0 +1,272 @@
+"""Byte-level BPE tokenizer training (Hugging Face `tokenizers`) with DeepSeek-V3's special tokens.
+
+The output directory loads with `transformers.PreTrainedTokenizerFast.from_pretrained(dir)` (or
+`AutoTokenizer`), which then knows BOS/EOS/pad and the chat markers, and with
+`tokenizers.Tokenizer.from_file(dir / "tokenizer.json")`:
+
+    tokenizer.json            the tokenizer (byte-level BPE: any text encodes, nothing is <unk>)
+    tokenizer_config.json     special tokens, chat template, class for transformers
+    special_tokens_map.json   the same special tokens, for older readers
+
+Special tokens, with the ids they get (DeepSeek-V3's spellings: U+FF5C "｜" and U+2581 "▁"):
+0 BOS `<｜begin▁of▁sentence｜>`, 1 EOS `<｜end▁of▁sentence｜>`, 2 pad `<｜▁pad▁｜>`,
+3 `<｜User｜>` and 4 `<｜Assistant｜>` (chat turns, as in DeepSeek-V3's chat template).
+
+Pre-tokenisation: runs of digits are cut into groups of at most three (as DeepSeek-V3 does), then
+GPT-2's byte-level regex split. No normaliser: the data pipeline has already normalised text, and
+a tokenizer that silently rewrites text cannot round-trip it.
+
+Public API: `BOS`, `EOS`, `PAD`, `USER`, `ASSISTANT`, `SPECIAL_TOKENS`, `train_tokenizer(texts,
+vocab_size, out_dir, special_tokens) -> Path`, `train_tokenizer_from_files(paths, ...) -> Path`,
+`load_tokenizer(path) -> tokenizers.Tokenizer`, `special_token_ids(tokenizer) -> (bos, eos, pad)`,
+`encode_texts(tokenizer, texts) -> list[np.ndarray]`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dsv3.config import ConfigError
+
+__all__ = [
+    "BOS",
+    "EOS",
+    "PAD",
+    "USER",
+    "ASSISTANT",
+    "SPECIAL_TOKENS",
+    "train_tokenizer",
+    "train_tokenizer_from_files",
+    "load_tokenizer",
+    "special_token_ids",
+    "encode_texts",
+]
+
+log = logging.getLogger(__name__)
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT)
+TOKENIZER_FILE = "tokenizer.json"
+
+# DeepSeek-V3's turn format: BOS, an optional system prompt, then <｜User｜>q<｜Assistant｜>a EOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+
+
+def _new_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _write_atomic(path: Path, data: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: Path | str,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+) -> Path:
+    """Train a byte-level BPE on `texts` and write it to `out_dir`; returns the tokenizer.json path.
+
+    `special_tokens` get ids 0, 1, ... in order; the first three are BOS, EOS and pad.
+    """
+    special_tokens = list(special_tokens)
+    if len(special_tokens) < 3 or len(set(special_tokens)) != len(special_tokens):
+        raise ConfigError(f"special_tokens must list distinct BOS, EOS and pad first, got {special_tokens}")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special_tokens):
+        raise ConfigError(f"vocab_size {vocab_size} < 256 bytes + {len(special_tokens)} special tokens")
+    tokenizer = _new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens,
+        initial_alphabet=alphabet,
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if tokenizer.get_vocab_size() < vocab_size:
+        log.warning("the texts support only %d tokens (asked for %d)", tokenizer.get_vocab_size(), vocab_size)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bos, eos, pad, *extra = special_tokens
+    special_map = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "additional_special_tokens": extra}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special_map,
+        "add_bos_token": False,  # the data pipeline separates documents with EOS only
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 30,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    _write_atomic(out_dir / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
+        _write_atomic(out_dir / name, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    log.info("trained a %d-token byte-level BPE into %s", tokenizer.get_vocab_size(), out_dir)
+    return out_dir / TOKENIZER_FILE
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """A tokenizer from a tokenizer.json file or a directory holding one."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{file}: no tokenizer file (train one with `dsv3 tokenizer train`)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise ConfigError(f"{file}: not a valid tokenizer.json: {str(e).splitlines()[0]}") from None
+
+
+def special_token_ids(tokenizer: Tokenizer, names: Sequence[str] = (BOS, EOS, PAD)) -> tuple[int, int, int]:
+    """Ids of (BOS, EOS, pad); a tokenizer without them is an error, not a silent default."""
+    ids = [tokenizer.token_to_id(name) for name in names]
+    missing = [name for name, i in zip(names, ids, strict=True) if i is None]
+    if missing:
+        raise ConfigError(f"tokenizer has no special token(s) {missing}")
+    bos, eos, pad = ids
+    return bos, eos, pad
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens added), encoded in parallel by the Rust library."""
+    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the training texts
+# ------------------------------------------------------------------------------------------------
+
+_JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return zstandard.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _files(paths: Iterable[Path | str]) -> Iterator[Path]:
+    for path in map(Path, paths):
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.name.endswith((*_JSONL, ".parquet")))
+        elif path.is_file():
+            yield path
+        else:
+            raise ConfigError(f"--input {path}: no such file or directory")
+
+
+def _texts_of_file(path: Path, field: str, skipped: list[str]) -> Iterator[str]:
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        if field not in parquet.schema_arrow.names:
+            raise ConfigError(f"{path}: no column {field!r} (columns: {parquet.schema_arrow.names})")
+        for batch in parquet.iter_batches(columns=[field]):
+            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+        return
+    if not path.name.endswith(_JSONL):
+        raise ConfigError(f"{path}: unsupported input (expected .jsonl[.gz|.zst] or .parquet)")
+    try:
+        with _open_text(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[field]
+                    if not isinstance(text, str):
+                        raise TypeError(f"{field!r} is {type(text).__name__}, not a string")
+                except (ValueError, KeyError, TypeError) as e:
+                    skipped.append(f"{path}:{line_no}: {type(e).__name__}: {e}")
+                    continue
+                yield text
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # truncated or corrupt compressed file
+        skipped.append(f"{path}: unreadable after the records above: {e}")
+
+
+def train_tokenizer_from_files(
+    paths: Iterable[Path | str],
+    vocab_size: int,
+    out_dir: Path | str,
+    text_field: str = "text",
+    limit: int | None = None,
+    on_document: Callable[[], None] | None = None,
+    show_progress: bool = False,
+) -> tuple[Path, int, list[str]]:
+    """Train on the `text_field` of jsonl(.gz/.zst) or parquet files (or folders of them).
+
+    Returns (tokenizer.json path, documents used, skipped records as 'file:line: reason').
+    Unparseable records are skipped and reported, never fatal.
+    """
+    skipped: list[str] = []
+    used = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal used
+        for path in _files(paths):
+            for text in _texts_of_file(path, text_field, skipped):
+                if limit is not None and used >= limit:
+                    return
+                used += 1
+                if on_document is not None:
+                    on_document()
+                yield text
+
+    stream = texts()
+    first = next(stream, None)
+    if first is None:  # fail before writing anything
+        raise ConfigError(f"no document with a string {text_field!r} field in the input ({len(skipped)} bad)")
+    out = train_tokenizer(itertools.chain([first], stream), vocab_size, out_dir, show_progress=show_progress)
+    for record in skipped[:20]:
+        log.warning("skipped %s", record)
+    return out, used, skipped
