@@ -191,7 +191,8 @@ def run_select_config(args: argparse.Namespace) -> int:
     console.print(table if fitting else "[red]No config fits this budget.[/red]")
     for c in choices:
         if not c.fits:
-            console.print(f"  [yellow]{c.name}[/yellow] does not fit: {c.reason}", highlight=False)
+            line = f"  [yellow]{c.name}[/yellow] does not fit: {c.reason}"
+            console.print(line, highlight=False, soft_wrap=True)
     if fitting:
         best = fitting[0].name
         console.print(f"Choose [bold]{best}[/bold]: the largest model that trains compute-optimally here.")
@@ -221,8 +222,9 @@ def run_validate_chinchilla(args: argparse.Namespace) -> int:
     ratio_min, ratio_max = _ratio_bounds(args)
     table = Table(title=f"Chinchilla: {ratio_min:g}-{ratio_max:g} tokens per active parameter",
                   title_justify="left", show_edge=False)
-    for col in ("config", "active", "planned tokens", f"needs ({ratio_min:g}x)", "tokens/param", "verdict"):
-        table.add_column(col, justify="left" if col in ("config", "verdict") else "right")
+    for col in ("config", "active", "planned tokens", f"needs ({ratio_min:g}x)", "tokens/param"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    table.add_column("verdict", no_wrap=True, min_width=13)
     failed = []
     for ref in args.config or preset_names():
         run = load_run_config(ref, args.set)
@@ -230,12 +232,13 @@ def run_validate_chinchilla(args: argparse.Namespace) -> int:
         if not check.compliant:
             failed.append(ref)
         colour = "green" if check.compliant else "red"
-        table.add_row(ref, human_count(check.active_params), human_count(check.tokens),
+        table.add_row(run.name, human_count(check.active_params), human_count(check.tokens),
                       human_count(check.required_tokens), f"{check.tokens_per_param:.1f}",
                       f"[{colour}]{check.verdict}[/{colour}]")
     console.print(table)
     if failed:
-        console.print(f"[{'red' if args.strict else 'yellow'}]not compliant: {', '.join(failed)}[/]")
+        colour = "red" if args.strict else "yellow"
+        console.print(f"[{colour}]not compliant: {', '.join(failed)}[/]", soft_wrap=True)
     return 1 if failed and args.strict else 0
 
 
