@@ -1,0 +1,342 @@
+"""Scaling accounting against transformers' DeepseekV3 (counts on the meta device, FLOPs by torch's
+flop counter), the published DeepSeek-V3 figures, and the properties the memory model must have."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.cli import main
+from dsv3.config import (
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    load_model_config,
+    load_run_config,
+    preset_names,
+)
+from dsv3.scaling import (
+    GiB,
+    chinchilla_check,
+    count_params,
+    kv_cache_bytes_per_token,
+    lr_and_batch_for_compute,
+    markdown_report,
+    memory_per_gpu,
+    plan_run,
+    select_configs,
+    training_flops_per_token,
+    training_hours,
+)
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+
+# Variants that exercise every branch of the count: no query compression, tied head, 0 or 2 shared
+# experts, no or several dense layers, no MTP. (transformers ignores moe_layer_freq, so it stays 1.)
+VARIANTS = [
+    [],
+    ["q_lora_rank=null"],
+    ["tie_word_embeddings=true"],
+    ["n_shared_experts=0", "first_k_dense_replace=0"],
+    ["n_shared_experts=2", "first_k_dense_replace=3"],
+    ["num_nextn_predict_layers=0"],
+]
+
+
+def _hf(cfg: ModelConfig, **kwargs):
+    return transformers.DeepseekV3Config(**cfg.to_hf_dict(), **kwargs)
+
+
+def _meta_model(cfg: ModelConfig):
+    with torch.device("meta"):
+        return transformers.DeepseekV3ForCausalLM(_hf(cfg))
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(o) or "tiny")
+def test_counts_match_transformers_on_tiny_variants(overrides):
+    cfg = load_model_config("tiny", overrides)
+    model = _meta_model(cfg)
+    counts = count_params(cfg)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+
+    # Active, recounted from transformers' modules: all but the input table (unless tied, when it is
+    # also the head), and k of the n routed experts.
+    k_of_n = cfg.num_experts_per_tok / cfg.n_routed_experts
+    active = 0.0
+    for name, p in model.named_parameters():
+        if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+            continue
+        active += p.numel() * (k_of_n if ".mlp.experts." in name else 1)
+    assert counts.active == active
+
+
+@pytest.mark.parametrize("preset", ["small", "1b", "5b", "10b", "15b", "20b", "deepseek-v3"])
+def test_preset_counts_match_transformers(preset):
+    cfg = load_model_config(preset)
+    assert count_params(cfg).total == sum(p.numel() for p in _meta_model(cfg).parameters())
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize(("preset", "overrides"), [
+    *(("tiny", o) for o in VARIANTS),
+    ("tiny", ["moe_layer_freq=2"]), ("small", []), ("20b", []), ("deepseek-v3", []),
+], ids=lambda x: x if isinstance(x, str) else ",".join(x) or "-")
+def test_counts_match_the_dsv3_model(preset, overrides):
+    from dsv3.model import Transformer
+
+    cfg = load_model_config(preset, overrides)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    counts = count_params(cfg)
+    assert counts.total_with_mtp == sum(p.numel() for p in model.parameters())
+    assert counts.total == model.num_params()
+    assert counts.mtp == sum(p.numel() for p in model.mtp.parameters())
+
+
+@pytest.mark.parametrize("overrides", [[], ["first_k_dense_replace=4", "q_lora_rank=null"]])
+def test_mtp_count_matches_transformers_modules(overrides):
+    # The checkpoint's layer-61 layout built from transformers' own modules: enorm, hnorm, eh_proj,
+    # one decoder block at index num_hidden_layers, shared_head.norm (embedding and head are shared).
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    cfg = load_model_config("tiny", overrides)
+    d = cfg.hidden_size
+    with torch.device("meta"):
+        mtp = torch.nn.ModuleDict({
+            "enorm": DeepseekV3RMSNorm(d),
+            "hnorm": DeepseekV3RMSNorm(d),
+            "eh_proj": torch.nn.Linear(2 * d, d, bias=False),
+            "block": DeepseekV3DecoderLayer(_hf(cfg), layer_idx=cfg.num_hidden_layers),
+            "shared_head_norm": DeepseekV3RMSNorm(d),
+        })
+    assert count_params(cfg).mtp == sum(p.numel() for p in mtp.parameters())
+
+
+def test_deepseek_v3_matches_published_figures():
+    cfg = load_model_config("deepseek-v3")
+    counts = count_params(cfg)
+    assert counts.total == 671_026_404_352  # "671B total"
+    assert 36e9 < counts.active < 38e9  # "37B activated for each token"
+    # The HF checkpoint's 685B adds the MTP module with its own copies of the embedding and head.
+    checkpoint = counts.total + counts.mtp + 2 * cfg.vocab_size * cfg.hidden_size
+    assert abs(checkpoint / 1e9 - 685) < 1
+
+
+def test_preset_headers_state_the_computed_counts():
+    number = r"([\d,]+)"
+    pattern = re.compile(rf"^# (\S+): {number} total / {number} active parameters \(\+{number} in the MTP")
+    checked = 0
+    for name in preset_names():
+        first = (ROOT / "configs" / f"{name}.yaml").read_text().splitlines()[0]
+        match = pattern.match(first)
+        if not match:
+            continue
+        counts = count_params(load_model_config(name))
+        assert match.group(1) == name
+        stated = [int(g.replace(",", "")) for g in match.groups()[1:]]
+        assert stated == [counts.total, counts.active, counts.mtp]
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("name", ["1b", "5b", "10b", "15b", "20b"])
+def test_ladder_totals_match_their_names(name):
+    total = count_params(load_model_config(name)).total
+    assert abs(total / (float(name[:-1]) * 1e9) - 1) < 0.05
+
+
+# --- FLOPs and KV cache -----------------------------------------------------------------------
+
+
+FLOP_VARIANTS = [[], ["q_lora_rank=null", "tie_word_embeddings=true", "n_shared_experts=2"]]
+
+
+@pytest.mark.parametrize("overrides", FLOP_VARIANTS, ids=["tiny", "variant"])
+def test_flops_match_torch_flop_counter_on_transformers(overrides):
+    """Forward matmul FLOPs of transformers' model (eager experts, so every expert GEMM is seen) x 3."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = load_model_config("tiny", overrides)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(_hf(cfg, experts_implementation="eager")).eval()
+    batch, seq = 2, 48
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, cfg.vocab_size, (batch, seq)))
+    ours = training_flops_per_token(cfg, seq, causal=False)  # eager attention computes the full s x s
+    norms = count_params(cfg).norms  # 6N counts norm weights too; the counter sees only matmuls
+    assert 3 * counter.get_total_flops() == (ours.without_mtp - 6 * norms) * batch * seq
+
+
+def test_flop_formula_terms():
+    cfg = load_model_config("small")
+    causal = training_flops_per_token(cfg, 2048)
+    full = training_flops_per_token(cfg, 2048, causal=False)
+    counts = count_params(cfg)
+    assert causal.matmul == 6 * counts.active
+    assert causal.attention == 6 * 12 * 1024 * 16 * (96 + 64)  # 6·L·(s/2)·H·(d_qk + d_v)
+    assert full.attention == 2 * causal.attention
+    assert causal.mtp == 6 * (counts.mtp_active + 32768 * 1024) + 6 * 1 * 1024 * 16 * 160
+    assert causal.total == causal.without_mtp + causal.mtp
+    no_mtp = training_flops_per_token(load_model_config("small", ["num_nextn_predict_layers=0"]), 2048)
+    assert no_mtp.mtp == 0 and no_mtp.total == causal.without_mtp
+
+
+def test_kv_cache_deepseek_v3():
+    kv = kv_cache_bytes_per_token(load_model_config("deepseek-v3"))
+    assert kv.mla_bf16 == 61 * (512 + 64) * 2 == 70_272
+    assert kv.mla_fp8 == 61 * (576 + 4)  # one byte a value, one fp32 scale per token per layer
+    assert kv.mha_bf16 == 61 * 128 * (192 + 128) * 2
+    assert kv.mha_bf16 / kv.mla_bf16 > 70
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+def _mem(name: str, train: dict | None = None, **layout):
+    cfg = load_model_config(name)
+    run = load_run_config(name)
+    t = run.train.model_copy(update=train or {})
+    return cfg, memory_per_gpu(cfg, t, ParallelConfig(**layout))
+
+
+def test_single_gpu_states_are_exactly_18_bytes_per_parameter():
+    cfg, mem = _mem("tiny", gpus=1)
+    n = count_params(cfg).total_with_mtp
+    # fp32 master + bf16 autocast copy, fp32 gradient, fp32 Adam m and v
+    assert (mem.weights, mem.gradients, mem.optimizer) == (6 * n, 4 * n, 8 * n)
+
+
+def test_fsdp_shards_states_and_recompute_saves_activations():
+    _, one = _mem("small", gpus=1)
+    _, eight = _mem("small", gpus=8, dp_shard=8, ep=8)
+    assert eight.optimizer == pytest.approx(one.optimizer / 8, rel=1e-6)
+    assert eight.weights < one.weights / 4 and eight.gradients < one.gradients / 4
+    assert eight.activations_recompute < eight.activations
+    _, rc = _mem("small", gpus=8, dp_shard=8, ep=8, activation_recompute=True)
+    assert rc.total == eight.total - eight.activations + eight.activations_recompute
+
+
+def test_activations_scale_with_micro_batch_and_split_with_tp():
+    _, m4 = _mem("5b", {"micro_batch_size": 4}, gpus=8, dp_shard=8)
+    _, m2 = _mem("5b", {"micro_batch_size": 2}, gpus=8, dp_shard=8)
+    _, tp2 = _mem("5b", {"micro_batch_size": 4}, gpus=8, dp_shard=4, tp=2)
+    assert m4.activations == pytest.approx(2 * m2.activations, rel=1e-6)
+    assert tp2.activations == pytest.approx(m4.activations / 2, rel=1e-6)
+
+
+def test_pipeline_stages_hold_fewer_parameters_but_more_micro_batches():
+    _, flat = _mem("10b", gpus=16, dp_shard=16, ep=8)
+    _, piped = _mem("10b", gpus=16, dp_shard=8, pp=2, ep=8)
+    assert piped.optimizer < flat.optimizer
+    assert piped.micro_batches_in_flight == 2  # the first 1F1B stage holds pp micro-batches
+    _, dual = _mem("10b", gpus=16, dp_shard=8, pp=2, ep=8, pp_schedule="dualpipe")
+    assert dual.micro_batches_in_flight == 3 and dual.optimizer > piped.optimizer  # pp+1, two stages per rank
+
+
+def test_every_preset_layout_fits_and_plans_chinchilla_tokens():
+    for name in preset_names():
+        plan = plan_run(load_run_config(name))
+        assert plan.memory.fits(plan.parallel.gpu_memory_gb), name
+        assert plan.chinchilla.compliant, (name, plan.chinchilla.tokens_per_param)
+
+
+# --- Chinchilla, hyper-parameters, time -----------------------------------------------------
+
+
+def test_chinchilla_verdicts():
+    cfg = load_model_config("tiny")
+    active = count_params(cfg).active
+    per_step = 32 * 256
+
+    def verdict(steps: int) -> str:
+        return chinchilla_check(cfg, TrainConfig(steps=steps, global_batch_size=32, micro_batch_size=32,
+                                                 seq_len=256)).verdict
+
+    assert verdict(-(-20 * active // per_step)) == "compliant"  # just over 20 tokens per parameter
+    assert verdict(20 * active // per_step - 1) == "under-trained"
+    assert verdict(26 * active // per_step + 2) == "over-trained"
+    with pytest.raises(ValueError):
+        chinchilla_check(cfg, TrainConfig(), ratio_min=30, ratio_max=20)
+
+
+def test_lr_and_batch_law_reproduces_deepseek_scale():
+    lr, batch = lr_and_batch_for_compute(3e24)  # DeepSeek-V3-scale compute
+    assert 1e-4 < lr < 5e-4 and 5e6 < batch < 1e8
+    small_lr, small_batch = lr_and_batch_for_compute(1e19)
+    assert small_lr > lr and small_batch < batch
+
+
+def test_training_hours():
+    assert training_hours(989e12 * 0.5 * 3600, gpus=1, mfu=0.5) == pytest.approx(1.0)
+    assert training_hours(989e12 * 3600, gpus=2, mfu=1.0, recompute=True) == pytest.approx(2 / 3)
+
+
+# --- config selection ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def presets():
+    return [load_run_config(name) for name in preset_names()]
+
+
+def _by_name(choices):
+    return {c.name: c for c in choices}
+
+
+def test_select_one_24gb_gpu(presets):
+    choices = select_configs(presets, gpus=1, gpu_memory_gb=24)
+    fitting = [c.name for c in choices if c.fits]
+    assert fitting[0] == "1b"  # the largest that fits, ahead of tiny
+    assert set(fitting) == {"1b", "tiny"}
+    small = _by_name(choices)["small"]
+    assert "GiB per GPU" in small.reason
+    assert choices[0].memory.total <= 24 * GiB * 0.9
+
+
+def test_select_one_node_of_80gb(presets):
+    choices = select_configs(presets, gpus=8, gpu_memory_gb=80)
+    assert choices[0].name == "20b" and choices[0].parallel.ep == 8  # experts over the node
+    assert not _by_name(choices)["deepseek-v3"].fits
+    timed = select_configs(presets, gpus=8, gpu_memory_gb=80, hours=24)
+    assert timed[0].name == "5b"
+    for name in ("10b", "15b", "20b"):
+        assert not _by_name(timed)[name].fits and "h budget" in _by_name(timed)[name].reason
+    assert [c.name for c in timed if c.fits][-1] == "tiny"
+
+
+def test_select_2048_gpus(presets):
+    choices = _by_name(select_configs(presets, gpus=2048, gpu_memory_gb=80))
+    best = select_configs(presets, gpus=2048, gpu_memory_gb=80)[0]
+    assert best.name == "deepseek-v3" and best.fits
+    assert best.memory.total <= 80 * GiB * 0.9
+    layout = best.parallel
+    assert layout.dp_shard * layout.tp * layout.pp == 2048
+    assert 40 < best.hours < 120  # ~730B tokens: DeepSeek-V3 took ~180k GPU-hours per trillion tokens
+    assert "global batch" in choices["tiny"].reason  # 32 sequences cannot feed 2048 GPUs
+
+
+def test_select_rejects_bad_budget(presets):
+    with pytest.raises(ValueError):
+        select_configs(presets, gpus=0, gpu_memory_gb=80)
+
+
+# --- the docs page ---------------------------------------------------------------------------
+
+
+def test_docs_scaling_md_is_what_dsv3_plan_generates(capsys):
+    assert main(["plan", "--all", "--markdown"]) == 0
+    generated = capsys.readouterr().out
+    committed = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    assert committed == generated, "docs/scaling.md is stale: run `make docs`"
+    plans = sorted((plan_run(load_run_config(n)) for n in preset_names()), key=lambda p: p.params.total)
+    assert generated == markdown_report(plans)
+    for name in preset_names():
+        assert f"| {name} |" in generated
