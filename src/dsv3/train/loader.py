@@ -42,13 +42,15 @@ def find_shards(entries: list[str], key: str) -> list[Path]:
 
 def open_token_streams(prefixes: list[Path]) -> list[np.ndarray]:
     """Each shard's tokens as one memory-mapped 1-D array (the data pipeline's reader does the format)."""
-    from dsv3.data.shards import IndexedDataset
+    from dsv3.data.shards import IndexedDataset, ShardError
 
     streams = []
     for prefix in prefixes:
         try:
             streams.append(IndexedDataset(prefix).tokens)
-        except (OSError, ValueError) as e:
+        except ShardError as e:
+            raise ConfigError(str(e)) from None
+        except OSError as e:
             raise ConfigError(f"{prefix}: unreadable shard: {e}") from None
     return streams
 

@@ -1,0 +1,263 @@
+"""Where training numbers go: metrics.jsonl (always), TensorBoard, W&B, and the end-of-run plots.
+
+Every record is one JSON line with a `kind` (`run`, `train`, `eval`, `skip`) and a `step`, so the
+plots, a notebook or a resumed run all read the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsv3.config import ConfigError, TrainConfig
+
+__all__ = [
+    "MetricsLogger",
+    "read_metrics",
+    "truncate_metrics",
+    "expert_load_stats",
+    "peak_memory",
+    "gpu_peak_flops",
+    "format_progress",
+    "format_eval",
+    "plot_run",
+]
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+# Dense bf16 tensor-core peak per GPU (vendor data sheets, SXM parts), the MFU denominator.
+_PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of the GPU running the job; None on CPU or an unknown GPU (no MFU then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated (CUDA) and the process's peak resident set size, in GB."""
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # Linux: KiB
+    if device.type == "cuda":
+        out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+def expert_load_stats(loads: torch.Tensor, biases: torch.Tensor | None) -> dict[str, Any]:
+    """Per MoE layer: tokens per expert, max/mean imbalance, normalised load entropy, bias values.
+
+    `loads` is (layers, experts) of routed-token counts. The entropy of the load distribution is
+    divided by log(experts): 1.0 is a perfectly even load, 0.0 all tokens on one expert.
+    """
+    loads = loads.double()
+    mean = loads.mean(dim=1).clamp_min(1e-9)
+    frac = loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    entropy = -(frac * frac.clamp_min(1e-12).log()).sum(dim=1) / math.log(loads.shape[1])
+    out = {
+        "expert_load": loads.long().tolist(),
+        "imbalance": (loads.max(dim=1).values / mean).tolist(),
+        "load_entropy": entropy.tolist(),
+    }
+    out["imbalance_max"] = max(out["imbalance"])
+    if biases is not None:
+        out["expert_bias"] = biases.double().tolist()
+    return out
+
+
+class MetricsLogger:
+    """Append records to metrics.jsonl and mirror their scalars to TensorBoard and W&B."""
+
+    def __init__(self, output_dir: Path, cfg: TrainConfig, run_name: str, run_config: dict) -> None:
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the run)
+        self._tb = None
+        self._wandb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed (pip install tensorboard): metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(
+                    "train.wandb is on but wandb is not installed: "
+                    "pip install 'dsv3[wandb]' (or --set train.wandb=false)"
+                ) from None
+            self._wandb = wandb.init(
+                project=cfg.wandb_project, name=run_name, config=run_config, dir=str(output_dir),
+                resume="allow",
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        scalars.pop("step", None)
+        prefix = record.get("kind", "train")
+        for i, v in enumerate(record.get("imbalance", [])):
+            scalars[f"imbalance/layer_{i}"] = v
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            if "expert_bias" in record:
+                self._tb.add_histogram(f"{prefix}/expert_bias", torch.tensor(record["expert_bias"]), step)
+            if "sample" in record:
+                self._tb.add_text(f"{prefix}/sample", record["sample"], step)
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line cut off by a crash is skipped with a warning."""
+    records = []
+    if not Path(path).is_file():
+        return records
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping a malformed line (cut off by a crash?)", path, lineno)
+    return records
+
+
+def truncate_metrics(output_dir: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint's step so the log reads as one uninterrupted run."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_progress(r: dict[str, Any], total_steps: int) -> str:
+    """One rich-markup line for a `train` record."""
+    parts = [
+        f"[bold]step {r['step']:>{len(str(total_steps))}}/{total_steps}[/bold]",
+        f"loss [cyan]{r['loss']:.4f}[/cyan]",
+        f"lr {r['lr']:.2e}",
+        f"tokens {_fmt_count(r['tokens'])}",
+        f"{_fmt_count(r['tokens_per_s'])} tok/s",
+    ]
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if "imbalance_max" in r:
+        parts.append(f"load max/mean {r['imbalance_max']:.2f}")
+    parts.append(f"ETA {_fmt_duration(r['eta_s'])}")
+    return " │ ".join(parts)
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    """One rich-markup line for an `eval` record, with the unigram baseline beside it."""
+    line = f"[bold green]eval[/bold green] step {r['step']} │ val loss {r['val_loss']:.4f}"
+    line += f" │ ppl {r['val_ppl']:.1f}"
+    if r.get("unigram_loss") is not None:
+        line += f" │ unigram baseline {r['unigram_loss']:.4f} (ppl {r['unigram_ppl']:.1f})"
+    return line
+
+
+def plot_run(output_dir: Path) -> list[Path]:
+    """Write loss_curve.png and expert_load.png from metrics.jsonl; return the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    output_dir = Path(output_dir)
+    records = read_metrics(output_dir / METRICS_FILE)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    written = []
+    if train:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+            if evals[-1].get("unigram_loss") is not None:
+                ax.axhline(evals[-1]["unigram_loss"], ls="--", c="gray", label="unigram baseline")
+        ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(_save_fig(fig, output_dir / "loss_curve.png"))
+        plt.close(fig)
+    loads = [r for r in train if "expert_load" in r]
+    if loads:
+        # (layers, experts, time) of each expert's share relative to a uniform split (1.0 = even).
+        counts = np.array([r["expert_load"] for r in loads], dtype=np.float64).transpose(1, 2, 0)
+        share = counts / np.clip(counts.mean(axis=1, keepdims=True), 1e-9, None)
+        n_layers, n_experts, _ = share.shape
+        fig, ax = plt.subplots(figsize=(9, 1.2 + 0.22 * n_layers * n_experts))
+        im = ax.imshow(
+            share.reshape(n_layers * n_experts, -1),
+            aspect="auto",
+            interpolation="nearest",
+            cmap="magma",
+            extent=(loads[0]["step"], loads[-1]["step"], n_layers * n_experts, 0),
+        )
+        for i in range(1, n_layers):
+            ax.axhline(i * n_experts, c="white", lw=1)
+        ax.set_yticks([i * n_experts + n_experts / 2 for i in range(n_layers)])
+        runs = [r for r in records if r.get("kind") == "run" and r.get("moe_layers")]
+        names = runs[-1]["moe_layers"] if runs else [f"MoE layer {i}" for i in range(n_layers)]
+        ax.set_yticklabels([n.removesuffix(".mlp") for n in names][:n_layers])
+        ax.set(xlabel="step", title="expert load (tokens / mean tokens per expert)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        written.append(_save_fig(fig, output_dir / "expert_load.png"))
+        plt.close(fig)
+    return written
+
+
+def _save_fig(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return path
