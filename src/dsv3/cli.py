@@ -251,5 +251,94 @@ COMMANDS.append((
 ))
 
 
+# --------------------------------------------------------------------------------------------
+# tokenizer, corpus: tokenizer training and the local standard-library corpus (dsv3.data)
+# --------------------------------------------------------------------------------------------
+
+
+def _reading_progress(what: str, total: int | None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+def add_tokenizer(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="<action>", required=True)
+    train = sub.add_parser("train", help="train a byte-level BPE on the text of jsonl/parquet documents",
+                           formatter_class=_Formatter)
+    train.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                       help=".jsonl, .jsonl.gz, .jsonl.zst or .parquet files, or folders of them")
+    train.add_argument("--vocab-size", type=int, required=True, help="tokens, special tokens included")
+    train.add_argument("--output", required=True, metavar="DIR", help="gets tokenizer.json and its configs")
+    train.add_argument("--text-field", default="text", help="the field (column) holding the text")
+    train.add_argument("--limit", type=int, metavar="N", help="train on the first N documents only")
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    from dsv3.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer_from_files
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be positive")
+    with _reading_progress("reading documents", args.limit) as progress:
+        task = progress.add_task("read", total=args.limit)
+        path, used, skipped = train_tokenizer_from_files(
+            args.input, args.vocab_size, args.output, args.text_field, args.limit,
+            on_document=lambda: progress.advance(task),
+        )
+    tokenizer = load_tokenizer(path)
+    bos, eos, pad = special_token_ids(tokenizer)
+    console.print(f"wrote [bold]{path}[/bold]: {tokenizer.get_vocab_size():,} tokens from {used:,} documents "
+                  f"(bos={bos}, eos={eos}, pad={pad})", highlight=False)
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped):,} unreadable records[/yellow], e.g.:", highlight=False)
+        for record in skipped[:5]:
+            console.print(f"  {record}", highlight=False, soft_wrap=True)
+    return 0
+
+
+COMMANDS.append((
+    "tokenizer",
+    "train a byte-level BPE tokenizer (DeepSeek-V3 special tokens) that transformers loads",
+    "dsv3 tokenizer train --input out/clean --vocab-size 32000 --output out/tokenizer",
+    add_tokenizer,
+    run_tokenizer,
+))
+
+
+def add_corpus(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="source", metavar="<source>", required=True)
+    stdlib = sub.add_parser("stdlib", formatter_class=_Formatter,
+                            help="this Python's standard library: its code and docs cut into documents")
+    stdlib.add_argument("--output", required=True, metavar="FILE.jsonl.zst", help="where the documents go")
+    stdlib.add_argument("--kind", choices=["code", "prose", "all"], default="all", help="which documents")
+    stdlib.add_argument("--limit", type=int, metavar="N", help="stop after N documents")
+    stdlib.add_argument("--max-lines", type=int, default=20, help="longer definitions/docstrings are cut")
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    from dsv3.data.corpus import iter_stdlib_documents, stdlib_root, write_jsonl_zst
+
+    for flag, value in (("--limit", args.limit), ("--max-lines", args.max_lines)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be positive")
+    with _reading_progress("cutting the standard library", args.limit) as progress:
+        task = progress.add_task("docs", total=args.limit)
+        docs = iter_stdlib_documents(args.kind, args.limit, max_lines=args.max_lines)
+        count = write_jsonl_zst((progress.advance(task) or doc for doc in docs), args.output)
+    console.print(f"wrote {count:,} {args.kind} documents from {stdlib_root()} to [bold]{args.output}[/bold]",
+                  highlight=False)
+    return 0
+
+
+COMMANDS.append((
+    "corpus",
+    "write a real local corpus (the Python standard library's code and docs) as jsonl.zst documents",
+    "dsv3 corpus stdlib --output data/stdlib.jsonl.zst --kind all",
+    add_corpus,
+    run_corpus,
+))
+
+
 if __name__ == "__main__":
     sys.exit(main())

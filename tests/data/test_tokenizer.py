@@ -159,3 +159,14 @@ def test_truncated_compressed_input_keeps_what_was_readable(tmp_path, texts):
     _, used, skipped = train_tokenizer_from_files([tmp_path / "t.jsonl.gz"], 600, tmp_path / "tok")
     assert 0 < used < 100
     assert len(skipped) == 1 and "t.jsonl.gz: unreadable after the records above" in skipped[0]
+
+
+def test_cli_trains_a_tokenizer(tmp_path, texts):
+    from dsv3.cli import main
+
+    paths = _inputs(tmp_path, texts)
+    assert main(["tokenizer", "train", "--input", str(paths[0]), str(paths[3]), "--vocab-size", "600",
+                 "--output", str(tmp_path / "tok")]) == 0
+    assert special_token_ids(load_tokenizer(tmp_path / "tok")) == (0, 1, 2)
+    assert main(["tokenizer", "train", "--input", str(paths[0]), "--vocab-size", "10",
+                 "--output", str(tmp_path / "tok3")]) == 2

@@ -7,12 +7,16 @@ of code and English prose without a download. Documents are dicts `{"id", "text"
   (site-packages and `pydoc_data/topics.py` excluded) is cut with `ast` into units that tile the
   file: module-level statement runs (the first one carries the module docstring and imports),
   top-level functions, and classes split further into their statement runs, methods and nested
-  classes. A function longer than `max_lines` is cut at statement boundaries into pieces of at
-  most `max_lines` lines (a single longer statement stays whole). id: `path:first_line`.
-- prose (`meta.kind == "prose"`): module/class/function docstrings (`path:line:doc`), blocks of
-  consecutive full-line comments with at least `MIN_COMMENT_WORDS` words (`path:line:comment`),
-  and the sections of the language reference bundled in `pydoc_data/topics.py`
-  (`pydoc_data/topics.py:<topic>:<section>`).
+  classes. A unit longer than `max_lines` (default 20) is cut between statements into pieces of
+  at most `max_lines` lines (a single longer statement stays whole). id: `path:first_line`.
+- prose (`meta.kind == "prose"`): module/class/function docstrings (`path:line:docstring`),
+  blocks of consecutive full-line comments with at least `MIN_COMMENT_WORDS` words
+  (`path:line:comment`), and the sections of the language reference bundled in
+  `pydoc_data/topics.py` (`pydoc_data/topics.py:<topic>:<piece>`). Prose longer than `max_lines`
+  is cut at paragraph starts (ids then end in `:<piece>`).
+
+On CPython 3.11 this gives 108k documents (73k code, 35k prose, 33 MB of text); the cut at 20
+lines is what takes it past 100k, and is also about the size of one idea in code.
 
 `meta` holds `path` (relative to the stdlib root, POSIX), `kind`, `unit` (module, function,
 class, method, docstring, comment, topic), `name` (qualified name or topic) and `lines`
@@ -34,7 +38,6 @@ import logging
 import os
 import re
 import sysconfig
-import tempfile
 import textwrap
 import tokenize
 from collections.abc import Iterable, Iterator
@@ -258,10 +261,10 @@ def write_jsonl_zst(docs: Iterable[dict[str, Any]], path: Path | str, level: int
     """Write documents as zstd-compressed JSON lines, atomically; return how many were written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: keep the umask's mode
     count = 0
     try:
-        with os.fdopen(fd, "wb") as raw:
+        with open(tmp, "wb") as raw:
             with zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=False) as out:
                 for doc in docs:
                     out.write(json.dumps(doc, ensure_ascii=False).encode("utf-8") + b"\n")

@@ -85,9 +85,8 @@ class IndexedDatasetWriter:
             raise ShardError(f"{self.prefix}: dtype {self.dtype} has no Megatron code (one of {known})")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
-        fd, tmp = tempfile.mkstemp(dir=self.prefix.parent, prefix=f".{self.prefix.name}.", suffix=".bin.tmp")
-        self._bin_tmp = Path(tmp)
-        self._bin = os.fdopen(fd, "wb")
+        self._bin_tmp = self.prefix.with_name(f".{self.prefix.name}.{os.getpid()}.bin.tmp")
+        self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 (closed by finalize or abort)
         self._sizes: list[int] = []
         self.num_tokens = 0
 
