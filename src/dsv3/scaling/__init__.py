@@ -1,0 +1,73 @@
+"""Parameter, FLOP, KV-cache and memory accounting for DeepSeek-V3-style models; Chinchilla; config choice.
+
+Pure functions over the config objects, so the trainer (MFU), the benchmarks and `dsv3 plan` share one
+home for every formula. The conventions are stated once, in `docs/scaling.md` and on each function.
+`params` counts and FLOPs, `memory` the KV cache and training memory, `plan` the budgets and the
+choice of a layout, `report` the tables.
+"""
+
+from dsv3.scaling.memory import (
+    HEADROOM,
+    GiB,
+    KVCacheBytes,
+    MemoryEstimate,
+    kv_cache_bytes_per_token,
+    memory_per_gpu,
+)
+from dsv3.scaling.params import (
+    FlopBreakdown,
+    LayerParams,
+    ParamCounts,
+    count_params,
+    layer_params,
+    training_flops_per_token,
+)
+from dsv3.scaling.plan import (
+    H100_BF16_TFLOPS,
+    ChinchillaCheck,
+    Choice,
+    Plan,
+    chinchilla_check,
+    lr_and_batch_for_compute,
+    plan_run,
+    select_configs,
+    training_hours,
+)
+from dsv3.scaling.report import (
+    DOCS_COMMAND,
+    describe_layout,
+    human_bytes,
+    human_count,
+    markdown_report,
+    plan_sections,
+)
+
+__all__ = [
+    "LayerParams",
+    "ParamCounts",
+    "FlopBreakdown",
+    "KVCacheBytes",
+    "MemoryEstimate",
+    "ChinchillaCheck",
+    "Plan",
+    "Choice",
+    "GiB",
+    "HEADROOM",
+    "H100_BF16_TFLOPS",
+    "DOCS_COMMAND",
+    "layer_params",
+    "count_params",
+    "training_flops_per_token",
+    "kv_cache_bytes_per_token",
+    "memory_per_gpu",
+    "chinchilla_check",
+    "lr_and_batch_for_compute",
+    "plan_run",
+    "training_hours",
+    "select_configs",
+    "plan_sections",
+    "markdown_report",
+    "human_count",
+    "human_bytes",
+    "describe_layout",
+]
