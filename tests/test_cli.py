@@ -168,6 +168,13 @@ def test_select_config_judges_extra_configs_and_prints_reasons(tmp_path, capsys)
     assert "my-tiny" in out and "Choose 1b" in out and "small does not fit" in out
 
 
+def test_select_config_set_applies_to_the_named_preset_once(capsys):
+    code, out, _ = _run(capsys, "select-config", "--gpus", "1", "--gpu-memory", "40", "--config", "small",
+                        "--set", "train.micro_batch_size=1", "--set", "train.global_batch_size=8", "--json")
+    choices = [c for c in json.loads(out)["choices"] if c["name"] == "small"]
+    assert code == 0 and len(choices) == 1 and choices[0]["micro_batch_size"] == 1
+
+
 def test_select_config_nothing_fits_exits_1(capsys):
     code, out, _ = _run(capsys, "select-config", "--gpus", "1", "--gpu-memory", "0.01")
     assert code == 1 and "No config fits" in out

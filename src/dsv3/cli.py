@@ -170,8 +170,9 @@ def run_select_config(args: argparse.Namespace) -> int:
     if any(bad.values()):
         flags = ", ".join(flag for flag, wrong in bad.items() if wrong)
         raise ConfigError(f"select-config: {flags} out of range (gpus >= 1, 0 < mfu <= 1, others > 0)")
-    runs = [load_run_config(ref) for ref in preset_names()]
-    runs += [load_run_config(ref, args.set) for ref in args.config or []]
+    extra = args.config or []  # these get the --set overrides, and replace a preset of the same name
+    runs = [load_run_config(ref) for ref in preset_names() if ref not in extra]
+    runs += [load_run_config(ref, args.set) for ref in extra]
     choices = select_configs(runs, args.gpus, args.gpu_memory, hours=args.hours, mfu=args.mfu,
                              peak_tflops=args.peak_tflops, ratio=args.ratio)
     if args.json:
