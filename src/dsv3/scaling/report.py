@@ -169,15 +169,16 @@ value; fp8 is 1 byte per value plus one fp32 scale per token per layer.
   for the head and again per MTP depth. Activations are divided by tp (sequence parallelism assumed).
 - With recomputation each block keeps only its input (2·hidden bytes per token) and one block is rebuilt at
   a time. Pipeline schedules hold several micro-batches: 1F1B min(pp - stage, micro-batches) on a stage,
-  interleaved 1F1B that times 1 + (pp-1)/(2·pp) (two virtual stages), DualPipe pp + 1 and two copies of the
-  parameters (DeepSeek-V3 report, Table 2).
+  interleaved 1F1B that many times 1 + (pp-1)/(2·pp) (two virtual stages per rank), DualPipe pp + 1
+  on every rank and two copies of the parameters (DeepSeek-V3 report, Table 2).
 - A layout fits when the total stays under 90% of the GPU's memory (GB here means GiB).
 
-**Chinchilla.** Hoffmann et al. 2022: compute-optimal training uses 20-26 tokens per parameter; for an MoE
-the parameter count is N_active, since compute per token follows it. Planned tokens are
-steps x global_batch_size x seq_len. `dsv3 validate-chinchilla --strict` holds every preset to it.
-Suggested peak LR and batch come from DeepSeek LLM's fits (Bi et al. 2024):
-lr = 0.3118·C^-0.125, batch tokens = 0.2920·C^0.3271, with C the training FLOPs of the Chinchilla budget.
+**Chinchilla.** Hoffmann et al. 2022 find compute-optimal training at about 20 tokens per parameter; dsv3
+accepts 20-26. For an MoE the parameter count is N_active, since compute per token follows it. Planned
+tokens are steps x global_batch_size x seq_len; `dsv3 validate-chinchilla --strict` holds every preset to
+the range. Suggested peak LR and batch come from DeepSeek LLM's fits on dense models (Bi et al. 2024):
+lr = 0.3118·C^-0.125, batch tokens = 0.2920·C^0.3271, with C the training FLOPs (without MTP) of the
+Chinchilla budget; the presets' train sections round them.
 
 **Config selection** (`dsv3 select-config --gpus N --gpu-memory GB [--hours H] [--mfu M]`): for each preset,
 FSDP over every data-parallel rank, experts over the GPUs of a node first; the first layout that fits wins,
