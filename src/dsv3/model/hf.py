@@ -16,26 +16,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from dsv3.config import ConfigError, ModelConfig, load_yaml, validate_config
+from dsv3.config import ModelConfig, load_yaml, validate_config
+from dsv3.model.fp8 import FP8_BLOCK, dequantize_fp8
+from dsv3.model.safetensors_dir import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    parse_size,
+    write_safetensors_dir,
+)
 from dsv3.model.transformer import Transformer
 
 __all__ = [
     "CheckpointError",
     "HFTensor",
     "hf_tensor_table",
-    "dequantize_fp8",
-    "quantize_fp8",
     "read_hf_config",
     "read_hf_tensors",
     "load_hf",
@@ -47,44 +50,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
-FP8_BLOCK = (128, 128)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be read or written, in one line naming the file and the tensor."""
-
-
-# --------------------------------------------------------------------------------------------
-# FP8 block quantization (pure functions)
-# --------------------------------------------------------------------------------------------
-
-
-def dequantize_fp8(
-    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = FP8_BLOCK
-) -> torch.Tensor:
-    """float8 weight (out, in) × its per-block scale (⌈out/b0⌉, ⌈in/b1⌉) → float32 (out, in)."""
-    out_dim, in_dim = w.shape
-    scale = (
-        scale_inv.float().repeat_interleave(block[0], 0)[:out_dim].repeat_interleave(block[1], 1)[:, :in_dim]
-    )
-    return w.float() * scale
-
-
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3's weight format: float8_e4m3fn (out, in) and float32 `weight_scale_inv` per block."""
-    out_dim, in_dim = w.shape
-    rows, cols = math.ceil(out_dim / block[0]), math.ceil(in_dim / block[1])
-    padded = torch.zeros(rows * block[0], cols * block[1], dtype=torch.float32)
-    padded[:out_dim, :in_dim] = w.float()
-    blocks = padded.view(rows, block[0], cols, block[1])
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # (rows, cols)
-    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
-    q = (blocks / scale_inv[:, None, :, None]).view_as(padded)[:out_dim, :in_dim]
-    return q.to(torch.float8_e4m3fn), scale_inv
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,96 +286,6 @@ def load_hf(
 # --------------------------------------------------------------------------------------------
 
 
-def parse_size(value: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count → bytes."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise CheckpointError(f"size {value!r}: expected e.g. 5GB, 500MB, 2GiB or a byte count")
-    unit = (m.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0])
-    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_checkpoint(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    path: Path,
-    config: dict,
-    max_shard_bytes: int,
-    overwrite: bool,
-) -> None:
-    """Write config.json and safetensors shards to a temp dir, fsync, then rename into place."""
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path}: already exists (pass overwrite to replace it)")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes = [0]
-        ptrs: list[set[int]] = [set()]
-        files: list[str] = []
-
-        def flush() -> None:
-            files.append(f"shard-{len(files):05d}.tmp")
-            save_file(shards[-1], str(tmp / files[-1]), metadata={"format": "pt"})
-            shards[-1] = {}
-
-        for name, t in tensors:
-            t = t.detach().to("cpu").contiguous()
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
-                flush()
-                sizes.append(0)
-                ptrs.append(set())
-            # safetensors refuses tensors that share storage: copy views (expert slices) and repeats.
-            storage = t.untyped_storage()
-            if storage.nbytes() != nbytes or storage.data_ptr() in ptrs[-1]:
-                t = t.clone()
-            ptrs[-1].add(t.untyped_storage().data_ptr())
-            shards[-1][name] = t
-            sizes[-1] += nbytes
-        flush()
-        weight_map = {}
-        names = (
-            [SINGLE_FILE]
-            if len(files) == 1
-            else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-        )
-        for old, new in zip(files, names, strict=True):
-            os.replace(tmp / old, tmp / new)
-            _fsync(tmp / new)
-            with safe_open(tmp / new, framework="pt") as f:
-                weight_map.update({k: new for k in f.keys()})  # noqa: SIM118
-        if len(names) > 1:
-            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            _fsync(tmp / INDEX_FILE)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _fsync(tmp / "config.json")
-        _fsync(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     if cfg.moe_layer_freq != 1:
         log.warning(
@@ -439,9 +316,18 @@ def save_hf(
             keep_fp32 = name.endswith("e_score_correction_bias")  # transformers keeps it float32 too
             yield name, t.float() if keep_fp32 else t.to(dtype)
 
-    _write_checkpoint(
+    write_safetensors_dir(
         tensors(), Path(path), _hf_config(model.config, dtype), parse_size(max_shard_size), overwrite
     )
+
+
+# Files a HF model directory carries besides the weights; a conversion copies them along.
+COMPANION_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def convert_hf(
@@ -451,21 +337,33 @@ def convert_hf(
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
-) -> ModelConfig:
-    """Rewrite a HF DeepSeek-V3 checkpoint tensor by tensor (never the whole model in memory):
-    validated against the config, FP8 dequantized, cast to `dtype`, resharded, config normalized."""
+    on_tensor: Callable[[str], None] | None = None,
+) -> tuple[ModelConfig, int]:
+    """Rewrite a HF DeepSeek-V3 checkpoint tensor by tensor (never the whole model in memory).
+
+    Every tensor is checked against config.json, FP8 is dequantized, weights are cast to `dtype`
+    (default: the config's), shards are cut at `max_shard_size`, the config is rewritten in the
+    canonical spelling and the tokenizer/generation files are copied. Returns (config, tensors).
+    """
     src = Path(src)
     cfg = _without_absent_mtp(src, read_hf_config(src))
     with torch.device("meta"):
         table = hf_tensor_table(Transformer(cfg))
     dtype = parse_dtype(dtype) or _config_dtype(cfg)
+    written = 0
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal written
         for name, t in read_hf_tensors(src, table):
             yield name, t.float() if name.endswith("e_score_correction_bias") else t.to(dtype)
+            written += 1
+            if on_tensor is not None:
+                on_tensor(name)
 
-    cfg = cfg.model_copy(
-        update={"hf_extras": {k: v for k, v in cfg.hf_extras.items() if k != "quantization_config"}}
+    extras = {k: v for k, v in cfg.hf_extras.items() if k != "quantization_config"}  # now dequantized
+    cfg = cfg.model_copy(update={"hf_extras": extras})
+    companions = [src / name for name in COMPANION_FILES if (src / name).is_file()]
+    write_safetensors_dir(
+        tensors(), Path(dst), _hf_config(cfg, dtype), parse_size(max_shard_size), overwrite, companions
     )
-    _write_checkpoint(tensors(), Path(dst), _hf_config(cfg, dtype), parse_size(max_shard_size), overwrite)
-    return cfg
+    return cfg, written

@@ -111,7 +111,7 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _shift_left(x: torch.Tensor, d: int, fill: int) -> torch.Tensor:
     """x[:, t + d] at position t, `fill` past the end (B, T)."""
-    return F.pad(x[:, d:], (0, d), value=fill)
+    return F.pad(x[:, d:], (0, min(d, x.shape[1])), value=fill)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,195 @@
+"""The decoder: losses, MTP, checkpointing, compilation, init, parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.config import load_model_config, preset_names
+from dsv3.model.transformer import IGNORE_INDEX, Transformer
+from dsv3.scaling import count_params
+
+
+def _model(cfg, seed: int = 0, scale: float = 10.0) -> Transformer:
+    """A model whose init is widened so logits and routing are far from uniform."""
+    model = Transformer(cfg, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(scale)
+    return model
+
+
+def _batch(cfg, B: int = 2, T: int = 12, seed: int = 0):
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(seed))
+    return ids[:, :-1], ids[:, 1:].clone()
+
+
+def test_losses_match_their_definitions(make_config):
+    cfg = make_config(num_nextn_predict_layers=2)
+    model = _model(cfg)
+    ids, labels = _batch(cfg)
+    labels[0, :3] = IGNORE_INDEX
+    out = model.forward_with_losses(ids, labels, mtp_lambda=0.3, balance_alpha=0.01)
+    assert torch.allclose(out.lm_loss, F.cross_entropy(out.logits.flatten(0, 1), labels.flatten()))
+    # MTP depth d at position t predicts labels[t + d] (token t + d + 1)
+    mtp_logits = model.mtp_logits(ids)
+    for d in (1, 2):
+        target = labels[:, d:]
+        expected = F.cross_entropy(mtp_logits[d - 1][:, : ids.shape[1] - d].flatten(0, 1), target.flatten())
+        assert torch.allclose(out.mtp_losses[d - 1], expected, atol=1e-5)
+    assert torch.allclose(out.mtp_loss, 0.3 * out.mtp_losses.mean())
+    assert out.balance_loss > 0
+    assert torch.allclose(out.loss, out.lm_loss + out.mtp_loss + out.balance_loss)
+
+
+def test_extras_are_skipped_unless_asked(make_config):
+    cfg = make_config()
+    model = _model(cfg)
+    ids, labels = _batch(cfg)
+    out = model.forward_with_losses(ids, labels, return_logits=False)
+    assert out.mtp_loss is None and out.mtp_losses is None and out.balance_loss is None and out.logits is None
+    assert torch.equal(out.loss, out.lm_loss)
+    assert torch.allclose(model(ids), model.forward_with_losses(ids, labels).logits)
+
+
+def test_mtp_is_finite_when_no_position_has_a_target(make_config):
+    cfg = make_config(num_nextn_predict_layers=2)
+    ids, labels = _batch(cfg, T=1)
+    out = _model(cfg).forward_with_losses(ids, labels, mtp_lambda=0.3)
+    assert torch.isfinite(out.loss) and torch.equal(out.mtp_losses, torch.zeros(2))
+
+
+def test_mtp_depth_sees_the_next_token(make_config):
+    """Changing token t+1 changes MTP depth 1's prediction at t but not the main head's."""
+    cfg = make_config()
+    model = _model(cfg)
+    ids, _ = _batch(cfg, B=1, T=8)
+    ids2 = ids.clone()
+    ids2[0, 5] = (ids[0, 5] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        main, main2 = model(ids), model(ids2)
+        mtp, mtp2 = model.mtp_logits(ids)[0], model.mtp_logits(ids2)[0]
+    assert torch.equal(main[:, :5], main2[:, :5])
+    assert not torch.allclose(mtp[:, 4], mtp2[:, 4])
+    assert torch.equal(mtp[:, :4], mtp2[:, :4])
+
+
+def test_activation_checkpointing_gives_the_same_gradients(make_config):
+    cfg = make_config()
+    ids, labels = _batch(cfg)
+    grads = []
+    for ckpt in (False, True):
+        model = _model(cfg, seed=1)
+        model.activation_checkpointing = ckpt
+        out = model.forward_with_losses(ids, labels, mtp_lambda=0.3, balance_alpha=0.01)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        load = model.expert_load()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6), name
+    assert load.sum(1).eq(ids.numel() * cfg.num_experts_per_tok).all()  # recompute does not double count
+
+
+def test_moe_block_compiles_without_graph_breaks(make_config):
+    """The training path of a block (MLA + MoE + balance loss) traces as one graph, forward and backward."""
+    layer = 1
+    cfg = make_config()
+    model = _model(cfg)
+    block = model.model.layers[layer]
+    x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
+    cos, sin = model.rope(torch.arange(16))
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)  # raises on any graph break
+    for fn in (block, compiled):
+        y, aux = fn(x, cos, sin, layer == 1)
+        loss = y.square().mean() + (aux if aux is not None else 0)
+        loss.backward()
+        if fn is block:
+            eager_y, eager_grad = y.detach(), x.grad.clone()
+            x.grad = None
+    assert torch.allclose(y, eager_y, atol=1e-5) and torch.allclose(x.grad, eager_grad, atol=1e-5)
+
+
+def test_init_is_deterministic_and_device_free(make_config):
+    cfg = make_config()
+    a, b, c = Transformer(cfg, seed=7), Transformer(cfg, seed=7), Transformer(cfg, seed=8)
+    for (name, pa), pb, pc in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+        if pa.dim() > 1:
+            assert not torch.equal(pa, pc), name
+    with torch.device("meta"):
+        lazy = Transformer(cfg, seed=7)
+    lazy.to_empty(device="cpu")
+    lazy.init_weights(seed=7)
+    for (name, pa), pl in zip(a.state_dict().items(), lazy.state_dict().values(), strict=True):
+        assert torch.equal(pa, pl), name
+    w = a.model.layers[1].mlp.experts.gate_up_proj
+    assert abs(w.std().item() - 0.006) < 3e-4 and abs(w.mean().item()) < 3e-4
+    assert torch.equal(a.model.norm.weight, torch.ones(cfg.hidden_size))
+
+
+def test_bf16_keeps_rope_and_router_bias_exact(make_config):
+    cfg = make_config(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    model = Transformer(cfg).to(torch.bfloat16)
+    assert model.rope_inv_freq.dtype == torch.float32
+    assert torch.equal(model.rope_inv_freq, Transformer(cfg).rope_inv_freq)
+    assert all(m.gate.e_score_correction_bias.dtype == torch.float32 for m in model.moe_layers())
+    ids, labels = _batch(cfg)
+    out = model.forward_with_losses(ids, labels, mtp_lambda=0.3)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+def test_update_bias_reaches_every_moe_layer(make_config):
+    cfg = make_config(num_nextn_predict_layers=1, first_k_dense_replace=1)
+    model = _model(cfg)
+    ids, labels = _batch(cfg)
+    model.forward_with_losses(ids, labels, mtp_lambda=0.3)
+    layers = list(model.moe_layers())
+    assert len(layers) == cfg.num_hidden_layers - 1 + 1  # main MoE layers + the MTP block
+    model.update_bias(0.01)
+    for moe in layers:
+        load = moe.tokens_per_expert.float()
+        expected = 0.01 * torch.sign(load.mean() - load)
+        assert torch.allclose(moe.gate.e_score_correction_bias, expected)
+
+
+def test_instantiated_tiny_preset_matches_plan():
+    cfg = load_model_config("tiny")
+    model = Transformer(cfg)
+    counts = count_params(cfg)
+    assert model.num_params() == counts.total
+    assert model.num_params(mtp=True) == counts.total_with_mtp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["small", "1b"])
+def test_instantiated_presets_match_plan(preset):
+    cfg = load_model_config(preset)
+    model = Transformer(cfg)
+    assert model.num_params(mtp=True) == count_params(cfg).total_with_mtp
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_plan_counts_equal_the_model_on_meta(preset):
+    cfg = load_model_config(preset)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    counts = count_params(cfg)
+    assert model.num_params() == counts.total
+    assert model.num_params(mtp=True) == counts.total_with_mtp
+
+
+def test_deepseek_v3_count_equals_transformers():
+    transformers = pytest.importorskip("transformers")
+    cfg = load_model_config("deepseek-v3")
+    with torch.device("meta"):
+        ours = Transformer(cfg)
+        theirs = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf_dict()))
+    total = ours.num_params()
+    assert total == sum(p.numel() for p in theirs.parameters())
+    assert 670e9 < total < 672e9  # the published 671B, MTP excluded
+    assert 36e9 < count_params(cfg).active < 38e9
