@@ -341,5 +341,65 @@ COMMANDS.append((
 ))
 
 
+# --------------------------------------------------------------------------------------------
+# convert: Hugging Face DeepSeek-V3 checkpoints in and out (dsv3.model.hf)
+# --------------------------------------------------------------------------------------------
+
+
+def add_convert(p: argparse.ArgumentParser) -> None:
+    p.description += """
+
+dsv3 checkpoints already are Hugging Face DeepSeek-V3 directories, so both directions
+rewrite one, tensor by tensor (never the whole model in memory): each tensor checked
+against config.json, FP8 blocks dequantized, cast to --dtype, resharded at
+--max-shard-size, config.json in canonical form, tokenizer/generation files copied.
+  --from-hf  a published or third-party checkpoint (FP8 or not, rope_scaling or
+             rope_parameters) -> a directory dsv3 trains and serves from
+  --to-hf    a training checkpoint (a step_* dir, or a run's output_dir: its newest
+             complete one) -> a clean directory for transformers/vLLM, no trainer state"""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="SRC", help="a Hugging Face checkpoint directory")
+    src.add_argument("--to-hf", metavar="SRC", help="a dsv3 checkpoint (step_* dir) or a run output_dir")
+    p.add_argument("--to", required=True, metavar="DST", help="the directory to write (must not exist)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weight dtype; auto = the config's (FP8 checkpoints: their declared dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dsv3.model.hf import convert_hf
+
+    src = Path(args.from_hf or args.to_hf)
+    if args.to_hf and not (src / "config.json").is_file():
+        from dsv3.train.checkpoint import list_checkpoints
+
+        found = list_checkpoints(src)
+        if not found:
+            raise ConfigError(f"--to-hf {src}: no config.json and no complete step_* checkpoint in it")
+        src = found[-1]
+    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("tensors", total=None)
+        cfg, n = convert_hf(src, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite, on_tensor=lambda _: progress.advance(task))
+    console.print(f"wrote [bold]{args.to}[/bold]: {n:,} tensors from {src} "
+                  f"({cfg.num_hidden_layers} layers, {cfg.num_nextn_predict_layers} MTP)", highlight=False)
+    return 0
+
+
+COMMANDS.append((
+    "convert",
+    "rewrite a Hugging Face DeepSeek-V3 checkpoint: import (FP8 dequantized) or export a training checkpoint",
+    "dsv3 convert --from-hf ~/models/DeepSeek-V3 --to models/dsv3-bf16 --dtype bfloat16",
+    add_convert,
+    run_convert,
+))
+
+
 if __name__ == "__main__":
     sys.exit(main())
