@@ -28,19 +28,25 @@ Near duplicates (MinHash LSH):
   `threshold` additionally drops candidates whose estimated Jaccard (the fraction of equal
   signature values) is below it: choose it near the midpoint (0.7) to cut the S-curve's tail of
   chance collisions; the default (None) keeps every candidate, like datasketch's MinHashLSH.
+- candidate pairs are every pair sharing a band, as datasketch's `query` returns them, except in
+  buckets larger than `max_bucket_size`, which are linked as a star from their first document
+  (same clusters, bounded output). Documents with identical signatures are grouped before
+  banding, so exact duplicates are paired once instead of once per band.
 - clusters: candidate pairs joined by union-find; each document's label is the smallest index
   in its cluster. Keep rule: the first document in input order of each cluster is kept, the
   rest are removed. Signatures depend only on a document's text, so labels and the kept set do
   not depend on chunking or worker count.
 
-Public API: `MinHashConfig`, `normalize_text`, `exact_keys`, `exact_labels`, `word_shingles`,
-`shingle_hashes`, `permutations`, `minhash_signatures`, `signatures_from_chunks`,
-`lsh_candidate_pairs`, `estimated_jaccard`, `cluster_labels`, `keep_mask`, `cluster_stats`.
+Public API: `MinHashConfig`, `EMPTY`, `normalize_text`, `exact_keys`, `exact_labels`,
+`word_shingles`, `shingle_hashes`, `permutations`, `minhash_signatures`, `default_workers`,
+`signatures_from_chunks`, `lsh_candidate_pairs`, `estimated_jaccard`, `cluster_labels`,
+`keep_mask`, `cluster_stats`.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import re
@@ -53,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "MinHashConfig",
+    "EMPTY",
     "normalize_text",
     "exact_keys",
     "exact_labels",
@@ -60,6 +67,7 @@ __all__ = [
     "shingle_hashes",
     "permutations",
     "minhash_signatures",
+    "default_workers",
     "signatures_from_chunks",
     "lsh_candidate_pairs",
     "estimated_jaccard",
@@ -313,22 +321,36 @@ def signatures_from_chunks(
 # ------------------------------------------------------------------------------------------------
 
 
-def _band_groups(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort rows of one band so equal rows are adjacent; return (order, group start flags)."""
-    with np.errstate(over="ignore"):
-        acc = np.zeros(len(block), dtype=_U64)
-        for k in range(block.shape[1]):
-            acc = (acc ^ block[:, k].astype(_U64)) * _U64(_POLY)
-        key = _fmix64(acc)
+@functools.lru_cache(maxsize=8)
+def _row_weights(width: int) -> np.ndarray:
+    return np.random.RandomState(0xB4D).randint(0, 1 << 63, width, dtype=_U64) * _U64(2) + _U64(1)
+
+
+def _row_keys(rows: np.ndarray) -> np.ndarray:
+    """A 64-bit key per row: a random linear combination of its values, then mixed."""
+    if rows.shape[1] % 2 == 0 and rows.strides[1] == rows.itemsize:
+        words = rows.view(_U64)  # pairs of uint32 read as one uint64: half the passes, no copy
+    else:
+        words = rows.astype(_U64)
+    weights = _row_weights(words.shape[1])
+    acc = np.zeros(len(rows), dtype=_U64)
+    for k in range(words.shape[1]):
+        acc += words[:, k] * weights[k]
+    return _fmix64(acc)
+
+
+def _equal_rows(rows: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stable order that makes equal rows adjacent, and flags marking the first row of each run."""
     order = np.argsort(key, kind="stable")
-    sorted_key, sorted_rows = key[order], block[order]
-    same_key = sorted_key[1:] == sorted_key[:-1]
-    if np.any(same_key & np.any(sorted_rows[1:] != sorted_rows[:-1], axis=1)):
-        # A 64-bit key collision between different bands: group by the values themselves.
-        order = np.lexsort(block.T[::-1])
-        sorted_rows = block[order]
-        same_key = np.all(sorted_rows[1:] == sorted_rows[:-1], axis=1)
-    return order, np.concatenate(([True], ~same_key))
+    sorted_key = key[order]
+    same = sorted_key[1:] == sorted_key[:-1]
+    check = np.flatnonzero(same)
+    if np.any(rows[order[check]] != rows[order[check + 1]]):
+        # Two different rows share a 64-bit key (about n^2 / 2^64 odds): group by the values.
+        order = np.lexsort(rows.T[::-1])
+        sorted_rows = rows[order]
+        same = np.all(sorted_rows[1:] == sorted_rows[:-1], axis=1)
+    return order, np.concatenate(([True], ~same))
 
 
 def _pairs_in_groups(members: np.ndarray, starts: np.ndarray, max_size: int) -> np.ndarray:
@@ -346,33 +368,73 @@ def _pairs_in_groups(members: np.ndarray, starts: np.ndarray, max_size: int) -> 
     return np.stack([left, right], axis=1)
 
 
+def _band_pairs(signatures: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
+    """Distinct row pairs (i < j) of `signatures` that agree on all rows of at least one band."""
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for band in range(cfg.bands):
+        rows = signatures[:, band * cfg.rows : (band + 1) * cfg.rows]
+        order, is_start = _equal_rows(rows, _row_keys(rows))
+        sizes = np.diff(np.append(np.flatnonzero(is_start), len(order)))
+        if big := int(np.sum(sizes > cfg.max_bucket_size)):
+            log.info("band %d: %d buckets above %d documents linked as stars", band, big, cfg.max_bucket_size)
+        dup_sizes = sizes[sizes > 1]
+        if len(dup_sizes):  # stable order: members ascend inside a bucket, so pairs come out i < j
+            members = order[np.repeat(sizes > 1, sizes)]
+            found.append(_pairs_in_groups(members, np.cumsum(dup_sizes) - dup_sizes, cfg.max_bucket_size))
+    pairs = np.concatenate(found)
+    n = np.int64(len(signatures))
+    codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([codes // n, codes % n], axis=1)
+
+
 def lsh_candidate_pairs(signatures: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
-    """Distinct pairs (i < j), sorted, that share at least one LSH band (and pass `threshold`)."""
+    """Distinct pairs (i < j), sorted, that share at least one LSH band (and pass `threshold`).
+
+    Documents with identical signatures collide in every band, so they are grouped first and the
+    bands only compare distinct signatures: exact duplicates cost one pass, not one per band.
+    """
     n, width = signatures.shape
     if width != cfg.num_perm:
         raise ValueError(f"signatures have {width} values per document, but num_perm={cfg.num_perm}")
-    valid = np.flatnonzero(~np.all(signatures == EMPTY, axis=1))
-    found = [np.zeros((0, 2), dtype=np.int64)]
-    for band in range(cfg.bands):
-        block = signatures[valid, band * cfg.rows : (band + 1) * cfg.rows]
-        order, is_start = _band_groups(block)
-        starts = np.flatnonzero(is_start)
-        sizes = np.diff(np.append(starts, len(order)))
-        big = int(np.sum(sizes > cfg.max_bucket_size))
-        if big:
-            log.info("band %d: %d buckets above %d documents linked as stars", band, big, cfg.max_bucket_size)
-        dup_sizes = sizes[sizes > 1]
-        if len(dup_sizes):
-            members = valid[order][np.repeat(sizes > 1, sizes)]
-            dup_starts = np.cumsum(dup_sizes) - dup_sizes
-            found.append(_pairs_in_groups(members, dup_starts, cfg.max_bucket_size))
-    pairs = np.concatenate(found)
-    pairs = np.sort(pairs, axis=1)  # stable groups keep input order, but be explicit
-    codes = np.unique(pairs[:, 0] * np.int64(n) + pairs[:, 1])
-    pairs = np.stack([codes // n, codes % n], axis=1)
-    if cfg.threshold is not None and len(pairs):
-        pairs = pairs[estimated_jaccard(signatures, pairs) >= cfg.threshold]
-    return pairs
+    maybe_empty = np.flatnonzero(signatures[:, 0] == EMPTY)
+    empty = maybe_empty[np.all(signatures[maybe_empty] == EMPTY, axis=1)]
+    valid = np.setdiff1d(np.arange(n), empty, assume_unique=True)
+    rows = signatures[valid]
+    order, is_start = _equal_rows(rows, _row_keys(rows))
+    group = np.empty(len(valid), dtype=np.int64)
+    group[order] = np.cumsum(is_start) - 1
+    first = order[is_start]  # stable: the earliest document of each group
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))  # number groups in document order
+    group, reps = rank[group], valid[np.sort(first)]
+
+    rep_pairs = _band_pairs(signatures[reps], cfg)
+    if cfg.threshold is not None and len(rep_pairs):
+        rep_pairs = rep_pairs[estimated_jaccard(signatures, reps[rep_pairs]) >= cfg.threshold]
+    pairs = _expand_groups(valid, group, len(reps), rep_pairs, cfg.max_bucket_size)
+    codes = np.sort(pairs[:, 0] * np.int64(n) + pairs[:, 1])
+    return np.stack([codes // n, codes % n], axis=1)
+
+
+def _expand_groups(
+    docs: np.ndarray, group: np.ndarray, n_groups: int, group_pairs: np.ndarray, max_size: int
+) -> np.ndarray:
+    """Document pairs inside each group and across each pair of groups (big groups: first member only)."""
+    order = np.argsort(group, kind="stable")
+    members = docs[order]  # grouped, ascending inside each group
+    sizes = np.bincount(group, minlength=n_groups)
+    starts = np.cumsum(sizes) - sizes
+    multi = sizes > 1
+    within = _pairs_in_groups(members[multi[group[order]]], np.cumsum(sizes[multi]) - sizes[multi], max_size)
+    used = np.where(sizes > max_size, 1, sizes)  # a star group links to others through its first member
+    u, v = group_pairs[:, 0], group_pairs[:, 1]
+    count = used[u] * used[v]
+    which = np.repeat(np.arange(len(u)), count)
+    t = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    a = members[starts[u][which] + t // used[v][which]]
+    b = members[starts[v][which] + t % used[v][which]]
+    across = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
+    return np.concatenate([within, across])
 
 
 def estimated_jaccard(signatures: np.ndarray, pairs: np.ndarray, block: int = 65536) -> np.ndarray:
