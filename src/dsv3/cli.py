@@ -401,5 +401,111 @@ COMMANDS.append((
 ))
 
 
+# --------------------------------------------------------------------------------------------
+# train, generate: the trainer (dsv3.train) and sampling from its checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="X", help="run config: YAML path or preset name")
+    p.add_argument("--resume", metavar="DIR|auto",
+                   help="a checkpoint directory to continue from, or the newest complete one in output_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. train.steps=200; repeatable, last wins")
+
+
+def _print_train_record(r: dict, total_steps: int) -> None:
+    from dsv3.train.metrics import format_eval, format_progress
+
+    kind = r["kind"]
+    if kind == "run":
+        resumed = f", resumed from {r['resumed_from']}" if r["resumed_from"] else ""
+        console.print(
+            f"[bold]{r['name']}[/bold] on {r['device']}{resumed}: {r['params'] / 1e6:.2f}M parameters "
+            f"({r['active_params'] / 1e6:.2f}M active), {r['tokens_per_step']:,} tokens/step, "
+            f"{r['train_windows']:,} train / {r['valid_windows']:,} valid windows, "
+            f"KV cache {r['kv_cache_bytes_per_token']:,} B/token (MHA would need "
+            f"{r['kv_cache_bytes_per_token_mha']:,})",
+            highlight=False,
+        )
+    elif kind == "train":
+        console.print(format_progress(r, total_steps), highlight=False)
+    elif kind == "eval":
+        console.print(format_eval(r), highlight=False)
+        if r.get("sample"):
+            console.print(f"[dim]sample:[/dim] {r['sample']!r}", highlight=False, markup=False)
+    elif kind == "skip":
+        console.print(f"[yellow]step {r['step']}: non-finite loss or gradient, step skipped[/yellow]")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from dsv3.config import load_run_config
+    from dsv3.train.trainer import TrainingDiverged, train
+
+    cfg = load_run_config(args.config, args.set)
+    try:
+        result = train(cfg, resume=args.resume, on_record=lambda r: _print_train_record(r, cfg.train.steps))
+    except TrainingDiverged as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 1
+    table = Table(title=f"{cfg.name}: step {result.step}", title_justify="left", show_edge=False)
+    table.add_column("")
+    table.add_column("")
+    if result.val_loss is not None:
+        table.add_row("validation loss / perplexity", f"{result.val_loss:.4f} / {result.val_ppl:.1f}")
+    table.add_row("unigram baseline loss / perplexity",
+                  f"{result.unigram_loss:.4f} / {result.unigram_ppl:.1f}")
+    table.add_row("last checkpoint", str(result.last_checkpoint))
+    table.add_row("best checkpoint (validation)", str(result.best_checkpoint))
+    for plot in result.plots:
+        table.add_row("plot", str(plot))
+    table.add_row("metrics", f"{result.output_dir / 'metrics.jsonl'}, tensorboard --logdir {result.output_dir}")
+    table.add_row("wall time", f"{result.wall_s:.0f} s")
+    console.print(table)
+    return 0
+
+
+COMMANDS.append((
+    "train",
+    "train a model on token shards: checkpoints, resume, evaluation, metrics and plots in train.output_dir",
+    "dsv3 train --config configs/train/demo.yaml --resume auto --set train.steps=400",
+    add_train,
+    run_train,
+))
+
+
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a checkpoint directory, or a run's output_dir (its best, else newest, checkpoint)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json (default: the checkpoint's own)")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from dsv3.train.sample import generate_from_checkpoint
+
+    text = generate_from_checkpoint(
+        args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, tokenizer=args.tokenizer,
+    )
+    console.print(f"[bold]{escape(args.prompt)}[/bold]{escape(text)}", highlight=False)
+    return 0
+
+
+COMMANDS.append((
+    "generate",
+    "continue a prompt with a trained checkpoint, its tokenizer and the latent-cache decoder",
+    'dsv3 generate --checkpoint runs/demo --prompt "def parse_args(" --max-new-tokens 80',
+    add_generate,
+    run_generate,
+))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,16 +27,16 @@ def find_shards(entries: list[str], key: str) -> list[Path]:
     for entry in entries:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p.with_suffix("") for p in path.glob("*.idx"))
+            found = sorted({p.with_suffix("") for p in (*path.glob("*.idx"), *path.glob("*.bin"))})
             if not found:
                 raise ConfigError(f"data.{key}: {entry}: directory holds no .idx/.bin shards")
             prefixes.extend(found)
-            continue
-        prefix = path.with_suffix("") if path.suffix in (".bin", ".idx") else path
+        else:
+            prefixes.append(path.with_suffix("") if path.suffix in (".bin", ".idx") else path)
+    for prefix in prefixes:
         for suffix in (".idx", ".bin"):
             if not prefix.with_name(prefix.name + suffix).is_file():
                 raise ConfigError(f"data.{key}: missing shard file {prefix}{suffix}")
-        prefixes.append(prefix)
     return prefixes
 
 

@@ -61,15 +61,18 @@ def expert_load_stats(loads: torch.Tensor, biases: torch.Tensor | None) -> dict[
     divided by log(experts): 1.0 is a perfectly even load, 0.0 all tokens on one expert.
     """
     loads = loads.double()
+    ran = (loads.sum(dim=1) > 0).tolist()  # MTP layers see no token when the MTP loss is off
     mean = loads.mean(dim=1).clamp_min(1e-9)
     frac = loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)
     entropy = -(frac * frac.clamp_min(1e-12).log()).sum(dim=1) / math.log(loads.shape[1])
-    out = {
+    imbalance = (loads.max(dim=1).values / mean).tolist()
+    out: dict[str, Any] = {
         "expert_load": loads.long().tolist(),
-        "imbalance": (loads.max(dim=1).values / mean).tolist(),
-        "load_entropy": entropy.tolist(),
+        "imbalance": [v if r else None for v, r in zip(imbalance, ran, strict=True)],
+        "load_entropy": [v if r else None for v, r in zip(entropy.tolist(), ran, strict=True)],
     }
-    out["imbalance_max"] = max(out["imbalance"])
+    if any(ran):
+        out["imbalance_max"] = max(v for v in out["imbalance"] if v is not None)
     if biases is not None:
         out["expert_bias"] = biases.double().tolist()
     return out
@@ -112,7 +115,8 @@ class MetricsLogger:
         scalars.pop("step", None)
         prefix = record.get("kind", "train")
         for i, v in enumerate(record.get("imbalance", [])):
-            scalars[f"imbalance/layer_{i}"] = v
+            if v is not None:
+                scalars[f"imbalance/layer_{i}"] = v
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
@@ -207,53 +211,70 @@ def plot_run(output_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
+    output_dir = Path(output_dir)
+    records = read_metrics(output_dir / METRICS_FILE)
+    written = [
+        _plot_loss(records, output_dir / "loss_curve.png"),
+        _plot_expert_load(records, output_dir / "expert_load.png"),
+    ]
+    return [p for p in written if p is not None]
+
+
+def _plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+        if evals[-1].get("unigram_loss") is not None:
+            ax.axhline(evals[-1]["unigram_loss"], ls="--", c="gray", label="unigram baseline")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Heatmap: one row per (MoE layer, expert), one column per logged step, colour = load / mean."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    output_dir = Path(output_dir)
-    records = read_metrics(output_dir / METRICS_FILE)
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    written = []
-    if train:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
-            if evals[-1].get("unigram_loss") is not None:
-                ax.axhline(evals[-1]["unigram_loss"], ls="--", c="gray", label="unigram baseline")
-        ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        written.append(_save_fig(fig, output_dir / "loss_curve.png"))
-        plt.close(fig)
-    loads = [r for r in train if "expert_load" in r]
-    if loads:
-        # (layers, experts, time) of each expert's share relative to a uniform split (1.0 = even).
-        counts = np.array([r["expert_load"] for r in loads], dtype=np.float64).transpose(1, 2, 0)
-        share = counts / np.clip(counts.mean(axis=1, keepdims=True), 1e-9, None)
-        n_layers, n_experts, _ = share.shape
-        fig, ax = plt.subplots(figsize=(9, 1.2 + 0.22 * n_layers * n_experts))
-        im = ax.imshow(
-            share.reshape(n_layers * n_experts, -1),
-            aspect="auto",
-            interpolation="nearest",
-            cmap="magma",
-            extent=(loads[0]["step"], loads[-1]["step"], n_layers * n_experts, 0),
-        )
-        for i in range(1, n_layers):
-            ax.axhline(i * n_experts, c="white", lw=1)
-        ax.set_yticks([i * n_experts + n_experts / 2 for i in range(n_layers)])
-        runs = [r for r in records if r.get("kind") == "run" and r.get("moe_layers")]
-        names = runs[-1]["moe_layers"] if runs else [f"MoE layer {i}" for i in range(n_layers)]
-        ax.set_yticklabels([n.removesuffix(".mlp") for n in names][:n_layers])
-        ax.set(xlabel="step", title="expert load (tokens / mean tokens per expert)")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        written.append(_save_fig(fig, output_dir / "expert_load.png"))
-        plt.close(fig)
-    return written
+    loads = [r for r in records if r.get("kind") == "train" and "expert_load" in r]
+    if not loads:
+        return None
+    counts = np.array([r["expert_load"] for r in loads], dtype=np.float64).transpose(1, 2, 0)  # (L, E, t)
+    runs = [r for r in records if r.get("kind") == "run" and r.get("moe_layers")]
+    names = runs[-1]["moe_layers"] if runs else [f"MoE layer {i}" for i in range(len(counts))]
+    ran = counts.sum(axis=(1, 2)) > 0  # the MTP layers of a run without MTP loss see no token
+    counts, names = counts[ran], [n.removesuffix(".mlp") for n, r in zip(names, ran, strict=False) if r]
+    if not len(counts):
+        return None
+    share = counts / np.clip(counts.mean(axis=1, keepdims=True), 1e-9, None)
+    n_layers, n_experts, _ = share.shape
+    rows = n_layers * n_experts
+    fig, ax = plt.subplots(figsize=(9, min(1.2 + 0.22 * rows, 14)))
+    im = ax.imshow(
+        share.reshape(rows, -1), aspect="auto", interpolation="nearest", cmap="magma",
+        extent=(loads[0]["step"], loads[-1]["step"], rows, 0),
+    )
+    for i in range(1, n_layers):
+        ax.axhline(i * n_experts, c="white", lw=1)
+    ax.set_yticks([i * n_experts + n_experts / 2 for i in range(n_layers)])
+    ax.set_yticklabels(names)
+    ax.set(xlabel="step", title="expert load (tokens / mean tokens per expert; 1 = even)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return path
 
 
 def _save_fig(fig: Any, path: Path) -> Path:
