@@ -211,10 +211,12 @@ def shingle_hashes(texts: Sequence[str], ngram: int = 5) -> tuple[np.ndarray, np
     """
     encoded = [_normalize_for_shingles(t) for t in texts]
     n_docs = len(encoded)
-    data = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)  # "\n" is not a word byte
+    # "\n" is not a word byte: it separates documents and pads both ends, so every word has a
+    # start and an end edge; document i's separator sits at doc_end[i].
+    data = np.frombuffer(b"\n" + b"\n".join(encoded) + b"\n", dtype=np.uint8)
     doc_end = np.cumsum(np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=n_docs))
     is_word = _WORD_BYTE[data]
-    edges = np.flatnonzero(np.diff(is_word.view(np.int8), prepend=0, append=0))
+    edges = np.flatnonzero(is_word[1:] != is_word[:-1]) + 1
     starts, ends = edges[0::2], edges[1::2]
     if len(starts) == 0:
         return np.zeros(0, dtype=np.uint32), np.zeros(n_docs + 1, dtype=np.int64)
@@ -229,16 +231,22 @@ def shingle_hashes(texts: Sequence[str], ngram: int = 5) -> tuple[np.ndarray, np
     # Shingle hash: position-weighted sum of the n-gram's word hashes, never across documents.
     doc_of_word = np.searchsorted(doc_end, starts, side="right")
     words_per_doc = np.bincount(doc_of_word, minlength=n_docs)
-    first_word = np.concatenate(([0], np.cumsum(words_per_doc)))
-    last_of = (first_word[1:] - 1)[doc_of_word]  # last word index of each word's document
-    idx = np.arange(len(words))
-    acc = np.zeros(len(words), dtype=_U64)
-    for k in range(ngram):
-        pos = idx + k
-        inside = pos <= last_of
-        acc += np.where(inside, words[np.minimum(pos, len(words) - 1)] * _NGRAM_WEIGHTS[k], _U64(0))
-    short = words_per_doc[doc_of_word] < ngram
-    take = np.where(short, idx == first_word[doc_of_word], idx + ngram - 1 <= last_of)
+    first_word = np.cumsum(words_per_doc) - words_per_doc
+    n_words = len(words)
+    padded = np.concatenate([words, np.zeros(ngram - 1, dtype=_U64)])
+    acc = words * _NGRAM_WEIGHTS[0]
+    for k in range(1, ngram):  # windows running past their document are dropped below
+        acc += padded[k : k + n_words] * _NGRAM_WEIGHTS[k]
+    last_of = (first_word + words_per_doc - 1)[doc_of_word]
+    take = np.arange(n_words) + ngram - 1 <= last_of
+    short = np.flatnonzero((words_per_doc > 0) & (words_per_doc < ngram))
+    if len(short):  # a document shorter than one n-gram is one shingle of all its words
+        first, count = first_word[short], words_per_doc[short]
+        acc[first] = words[first] * _NGRAM_WEIGHTS[0]
+        for k in range(1, ngram - 1):
+            more = count > k
+            acc[first[more]] += words[first[more] + k] * _NGRAM_WEIGHTS[k]
+        take[first] = True
     hashes = (_fmix64(acc[take]) >> _U64(32)).astype(np.uint32)
     counts = np.bincount(doc_of_word[take], minlength=n_docs)
     return hashes, np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
