@@ -21,6 +21,7 @@ CONFIGS = {
         first_k_dense_replace=2,
     ),
     "unnormalized_topk+two_shared": dict(norm_topk_prob=False, n_shared_experts=2, n_group=2, topk_group=1),
+    "tied_embeddings": dict(tie_word_embeddings=True, num_nextn_predict_layers=0),
 }
 SEQ_LENS = (1, 7, 33, 64)
 

@@ -16,8 +16,6 @@ auxiliary-loss-free balancing update (`MoE.update_bias`, b_i += γ·sign(mean lo
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,11 +116,6 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _cuda_grouped_mm_ok(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
-
-
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch's grouped_mm takes x (M, in) @ w (E, out, in)ᵀ: bf16 only (its kernels and its
     torch.compile support are bf16-only), 16-byte aligned widths, CPU or CUDA sm80+."""
@@ -131,7 +124,7 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if any(dim * x.element_size() % 16 for dim in (w.shape[1], w.shape[2])):
         return False
     if x.device.type == "cuda":
-        return _cuda_grouped_mm_ok(x.device.index or 0)
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
     return x.device.type == "cpu"
 
 
@@ -275,7 +268,8 @@ class Experts(nn.Module):
         gate, up = expert_matmul(xs, self.gate_up_proj, ends).chunk(2, dim=-1)  # (N·k, I) each
         ys = expert_matmul(F.silu(gate) * up, self.down_proj, ends)  # (N·k, d)
         ys = _GatherRows.apply(ys, inverse, order, 1).view(N, k, -1)  # back to (token, slot)
-        return (ys.float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        # Σ_k w·y as a batched (1, k) @ (k, d): accumulates in fp32 without an fp32 (N, k, d) copy
+        return torch.bmm(weights.unsqueeze(1).to(ys.dtype), ys).squeeze(1)
 
 
 class MoE(nn.Module):

@@ -2,19 +2,24 @@
 
 API (what the trainer, generation and the HF interchange build on):
 
-    model = Transformer(cfg, seed=0)                 # DeepSeek-V3 init (std 0.006), same on any device
-    logits = model(input_ids)                        # (B, T) → (B, T, vocab)
+    model = Transformer(cfg, seed=0)            # DeepSeek-V3 init (std 0.006), same on any device
+    logits = model(input_ids, positions=None)   # (B, T) → (B, T, vocab); positions (T,) or (B, T)
     out = model.forward_with_losses(input_ids, labels, mtp_lambda=0.3, balance_alpha=1e-4)
-    out.loss.backward()                              # lm_loss + mtp_loss + balance_loss
-    for moe in model.moe_layers(): moe.update_bias(gamma)   # after each step: tokens_per_expert → bias
-    model.activation_checkpointing = True            # recompute each block in backward
-    model.compile_blocks()                           # torch.compile(fullgraph=True) per block
+    out.loss.backward()                         # = lm_loss + mtp_loss + balance_loss (see ModelOutput)
+    model.update_bias(gamma)                    # aux-loss-free balancing from each layer's last load
+    model.expert_load()                         # (n_moe_layers, E) tokens per expert, last forward
+    model.moe_layers(), model.blocks()          # iterate MoE layers / decoder blocks (main, then MTP)
+    model.activation_checkpointing = True       # recompute each block in backward
+    model.compile_blocks()                      # torch.compile(fullgraph=True) per block
+    model.mtp_logits(input_ids)                 # (D, B, T, vocab), e.g. for speculative drafts
+    Transformer.from_pretrained(path)           # = dsv3.model.hf.load_hf; save with hf.save_hf
 
 `labels[:, t]` is the target of position t (the next token), -100 where there is none. MTP depth
 d (1..D) at position t combines the previous depth's hidden state (depth 0: the main model's final
-normed state) with the embedding of token t+d and predicts labels[:, t+d]; it shares the main
-embedding and output head. State-dict keys are the Hugging Face DeepSeek-V3 names except the
-stacked experts and `mtp.{d}.*` (HF: `model.layers.{num_hidden_layers+d}.*`), see hf.py.
+normed state; depth d > 1: depth d-1's normed state, as transformers chains them) with the
+embedding of token t+d and predicts labels[:, t+d]; it shares the main embedding and output head.
+State-dict keys are the Hugging Face DeepSeek-V3 names except the stacked experts and `mtp.{d}.*`
+(HF: `model.layers.{num_hidden_layers+d}.*`), see hf.py.
 """
 
 from __future__ import annotations
@@ -270,6 +275,8 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        if self.config.tie_word_embeddings:  # moving off the meta device makes new Parameters: re-tie
+            self.lm_head.weight = self.model.embed_tokens.weight
         if self.rope_inv_freq.dtype != torch.float32:  # model.to(bf16) must not round the frequencies
             self.rope_inv_freq = rope_inv_freq(self.config)[0].to(self.rope_inv_freq.device)
         return self
