@@ -179,6 +179,9 @@ def test_short_and_empty_documents():
     sig = minhash_signatures(texts, cfg)
     assert np.all(sig[2] == EMPTY) and np.all(sig[3] == EMPTY)
     assert lsh_candidate_pairs(sig, cfg).tolist() == [[0, 1]]  # empty documents are never paired
+    assert lsh_candidate_pairs(sig[2:4], cfg).shape == (0, 2)  # only empty documents
+    assert lsh_candidate_pairs(minhash_signatures([], cfg), cfg).shape == (0, 2)
+    assert signatures_from_chunks([], cfg, workers=2).shape == (0, cfg.num_perm)
 
 
 def test_exact_keys_normalise_case_whitespace_and_unicode():

@@ -68,7 +68,9 @@ def test_pretrained_tokenizer_fast_knows_special_tokens_and_round_trips(trained)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (bos, eos, pad)
     assert set(hf.all_special_tokens) == {BOS, EOS, PAD, USER, ASSISTANT}
     auto = transformers.AutoTokenizer.from_pretrained(str(out))
-    plain = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=BOS, eos_token=EOS,
+                                                 pad_token=PAD)
+    assert plain.convert_tokens_to_ids([BOS, EOS, PAD]) == [bos, eos, pad] and plain.eos_token_id == eos
     for text in SAMPLES:
         ids = hf.encode(text, add_special_tokens=False)
         assert ids == ours.encode(text, add_special_tokens=False).ids

@@ -358,7 +358,7 @@ def _equal_rows(rows: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarr
         order = np.lexsort(rows.T[::-1])
         sorted_rows = rows[order]
         same = np.all(sorted_rows[1:] == sorted_rows[:-1], axis=1)
-    return order, np.concatenate(([True], ~same))
+    return order, np.concatenate(([True], ~same))[: len(order)]
 
 
 def _pairs_in_groups(members: np.ndarray, starts: np.ndarray, max_size: int) -> np.ndarray:

@@ -12,6 +12,10 @@ Special tokens, with the ids they get (DeepSeek-V3's spellings: U+FF5C "｜" and
 0 BOS `<｜begin▁of▁sentence｜>`, 1 EOS `<｜end▁of▁sentence｜>`, 2 pad `<｜▁pad▁｜>`,
 3 `<｜User｜>` and 4 `<｜Assistant｜>` (chat turns, as in DeepSeek-V3's chat template).
 
+`PreTrainedTokenizerFast(tokenizer_file=...)` alone cannot tell which token is BOS or EOS (the
+roles live in the config files): load the directory with `from_pretrained`, or pass
+`bos_token=BOS, eos_token=EOS, pad_token=PAD`.
+
 Pre-tokenisation: runs of digits are cut into groups of at most three (as DeepSeek-V3 does), then
 GPT-2's byte-level regex split. No normaliser: the data pipeline has already normalised text, and
 a tokenizer that silently rewrites text cannot round-trip it.
