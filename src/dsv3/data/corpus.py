@@ -40,6 +40,7 @@ import re
 import sysconfig
 import textwrap
 import tokenize
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -201,7 +202,9 @@ def _file_documents(root: Path, path: Path, kind: Kind, max_lines: int) -> Itera
     try:
         with tokenize.open(path) as f:  # honours PEP 263 coding cookies
             source = f.read()
-        tree = ast.parse(source, filename=rel)
+        with warnings.catch_warnings():  # e.g. invalid escapes in the test suite: not ours to fix
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source, filename=rel)
     except (SyntaxError, UnicodeDecodeError, ValueError) as e:
         log.debug("skipping %s: %s", rel, e)
         return
