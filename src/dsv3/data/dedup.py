@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import multiprocessing
 import os
 import re
 import unicodedata
@@ -96,7 +97,7 @@ _BLOCK_ROWS = 2048  # shingles per permutation block: block * num_perm * 4 bytes
 
 
 class MinHashConfig(BaseModel):
-    """MinHash LSH parameters; the defaults (112 = 14 bands x 8 rows) find pairs with J >= 0.8."""
+    """MinHash LSH parameters; the defaults (112 = 14 x 8) find 92% of pairs at J=0.8, half at 0.685."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -307,8 +308,6 @@ def signatures_from_chunks(
     Only signatures are kept; at most 2 * workers chunks are in flight, so inputs larger than
     memory stream through.
     """
-    import multiprocessing
-
     workers = workers or default_workers()
     parts: list[np.ndarray] = [np.zeros((0, cfg.num_perm), dtype=np.uint32)]
     if workers == 1:
