@@ -193,3 +193,24 @@ def test_deepseek_v3_count_equals_transformers():
     assert total == sum(p.numel() for p in theirs.parameters())
     assert 670e9 < total < 672e9  # the published 671B, MTP excluded
     assert 36e9 < count_params(cfg).active < 38e9
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(make_config):
+    """compile_blocks (every block and the head's loss, fullgraph) keeps the losses and the grads."""
+    cfg = make_config()
+    ids, labels = _batch(cfg)
+    results = []
+    for compiled in (False, True):
+        model = _model(cfg, seed=2)
+        if compiled:
+            torch._dynamo.reset()
+            model.compile_blocks()
+        out = model.forward_with_losses(ids, labels, mtp_lambda=0.3, balance_alpha=0.01)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (eager, eager_grads), (comp, comp_grads) = results
+    for a, b in ((eager.loss, comp.loss), (eager.logits, comp.logits), (eager.mtp_losses, comp.mtp_losses)):
+        assert torch.allclose(a, b, atol=1e-5)
+    for name, g in eager_grads.items():
+        assert torch.allclose(g, comp_grads[name], atol=1e-5), name

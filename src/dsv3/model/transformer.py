@@ -175,6 +175,11 @@ class Transformer(nn.Module):
         h, _, _ = self.hidden_states(input_ids, positions)
         return self.lm_head(h)
 
+    def _head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab) and their mean cross-entropy against targets (B, T)."""
+        logits = self.lm_head(h)
+        return logits, _cross_entropy(logits, targets)
+
     def _mtp_states(
         self, h: torch.Tensor, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], balance: bool
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -196,13 +201,12 @@ class Transformer(nn.Module):
         """The training forward: LM loss, MTP loss (when mtp_lambda > 0), balance loss (when α > 0)."""
         balance = balance_alpha > 0
         h, aux, rope = self.hidden_states(input_ids, balance=balance)
-        logits = self.lm_head(h)
-        lm_loss = _cross_entropy(logits, labels)
+        logits, lm_loss = self._head_loss(h, labels)
         mtp_losses = mtp_loss = None
         if mtp_lambda > 0 and len(self.mtp):
             losses = []
             for depth, (h_d, a) in enumerate(self._mtp_states(h, input_ids, rope, balance), start=1):
-                losses.append(_cross_entropy(self.lm_head(h_d), _shift_left(labels, depth, IGNORE_INDEX)))
+                losses.append(self._head_loss(h_d, _shift_left(labels, depth, IGNORE_INDEX))[1])
                 aux = _add(aux, a)
             mtp_losses = torch.stack(losses)
             mtp_loss = mtp_lambda * mtp_losses.mean()
@@ -241,10 +245,12 @@ class Transformer(nn.Module):
         yield from (layer.block for layer in self.mtp)
 
     def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each block's forward in place (fullgraph unless told otherwise)."""
+        """torch.compile each block's forward in place, and the output head with its loss, so the
+        float32 upcast of the logits fuses into the cross-entropy (fullgraph unless told otherwise)."""
         kwargs.setdefault("fullgraph", True)
         for block in self.blocks():
             block.compile(**kwargs)
+        self._head_loss = torch.compile(self._head_loss, **kwargs)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = INIT_STD) -> None:
