@@ -6,10 +6,13 @@ gives c_kv (kv_lora_rank) plus one rope key k_pe shared by all heads; kv_b_proj 
 per-head k_nope and v. Only the rope slices carry position (decoupled RoPE).
 
 The pieces are separate methods so a decode cache can hold just (c_kv, k_pe): `query` and
-`latent_kv` give them, `expand_kv` + `causal_attention` is the training/prefill path.
+`latent_kv` give them, `expand_kv` + `causal_attention` is the training/prefill path, and
+`absorbed_attention` the decode path of `forward_cached` (generation, dsv3.infer).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,9 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
+
+if TYPE_CHECKING:
+    from dsv3.infer.cache import LayerCache
 
 __all__ = ["MLA", "causal_attention", "SDPA_PAD_V"]
 
@@ -31,14 +37,23 @@ SDPA_PAD_V = True
 LATENT_NORM_EPS = 1e-6
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention through torch's fused SDPA: q, k (B, T, H, Dqk), v (B, T, H, Dv) → (B, T, H, Dv)."""
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal attention through torch's fused SDPA: q (B, T, H, Dqk), k (B, S, H, Dqk), v (B, S, H, Dv)
+    → (B, T, H, Dv). `mask` (B, T, S) bool (True: may attend) replaces the causal mask when given:
+    left padding, or queries that come after a cached prefix (S > T)."""
     dv = v.shape[-1]
     if SDPA_PAD_V and q.is_cuda and dv < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
     # SDPA takes (B, H, T, D); the transposes are views whose last dim stays contiguous.
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if mask is None else mask.unsqueeze(1),
+        is_causal=mask is None,
+        scale=scale,
     )
     return out.transpose(1, 2)[..., :dv]  # (B, T, H, Dv)
 
@@ -93,8 +108,51 @@ class MLA(nn.Module):
         k_pe = k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.qk_rope_head_dim)
         return torch.cat((k_nope, k_pe), dim=-1), v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over x (B, T, d) at the positions cos/sin (1 or B, T, rope/2) encode."""
+    def absorbed_attention(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention against the cached latent (B, S, kv_lora_rank + rope) itself → (B, T, H, v_head_dim).
+
+        W_UK is folded into the queries and W_UV applied after, so no per-head key or value is ever
+        built: each step reads kv_lora_rank + rope values per cached token, shared by all heads.
+        """
+        B, T, H, _ = q_nope.shape
+        r = self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, dn, r), (H, dv, r)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
+        q = torch.cat((q_lat, q_pe), dim=-1).view(B, T * H, -1)  # every head against one shared key
+        scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.softmax_scale  # (B, T·H, S)
+        keep = mask.unsqueeze(2).expand(B, T, H, mask.shape[-1]).reshape(B, T * H, -1)
+        probs = scores.masked_fill(~keep, float("-inf")).softmax(-1).to(latent.dtype)
+        out_lat = torch.bmm(probs, latent[..., :r]).view(B, T, H, r)  # values are c_kv itself
+        return torch.einsum("bthr,hvr->bthv", out_lat, w_uv)  # (B, T, H, v_head_dim)
+
+    def forward_cached(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache
+    ) -> torch.Tensor:
+        """Attention for generation: append this chunk's (c_kv, k_pe) to `cache`, attend over all of it.
+
+        One query per row (decode) takes the absorbed form; a prompt (T > 1) expands the latent to
+        per-head keys and values for SDPA, which is cheaper when T queries share them.
+        """
+        B, T, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)
+        latent, mask = cache.update(*self.latent_kv(x, cos, sin))  # (B, S, r + rope), (B, T, S)
+        if T == 1 and cache.absorb:
+            out = self.absorbed_attention(q_nope, q_pe, latent, mask)
+        else:
+            k, v = self.expand_kv(*latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))
+            out = causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, self.softmax_scale, mask)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_head_dim))
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """Causal self-attention over x (B, T, d) at the positions cos/sin (1 or B, T, rope/2) encode;
+        with a `cache` (generation), over the cached tokens too (`forward_cached`)."""
+        if cache is not None:
+            return self.forward_cached(x, cos, sin, cache)
         B, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
         k, v = self.expand_kv(*self.latent_kv(x, cos, sin))

@@ -12,6 +12,7 @@ API (what the trainer, generation and the HF interchange build on):
     model.activation_checkpointing = True       # recompute each block in backward
     model.compile_blocks()                      # torch.compile(fullgraph=True) per block
     model.mtp_logits(input_ids)                 # (D, B, T, vocab), e.g. for speculative drafts
+    model(ids, positions, cache=LatentCache(...))  # generation: see dsv3.infer
     Transformer.from_pretrained(path)           # = dsv3.model.hf.load_hf; save with hf.save_hf
 
 `labels[:, t]` is the target of position t (the next token), -100 where there is none. MTP depth
@@ -27,6 +28,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,9 @@ from dsv3.model.attention import MLA
 from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
+
+if TYPE_CHECKING:
+    from dsv3.infer.cache import LatentCache, LayerCache
 
 __all__ = ["Block", "MTP", "ModelOutput", "Transformer", "INIT_STD", "IGNORE_INDEX"]
 
@@ -57,10 +62,15 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, balance: bool = False
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        balance: bool = False,
+        cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, d) → (x (B, T, d), this block's balance loss or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        """x (B, T, d) → (x (B, T, d), this block's balance loss or None); `cache`: generation only."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, aux = self.mlp(h, balance)
@@ -157,22 +167,31 @@ class Transformer(nn.Module):
         return block(*args)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, balance: bool = False
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        balance: bool = False,
+        cache: LatentCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        """input_ids (B, T) → (final normed hidden (B, T, d), summed balance loss or None, (cos, sin))."""
+        """input_ids (B, T) → (final normed hidden (B, T, d), summed balance loss or None, (cos, sin)).
+
+        With a `cache` (dsv3.infer), each layer stores the chunk's latent and attends over the cached
+        tokens too; `positions` then say where each row's tokens sit (left padding shifts them)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions)
         h = self.model.embed_tokens(input_ids)
         aux = None
-        for block in self.model.layers:
-            h, a = self._run(block, h, cos, sin, balance)
+        for i, block in enumerate(self.model.layers):
+            h, a = self._run(block, h, cos, sin, balance, None if cache is None else cache[i])
             aux = _add(aux, a)
         return self.model.norm(h), aux, (cos, sin)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); `positions` (T,) or (B, T) default to 0..T-1."""
-        h, _, _ = self.hidden_states(input_ids, positions)
+        h, _, _ = self.hidden_states(input_ids, positions, cache=cache)
         return self.lm_head(h)
 
     def _head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
