@@ -6,7 +6,12 @@ datasketch), 112 permutations and 14 bands x 8 rows (`MinHashLSH(params=(14, 8))
 indexes documents without words. dsv3's time covers shingling, hashing, signatures over a
 process pool and LSH pairing; datasketch's covers shingling, `MinHash.bulk`, the LSH inserts and
 one query per document. Prints one JSON line per system, then one comparing them: the speed
-ratio per core and the agreement of the two candidate-pair sets.
+ratio per core and the agreement of the two candidate-pair sets, then the agreement between two
+datasketch seeds (two samplings of the same method), the yardstick for the pair agreement.
+
+Per core is given two ways: `docs_per_s_per_core` divides throughput by the processes used (it
+assumes each got a whole core, so it understates dsv3 on a shared machine), `docs_per_cpu_s` by
+the CPU seconds actually consumed by this process and its worker pool.
 
     python benchmarks/dedup.py              # the full corpus
     python benchmarks/dedup.py --limit 5000 # a quick run
