@@ -427,13 +427,14 @@ def _print_train_record(r: dict, total_steps: int) -> None:
             f"KV cache {r['kv_cache_bytes_per_token']:,} B/token (MHA would need "
             f"{r['kv_cache_bytes_per_token_mha']:,})",
             highlight=False,
+            soft_wrap=True,
         )
     elif kind == "train":
-        console.print(format_progress(r, total_steps), highlight=False)
+        console.print(format_progress(r, total_steps), highlight=False, soft_wrap=True)
     elif kind == "eval":
-        console.print(format_eval(r), highlight=False)
+        console.print(format_eval(r), highlight=False, soft_wrap=True)
         if r.get("sample"):
-            console.print(f"[dim]sample:[/dim] {r['sample']!r}", highlight=False, markup=False)
+            console.print(f"  sample: {r['sample']!r}", highlight=False, markup=False, soft_wrap=True)
     elif kind == "skip":
         console.print(f"[yellow]step {r['step']}: non-finite loss or gradient, step skipped[/yellow]")
 
@@ -448,7 +449,8 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 1
-    table = Table(title=f"{cfg.name}: step {result.step}", title_justify="left", show_edge=False)
+    table = Table(title=f"{cfg.name}: step {result.step}", title_justify="left", show_edge=False,
+                  show_header=False)
     table.add_column("")
     table.add_column("")
     if result.val_loss is not None:

@@ -181,10 +181,14 @@ def _fmt_count(n: float) -> str:
 
 
 def format_progress(r: dict[str, Any], total_steps: int) -> str:
-    """One rich-markup line for a `train` record."""
+    """One rich-markup line for a `train` record; `loss` is the LM loss, comparable with validation."""
     parts = [
         f"[bold]step {r['step']:>{len(str(total_steps))}}/{total_steps}[/bold]",
-        f"loss [cyan]{r['loss']:.4f}[/cyan]",
+        f"loss [cyan]{r['lm_loss']:.4f}[/cyan]",
+    ]
+    if r.get("mtp_loss"):
+        parts.append(f"λ·mtp {r['mtp_loss']:.3f}")
+    parts += [
         f"lr {r['lr']:.2e}",
         f"tokens {_fmt_count(r['tokens'])}",
         f"{_fmt_count(r['tokens_per_s'])} tok/s",

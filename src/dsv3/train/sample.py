@@ -61,29 +61,27 @@ def sample_text(
 ) -> str:
     """Continue `prompt` with the latent-cache decoder; the continuation, decoded.
 
-    Sampling draws from a forked RNG seeded with `seed`, so the training run's RNG is untouched and
-    the same seed gives the same text.
+    Sampling draws from its own generator seeded with `seed`: the training run's RNG is untouched
+    and the same seed gives the same text.
     """
-    from dsv3.infer.generate import generate
-
     from dsv3.data.tokenizer import special_token_ids
+    from dsv3.infer import generate
 
     _, eos, _ = special_token_ids(tokenizer)
     device = next(model.parameters()).device
     ids = [eos, *tokenizer.encode(prompt, add_special_tokens=False).ids]
-    input_ids = torch.tensor([ids], device=device)
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = generate(model, input_ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                           eos_token_id=eos)
+        out = generate(
+            model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_p=top_p,
+            eos_token_id=eos, generator=torch.Generator(device).manual_seed(seed),
+        )
     finally:
         model.train(was_training)
     new = out[0].tolist()
-    if new and new[-1] == eos:
-        new = new[:-1]
+    if eos in new:
+        new = new[: new.index(eos)]  # the document ended; what follows is padding
     return tokenizer.decode(new, skip_special_tokens=False)
 
 
