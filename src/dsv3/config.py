@@ -452,9 +452,18 @@ def validate_config(cls: type[BaseModel], data: dict[str, Any], source: str) -> 
 
 
 def _model_section(value: Any, source: Path) -> dict[str, Any]:
-    """A run's `model:` is a mapping, or a reference to a preset / YAML / HF config.json."""
+    """A run's `model:` is a mapping, or a reference to a preset / YAML / HF config.json.
+
+    A mapping with `base: <reference>` starts from that model and changes the keys it lists, e.g.
+    `{base: tiny, vocab_size: 4096}`.
+    """
     if isinstance(value, dict):
-        return value
+        if "base" not in value:
+            return value
+        base = _model_section(value["base"], source)
+        while isinstance(base, str):
+            base = _model_section(base, source)
+        return {**base, **{k: v for k, v in value.items() if k != "base"}}
     if isinstance(value, str):
         path = resolve_config_path(value, relative_to=source)
         data = load_yaml(path)
