@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dsv3 import __version__
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except ConfigError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -447,7 +448,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, resume=args.resume, on_record=lambda r: _print_train_record(r, cfg.train.steps))
     except TrainingDiverged as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
     table = Table(title=f"{cfg.name}: step {result.step}", title_justify="left", show_edge=False,
                   show_header=False)
@@ -461,7 +462,8 @@ def run_train(args: argparse.Namespace) -> int:
     table.add_row("best checkpoint (validation)", str(result.best_checkpoint))
     for plot in result.plots:
         table.add_row("plot", str(plot))
-    table.add_row("metrics", f"{result.output_dir / 'metrics.jsonl'}, tensorboard --logdir {result.output_dir}")
+    out = result.output_dir
+    table.add_row("metrics", f"{out / 'metrics.jsonl'}, tensorboard --logdir {out}")
     table.add_row("wall time", f"{result.wall_s:.0f} s")
     console.print(table)
     return 0
@@ -488,8 +490,6 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
     from dsv3.train.sample import generate_from_checkpoint
 
     text = generate_from_checkpoint(
