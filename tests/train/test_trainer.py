@@ -193,3 +193,64 @@ def test_resuming_a_different_model_is_one_line(tmp_path, capsys, corpus_shards)
     assert "step_000006: a different model than the run config: hidden_size 64 (checkpoint) != 96" in err
     err = _one_line_error(capsys, ["train", "--config", path])  # a fresh run would overwrite the old one
     assert "already holds checkpoints" in err and "--resume auto" in err
+
+
+# --- options ------------------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path, corpus_shards):
+    losses, grads = {}, {}
+    for ac in (False, True):
+        cfg = micro_run(tmp_path / f"ac{ac}", *corpus_shards, f"train.activation_checkpointing={ac}")
+        trainer = Trainer(cfg)
+        assert trainer.model.activation_checkpointing is ac
+        losses[ac] = [trainer.train_step()["loss"] for _ in range(2)]
+        grads[ac] = trainer.model.lm_head.weight.detach().clone()
+        trainer.metrics.close()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    torch.testing.assert_close(grads[True], grads[False])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tmp_path, corpus_shards):
+    losses = {}
+    for compile_ in (False, True):
+        trainer = Trainer(micro_run(tmp_path / f"c{compile_}", *corpus_shards, f"train.compile={compile_}"))
+        losses[compile_] = [trainer.train_step()["loss"] for _ in range(3)]
+        trainer.metrics.close()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_tensorboard_and_metrics_files(tmp_path, corpus_shards):
+    result = train(micro_run(tmp_path / "run", *corpus_shards, "train.steps=6", "train.tensorboard=true"))
+    assert list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    run = rows[0]
+    assert run["kind"] == "run" and run["kv_cache_bytes_per_token"] > 0 and run["unigram_loss"] > 0
+    assert run["moe_layers"] == ["model.layers.1.mlp", "mtp.0.block.mlp"]
+    step = next(r for r in rows if r["kind"] == "train")
+    for key in ("tokens_per_s", "eta_s", "peak_rss_gb", "imbalance", "load_entropy", "expert_bias", "lr"):
+        assert key in step, key
+    assert len(step["expert_load"]) == 2 and sum(step["expert_load"][0]) == 4 * 32 * 2 * 2  # B·T·k·micro
+    ev = next(r for r in rows if r["kind"] == "eval")
+    assert ev["router_entropy"][0] is not None and 0 < ev["router_entropy"][0] <= 1
+    assert ev["router_entropy"][1] is None  # the MTP layer does not run when validating the LM
+
+
+def test_wandb_without_the_package_is_one_line(tmp_path, capsys, corpus_shards):
+    pytest.importorskip("numpy")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("wandb is installed")
+    cfg = micro_run(tmp_path / "run", *corpus_shards, "train.wandb=true")
+    err = _one_line_error(capsys, ["train", "--config", _yaml(tmp_path / "run.yaml", cfg)])
+    assert "pip install 'dsv3[wandb]'" in err
+
+
+def test_multi_process_launch_is_refused(tmp_path, corpus_shards, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exception, match="WORLD_SIZE=2: the trainer runs one process"):
+        Trainer(micro_run(tmp_path / "run", *corpus_shards))
