@@ -141,6 +141,12 @@ def test_non_finite_steps_are_skipped_then_training_goes_on(tmp_path, corpus_sha
     assert torch.equal(before[2], before[4])  # skipped steps leave the weights alone
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
+    def no_nan(token):
+        raise AssertionError(f"metrics.jsonl holds {token}: not strict JSON")
+
+    rows = [json.loads(line, parse_constant=no_nan) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["loss"] for r in rows if r["kind"] == "skip"] == [None, None]
+
 
 def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, corpus_shards):
     train_dir, valid_dir = corpus_shards

@@ -108,7 +108,8 @@ class MetricsLogger:
             )
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        record = _json_safe(record)
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         step = record.get("step", 0)
         scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -133,6 +134,17 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf (a skipped step's loss) become null: metrics.jsonl stays strict JSON for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
