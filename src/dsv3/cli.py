@@ -464,6 +464,10 @@ def run_train(args: argparse.Namespace) -> int:
         table.add_row("plot", str(plot))
     out = result.output_dir
     table.add_row("metrics", f"{out / 'metrics.jsonl'}, tensorboard --logdir {out}")
+    mem = result.peak_memory_gb
+    gpu = f", GPU {mem['peak_gpu_mem_gb']:.2f} GB" if "peak_gpu_mem_gb" in mem else ""
+    table.add_row("peak memory", f"RSS {mem['peak_rss_gb']:.2f} GB{gpu}")
+    table.add_row("KV cache per token (bf16)", f"{result.kv_cache_bytes_per_token:,} bytes")
     table.add_row("wall time", f"{result.wall_s:.0f} s")
     console.print(table)
     return 0
@@ -506,6 +510,99 @@ COMMANDS.append((
     'dsv3 generate --checkpoint runs/demo --prompt "def parse_args(" --max-new-tokens 80',
     add_generate,
     run_generate,
+))
+
+
+# --------------------------------------------------------------------------------------------
+# preprocess: raw documents to clean, deduplicated documents and token shards (dsv3.data.pipeline)
+# --------------------------------------------------------------------------------------------
+
+
+def add_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE", help="the pipeline YAML")
+    p.add_argument("--input", nargs="+", metavar="PATH",
+                   help="replace the YAML's inputs (files, globs, folders) with its first input's settings")
+    p.add_argument("--output", metavar="DIR", help="replace the YAML's output folder")
+    p.add_argument("--workers", type=int, metavar="N", help="processes working on parts in parallel")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. dedup.minhash.threshold=0.7; repeatable, last wins")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def _print_preprocess_report(r: dict) -> None:
+    table = Table(title=f"{r['name']}: {r['output']} ({r['parts']} parts, {r['workers']} workers)",
+                  title_justify="left", show_edge=False)
+    for col in ("step", "docs in", "docs out", "removed", "MB in", "MB out", "changed", "top reasons"):
+        table.add_column(col, justify="left" if col in ("step", "top reasons") else "right")
+    for s in r["steps"]:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in list(s["removed"].items())[:3])
+        more = len(s["removed"]) - 3
+        counts = (f"{n:,}" for n in (s["docs_in"], s["docs_out"], s["docs_in"] - s["docs_out"]))
+        table.add_row(s["name"], *counts, _mb(s["bytes_in"]), _mb(s["bytes_out"]), f"{s['modified']:,}",
+                      reasons + (f" (+{more} more)" if more > 0 else ""))
+    console.print(table)
+    docs = r["documents"]
+    console.print(f"kept {docs['count']:,} documents ({_mb(docs['bytes'])} MB) in {docs['folder']}",
+                  highlight=False)
+    if "dedup" in r:
+        d = r["dedup"]
+        sizes = ", ".join(f"{size}x{count:,}" for size, count in d["cluster_sizes"].items()) or "none"
+        console.print(f"dedup: {d['duplicate_clusters']:,} clusters (size x count: {sizes}), removed "
+                      f"{d['exact_removed']:,} exact + {d['near_removed']:,} near duplicates of "
+                      f"{d['documents']:,}; {d['candidate_pairs']:,} LSH candidate pairs", highlight=False,
+                      soft_wrap=True)
+    if "shards" in r:
+        t, sh = r["tokenizer"], r["shards"]
+        how = f"trained on {t['documents']:,} documents" if t["trained"] else "given"
+        console.print(f"tokenizer: {t['path']} ({t['vocab_size']:,} tokens, {how})", highlight=False)
+        split = ", ".join(f"{name} {sh[name]['documents']:,} docs / {sh[name]['tokens']:,} tokens"
+                          for name in ("train", "valid"))
+        console.print(f"shards: {sh['folder']}: {split} ({sh['dtype']}, EOS {sh['eos_id']} appended)",
+                      highlight=False)
+    speed = "; ".join(
+        f"{stage} {t['seconds']:.1f} s"
+        + (f" ({t['docs_per_s']:,.0f} docs/s, {t['mb_per_s']:.2f} MB/s)" if "docs_per_s" in t else "")
+        for stage, t in r["throughput"].items()
+    )
+    console.print(f"throughput: {speed}; wall {r['wall_seconds']:.1f} s"
+                  + (" (resumed)" if r["resumed"] else ""), highlight=False, soft_wrap=True)
+    console.print(f"report: {r['output']}/report.json; removed documents: {r['output']}/rejects/",
+                  highlight=False)
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dsv3.data.pipeline import run_pipeline
+    from dsv3.data.pipeline_config import load_pipeline_config
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    cfg = load_pipeline_config(args.config, args.set, args.input, args.output, args.workers)
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[docs]:>10,} docs"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int, docs: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total, docs=0)
+            progress.update(tasks[stage], completed=done, total=total, docs=docs)
+
+        report = run_pipeline(cfg, on_progress)
+    _print_preprocess_report(report)
+    return 0
+
+
+COMMANDS.append((
+    "preprocess",
+    "clean, filter, deduplicate and tokenize documents into training shards, as one YAML pipeline says",
+    "dsv3 preprocess --config configs/data/demo.yaml --workers 2 --set dedup.minhash.threshold=0.7",
+    add_preprocess,
+    run_preprocess,
 ))
 
 

@@ -59,6 +59,8 @@ class TrainResult:
     plots: list[Path] = field(default_factory=list)
     sample: str | None = None
     wall_s: float = 0.0
+    peak_memory_gb: dict[str, float] = field(default_factory=dict)
+    kv_cache_bytes_per_token: int = 0
 
 
 def _pick_device(want: str) -> torch.device:
@@ -330,6 +332,8 @@ class Trainer:
             output_dir=self.out, step=self.step, val_loss=ev.get("val_loss"), val_ppl=ev.get("val_ppl"),
             unigram_loss=self.unigram, unigram_ppl=math.exp(self.unigram), last_checkpoint=last_ckpt,
             best_checkpoint=best, plots=plots, sample=ev.get("sample"), wall_s=time.perf_counter() - t_start,
+            peak_memory_gb=peak_memory(self.device),
+            kv_cache_bytes_per_token=scaling.kv_cache_bytes_per_token(self.cfg.model).mla_bf16,
         )
 
 
