@@ -122,10 +122,10 @@ class MLA(nn.Module):
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, dn, r), (H, dv, r)
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
         q = torch.cat((q_lat, q_pe), dim=-1).view(B, T * H, -1)  # every head against one shared key
-        scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.softmax_scale  # (B, T·H, S)
-        keep = mask.unsqueeze(2).expand(B, T, H, mask.shape[-1]).reshape(B, T * H, -1)
-        probs = scores.masked_fill(~keep, float("-inf")).softmax(-1).to(latent.dtype)
-        out_lat = torch.bmm(probs, latent[..., :r]).view(B, T, H, r)  # values are c_kv itself
+        scores = torch.bmm(q, latent.transpose(1, 2)).view(B, T, H, -1).float() * self.softmax_scale
+        probs = scores.masked_fill(~mask.unsqueeze(2), float("-inf")).softmax(-1)  # (B, T, H, S)
+        out_lat = torch.bmm(probs.to(latent.dtype).view(B, T * H, -1), latent[..., :r])  # values: c_kv
+        out_lat = out_lat.view(B, T, H, r)
         return torch.einsum("bthr,hvr->bthv", out_lat, w_uv)  # (B, T, H, v_head_dim)
 
     def forward_cached(
