@@ -13,13 +13,13 @@ from dsv3.scaling import kv_cache_bytes_per_token
 FP8_RELATIVE_ROUNDING = 2.0**-4
 
 
-def _decode(model, ids, prefill, cache):
-    """Logits (B, T, vocab): the first `prefill` tokens in one chunk, then one token per step."""
-    cache.reserve(prefill)
-    out = [model(ids[:, :prefill], cache.prepare(), cache=cache)]
-    for t in range(prefill, ids.shape[1]):
-        cache.reserve(1)
-        out.append(model(ids[:, t : t + 1], cache.prepare(), cache=cache))
+def _decode(model, ids, prefill, cache, chunk: int = 1):
+    """Logits (B, T, vocab): the first `prefill` tokens in one chunk, then `chunk` tokens per step."""
+    out, start = [], 0
+    for size in [prefill] + [chunk] * ((ids.shape[1] - prefill) // chunk):
+        cache.reserve(size)
+        out.append(model(ids[:, start : start + size], cache.prepare(), cache=cache))
+        start += size
     return torch.cat(out, dim=1)
 
 
@@ -64,6 +64,10 @@ def test_absorbed_decode_equals_expanded_and_full_forward(make_config, overrides
     assert full.abs().amax() > 1.0  # logits far from uniform: the bound below is not vacuous
     assert (absorbed - expanded).abs().max() <= 1e-4
     assert (absorbed - full).abs().max() <= 1e-4
+    # a prompt fed in chunks after a cached prefix (S > T: the mask, not SDPA's is_causal)
+    with torch.no_grad():
+        chunked = _decode(model, ids, 8, LatentCache(cfg, 3, 24, dtype=torch.float32), chunk=4)
+    assert (chunked - full).abs().max() <= 1e-4
 
 
 def test_static_window_equals_growing_window(make_config):
