@@ -535,15 +535,19 @@ def _mb(n: int) -> str:
 def _print_preprocess_report(r: dict) -> None:
     table = Table(title=f"{r['name']}: {r['output']} ({r['parts']} parts, {r['workers']} workers)",
                   title_justify="left", show_edge=False)
-    for col in ("step", "docs in", "docs out", "removed", "MB in", "MB out", "changed", "top reasons"):
-        table.add_column(col, justify="left" if col in ("step", "top reasons") else "right")
+    table.add_column("step", no_wrap=True)
+    for col in ("docs in", "docs out", "MB in", "MB out", "changed"):
+        table.add_column(col, justify="right", no_wrap=True)
     for s in r["steps"]:
-        reasons = ", ".join(f"{k} {v:,}" for k, v in list(s["removed"].items())[:3])
-        more = len(s["removed"]) - 3
-        counts = (f"{n:,}" for n in (s["docs_in"], s["docs_out"], s["docs_in"] - s["docs_out"]))
-        table.add_row(s["name"], *counts, _mb(s["bytes_in"]), _mb(s["bytes_out"]), f"{s['modified']:,}",
-                      reasons + (f" (+{more} more)" if more > 0 else ""))
+        table.add_row(s["name"], f"{s['docs_in']:,}", f"{s['docs_out']:,}", _mb(s["bytes_in"]),
+                      _mb(s["bytes_out"]), f"{s['modified']:,}")
     console.print(table)
+    console.print("removed, by reason (all of them in report.json):")
+    for s in r["steps"]:
+        if s["removed"]:
+            reasons = ", ".join(f"{k} {v:,}" for k, v in list(s["removed"].items())[:6])
+            more = f" and {len(s['removed']) - 6} more" if len(s["removed"]) > 6 else ""
+            console.print(f"  {s['name']}: {reasons}{more}", highlight=False, soft_wrap=True)
     docs = r["documents"]
     console.print(f"kept {docs['count']:,} documents ({_mb(docs['bytes'])} MB) in {docs['folder']}",
                   highlight=False)
@@ -562,11 +566,12 @@ def _print_preprocess_report(r: dict) -> None:
                           for name in ("train", "valid"))
         console.print(f"shards: {sh['folder']}: {split} ({sh['dtype']}, EOS {sh['eos_id']} appended)",
                       highlight=False)
-    speed = "; ".join(
-        f"{stage} {t['seconds']:.1f} s"
-        + (f" ({t['docs_per_s']:,.0f} docs/s, {t['mb_per_s']:.2f} MB/s)" if "docs_per_s" in t else "")
-        for stage, t in r["throughput"].items()
-    )
+    def speed_of(t: dict) -> str:
+        if "docs_per_s" in t:
+            return f" ({t['docs_per_s']:,.0f} docs/s, {t['mb_per_s']:.2f} MB/s)"
+        return " (done before)" if t.get("parts") == 0 else ""
+
+    speed = "; ".join(f"{stage} {t['seconds']:.1f} s{speed_of(t)}" for stage, t in r["throughput"].items())
     console.print(f"throughput: {speed}; wall {r['wall_seconds']:.1f} s"
                   + (" (resumed)" if r["resumed"] else ""), highlight=False, soft_wrap=True)
     console.print(f"report: {r['output']}/report.json; removed documents: {r['output']}/rejects/",

@@ -321,10 +321,13 @@ def test_output_folder_guards(tmp_path):
     changed = _config(tmp_path, inputs, steps=["fix_unicode"])
     with pytest.raises(ConfigError, match=r"holds a run of a different pipeline \(changed: steps\)"):
         run_pipeline(changed)
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "precious.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="is not a dsv3 preprocess output"):
+    (tmp_path / "other" / "documents").mkdir(parents=True)
+    (tmp_path / "other" / "documents" / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"other: already holds documents but no record of the run"):
         run_pipeline(_config(tmp_path, inputs, output=str(tmp_path / "other")))
+    (tmp_path / "shared" / "raw").mkdir(parents=True)  # unrelated files may share the output folder
+    run_pipeline(_config(tmp_path, inputs, output=str(tmp_path / "shared")))
+    assert (tmp_path / "shared" / "raw").is_dir() and (tmp_path / "shared" / "report.json").is_file()
 
 
 def test_config_errors_name_the_file_and_key(tmp_path):

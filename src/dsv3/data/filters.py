@@ -159,17 +159,19 @@ def _word_arrays(words: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def top_ngram_char_fraction(words: list[str], n: int, _arrays=None) -> float:
-    """Characters covered by the most frequent word n-gram (if it repeats) over all word characters."""
+    """Characters covered by the most frequent word n-gram (if it repeats) over all word characters;
+    among equally frequent n-grams the longest counts, so the result never depends on hashing."""
     if len(words) < n:
         return 0.0
     hashes, lengths = _arrays or _word_arrays(words)
     total = int(lengths.sum())
     inverse, counts = _ngram_ids(hashes, n)
-    top = int(np.argmax(counts))
-    if counts[top] < 2 or total == 0:
+    top = int(counts.max())
+    if top < 2 or total == 0:
         return 0.0
-    first = int(np.argmax(inverse == top))
-    return min(1.0, int(counts[top]) * int(lengths[first : first + n].sum()) / total)
+    prefix = np.concatenate(([0], np.cumsum(lengths)))
+    chars = prefix[n:] - prefix[:-n]  # characters of the n-gram starting at each position
+    return min(1.0, top * int(chars[counts[inverse] == top].max()) / total)
 
 
 def duplicated_ngram_char_fraction(words: list[str], n: int, _arrays=None) -> float:
@@ -238,9 +240,15 @@ class GopherRepetition(Step):
         for n, limit in sorted(p.max_top_ngram_char_fraction.items()):
             if top_ngram_char_fraction(words, n, arrays) > limit:
                 return f"top_{n}gram"
-        for n, limit in sorted(p.max_duplicated_ngram_char_fraction.items()):
-            if duplicated_ngram_char_fraction(words, n, arrays) > limit:
+        dup_limits = sorted(p.max_duplicated_ngram_char_fraction.items())
+        for k, (n, limit) in enumerate(dup_limits):
+            fraction = duplicated_ngram_char_fraction(words, n, arrays)
+            if fraction > limit:
                 return f"duplicated_{n}grams"
+            # Words covered by repeated (n+1)-grams are covered by repeated n-grams, so the fraction
+            # only falls with n: once it is under every remaining limit, no larger n can fail.
+            if all(fraction <= rest for _, rest in dup_limits[k + 1 :]):
+                break
         return doc
 
 

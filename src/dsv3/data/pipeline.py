@@ -53,6 +53,8 @@ __all__ = ["Progress", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
+OWNED = ("documents", "rejects", "report.json", STATE, WORK)  # what the pipeline writes under its output
+
 # progress(stage, done, total, documents): called when a stage starts and after each unit of it.
 Progress = Callable[[str, int, int, int], None]
 
@@ -123,9 +125,12 @@ def _claim_output(root: Path, cfg: PipelineConfig, parts: list[Part]) -> bool:
                 "remove it or choose another --output"
             )
         return True
-    if root.exists() and any(root.iterdir()):
+    # Other files may share the folder (the demo keeps its raw corpus there); ours must not exist yet.
+    taken = [name for name in OWNED if (root / name).exists()]
+    if taken:
         raise ConfigError(
-            f"{root}: exists and is not a dsv3 preprocess output; choose an empty or new --output"
+            f"{root}: already holds {', '.join(taken)} but no record of the run that wrote them "
+            "(.state/run.json); choose another --output or remove them"
         )
     write_json_atomic(run_file, run)
     return False
@@ -133,7 +138,11 @@ def _claim_output(root: Path, cfg: PipelineConfig, parts: list[Part]) -> bool:
 
 def _sweep_temporaries(root: Path) -> None:
     """Half-written files of an interrupted run (their finished versions were never renamed in)."""
-    for tmp in root.rglob(".*.tmp"):
+    for name in OWNED:
+        if (root / name).is_dir():
+            for tmp in (root / name).rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+    for tmp in root.glob(".report.json.*.tmp"):
         tmp.unlink(missing_ok=True)
 
 
@@ -144,6 +153,7 @@ class _Run:
         self.cfg, self.parts, self.runner, self.progress = cfg, parts, runner, progress
         self.layout = Layout(Path(cfg.output), cfg.output_format)
         self.timings: dict[str, float] = {}
+        self.work: dict[str, dict[str, int]] = {}  # what each per-part stage did in this invocation
 
     def per_part(
         self, stage: str, fn: Callable[..., dict], *extra: Any, docs_key: str = "docs_out"
@@ -158,10 +168,14 @@ class _Run:
         docs = sum(r[docs_key] for r in results.values())
         self.progress(stage, len(results), len(parts), docs)
 
+        work = self.work[stage] = {"parts": 0, "docs_in": 0, "bytes_in": 0, "tokens": 0}
+
         def done(result: dict) -> None:
             nonlocal docs
             results[result["part"]] = result
             docs += result[docs_key]
+            for key in work:
+                work[key] += 1 if key == "parts" else result.get(key, 0)
             self.progress(stage, len(results), len(parts), docs)
 
         todo = [(self.cfg, p, layout, *extra) for p in parts if p.name not in results]
@@ -278,15 +292,6 @@ def _merge_steps(names: list[str], results: list[dict]) -> list[dict[str, Any]]:
     return [{"name": name, **totals[name].to_dict()} for name in names]
 
 
-def _throughput(docs: int, nbytes: int, seconds: float) -> dict[str, float]:
-    seconds = max(seconds, 1e-9)
-    return {
-        "seconds": round(seconds, 3),
-        "docs_per_s": round(docs / seconds, 1),
-        "mb_per_s": round(nbytes / seconds / 1e6, 3),
-    }
-
-
 def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the report, also written to `output/report.json`."""
     wall_start = time.perf_counter()
@@ -328,7 +333,7 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None) -> dict[
             report["shards"] = run.once(
                 "shards", lambda: _write_shards(cfg, parts, run.layout, tok), "documents"
             )
-    report["throughput"] = _throughputs(report, run.timings)
+    report["throughput"] = _throughputs(run.timings, run.work)
     report["worker_seconds"] = round(sum(r["seconds"] for r in results), 3)
     report["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
     write_json_atomic(root / "report.json", report)
@@ -336,21 +341,34 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress | None = None) -> dict[
     return report
 
 
-def _throughputs(report: dict[str, Any], timings: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Documents and MB per wall-clock second of this invocation, per stage."""
-    steps = report["steps"]
-    out = {"filter": _throughput(steps[0]["docs_in"], steps[0]["bytes_in"], timings["filter"])}
-    if "dedup" in timings:
-        seconds = timings["clusters"] + timings["dedup"]
-        out["dedup"] = _throughput(steps[-1]["docs_in"], steps[-1]["bytes_in"], seconds)
-    if "encode" in timings:
-        enc = report["encode"]
-        out["encode"] = {
-            **_throughput(enc["docs"], enc["bytes"], timings["encode"]),
-            "tokens_per_s": round(enc["tokens"] / max(timings["encode"], 1e-9), 1),
-        }
-        out["tokenizer"] = {"seconds": round(timings["tokenizer"], 3)}
-        out["shards"] = {"seconds": round(timings["shards"], 3)}
+def _throughputs(timings: dict[str, float], work: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+    """Per stage: wall seconds of this invocation and, where it processed parts, docs and MB per second.
+
+    Parts finished by an earlier invocation count for nothing here, so a resumed run reports the
+    speed of what it did itself (the global clustering's seconds count as the dedup stage's).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    folded = {"dedup": "clusters"}
+    for stage, seconds in timings.items():
+        if stage in folded.values():
+            continue
+        entry: dict[str, Any] = {"seconds": round(seconds, 3)}
+        done = work.get(stage)
+        if done is not None:
+            if stage in folded:
+                entry["seconds"] = round(seconds + timings[folded[stage]], 3)
+            if done["parts"]:
+                wall = max(entry["seconds"], 1e-9)
+                entry.update(
+                    parts=done["parts"],
+                    docs_per_s=round(done["docs_in"] / wall, 1),
+                    mb_per_s=round(done["bytes_in"] / wall / 1e6, 3),
+                )
+                if done["tokens"]:
+                    entry["tokens_per_s"] = round(done["tokens"] / wall, 1)
+            else:
+                entry["parts"] = 0  # all done by an earlier invocation
+        out[stage] = entry
     return out
 
 

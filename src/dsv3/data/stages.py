@@ -191,6 +191,8 @@ def filter_part(cfg: PipelineConfig, part: Part, layout: Layout) -> dict[str, An
             "part": part.name,
             "source": part.path,
             "steps": stats,
+            "docs_in": read_stats.docs_in,
+            "bytes_in": read_stats.bytes_in,
             "docs_out": last.docs_out,
             "bytes_out": last.bytes_out,
             "seconds": round(time.perf_counter() - start, 4),
@@ -243,6 +245,8 @@ def dedup_part(cfg: PipelineConfig, part: Part, layout: Layout) -> dict[str, Any
         {
             "part": part.name,
             "steps": {name: step.stats.to_dict()},
+            "docs_in": step.stats.docs_in,
+            "bytes_in": step.stats.bytes_in,
             "docs_out": step.stats.docs_out,
             "bytes_out": step.stats.bytes_out,
             "seconds": round(time.perf_counter() - start, 4),
@@ -279,6 +283,8 @@ def encode_part(cfg: PipelineConfig, part: Part, layout: Layout, tokenizer_file:
             "docs": len(lengths),
             "tokens": int(sum(lengths)),
             "bytes": n_bytes,
+            "docs_in": len(lengths),
+            "bytes_in": n_bytes,
             "seconds": round(time.perf_counter() - start, 4),
         },
     )
