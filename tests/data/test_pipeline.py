@@ -364,6 +364,7 @@ def test_tokenize_stage_trains_a_tokenizer_and_writes_shards_that_decode(tmp_pat
         [{"path": str(tmp_path / "in.jsonl.zst"), "split": 2}],
         steps=[],
         dedup=None,
+        output_format="parquet",
         tokenize={
             "tokenizer": str(tmp_path / "tok"),
             "train": {"vocab_size": 400},
@@ -387,3 +388,17 @@ def test_tokenize_stage_trains_a_tokenizer_and_writes_shards_that_decode(tmp_pat
     assert sorted(decoded) == sorted(texts.values())
     assert report["shards"]["train"]["documents"] + report["shards"]["valid"]["documents"] == 60
     assert 0 < report["shards"]["valid"]["documents"] < 30
+    assert len(list((tmp_path / "out" / "documents").glob("part-*.parquet"))) == 2
+
+    everything_removed = [{"gopher_quality": {"min_words": 100_000}}]
+    tokenize = {"tokenizer": str(tmp_path / "t2"), "train": {"vocab_size": 400}}
+    nothing = _config(
+        tmp_path,
+        cfg.model_dump()["inputs"],
+        steps=everything_removed,
+        dedup=None,
+        output=str(tmp_path / "empty"),
+        tokenize=tokenize,
+    )
+    with pytest.raises(ConfigError, match="no document survived the pipeline to train"):
+        run_pipeline(nothing)

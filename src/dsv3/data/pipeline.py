@@ -249,6 +249,10 @@ def _find_duplicates(cfg: PipelineConfig, parts: list[Part], layout: Layout) -> 
     }
 
 
+def _any_document(parts: list[Part], layout: Layout) -> bool:
+    return any(next(iter_documents(layout.documents(p.name)), None) is not None for p in parts)
+
+
 def _prepare_tokenizer(cfg: PipelineConfig, parts: list[Part], layout: Layout, progress: Progress) -> dict:
     """The tokenizer file, trained first on the kept documents when it does not exist."""
     from dsv3.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
@@ -262,6 +266,8 @@ def _prepare_tokenizer(cfg: PipelineConfig, parts: list[Part], layout: Layout, p
                 f"tokenize.tokenizer: {file}: no such file (give one, or set tokenize.train."
                 "vocab_size to train it on the kept documents)"
             )
+        if not _any_document(parts, layout):
+            raise ConfigError(f"tokenize.train: no document survived the pipeline to train {file} on")
         start, used = time.perf_counter(), 0
         limit = tcfg.train.limit
 
