@@ -71,6 +71,7 @@ class LanguageFilter(Step):
         super().__init__(params)
         self._allowed = set(self.params.languages)
         self._candidates = tuple(self.params.candidates) if self.params.candidates else None
+        _identifier(self._candidates)  # load the model now, not inside the first document's timing
 
     def process(self, doc: Document) -> Document | str:
         lang, score = identify_language(doc.text[: self.params.max_chars], self._candidates)
