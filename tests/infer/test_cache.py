@@ -79,6 +79,15 @@ def test_static_window_equals_growing_window(make_config):
         growing = _decode(model, ids, 4, LatentCache(cfg, 2, 12, dtype=torch.float32))
         static = _decode(model, ids, 4, LatentCache(cfg, 2, 20, dtype=torch.float32, static=True))
     assert (growing - static).abs().max() <= 1e-5
+    # what a captured step reads must change in place: the same column tensor, the same window
+    cache = LatentCache(cfg, 2, 20, dtype=torch.float32, static=True)
+    cache.reserve(4)
+    seen = []
+    for _ in range(3):
+        cache.reserve(1)
+        seen.append((cache.cols, cache.window, int(cache.cols)))
+    assert all(cols is seen[0][0] and window == 20 for cols, window, _ in seen)
+    assert [col for _, _, col in seen] == [4, 5, 6]
 
 
 def test_per_token_fp8_roundtrip_is_within_e4m3_rounding():
