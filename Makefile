@@ -33,8 +33,10 @@ lint: install
 docs: install
 	$(VENV)/bin/dsv3 plan --all --markdown > docs/scaling.md.tmp && mv docs/scaling.md.tmp docs/scaling.md
 
+# Corpus -> data pipeline -> tokenizer -> train the tiny model on CPU -> generate; each step is a
+# visible `dsv3` command (scripts/demo.sh). Rerun to continue; rm -rf data/demo runs/demo to restart.
 demo: install
-	$(PY) -m dsv3.demo
+	DSV3=$(VENV)/bin/dsv3 bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

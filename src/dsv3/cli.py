@@ -462,8 +462,8 @@ def run_train(args: argparse.Namespace) -> int:
     table.add_row("best checkpoint (validation)", str(result.best_checkpoint))
     for plot in result.plots:
         table.add_row("plot", str(plot))
-    out = result.output_dir
-    table.add_row("metrics", f"{out / 'metrics.jsonl'}, tensorboard --logdir {out}")
+    table.add_row("metrics", str(result.output_dir / "metrics.jsonl"))
+    table.add_row("tensorboard", f"tensorboard --logdir {result.output_dir}")
     mem = result.peak_memory_gb
     gpu = f", GPU {mem['peak_gpu_mem_gb']:.2f} GB" if "peak_gpu_mem_gb" in mem else ""
     table.add_row("peak memory", f"RSS {mem['peak_rss_gb']:.2f} GB{gpu}")

@@ -178,5 +178,5 @@ def build_data(cfg: DataConfig, seq_len: int, seed: int) -> TrainData:
         train, valid = train.subset(0, len(train) - n_valid), train.subset(len(train) - n_valid, len(train))
     if len(valid) == 0:
         raise ConfigError(f"data.valid: no complete window of {seq_len + 1} tokens in the validation shards")
-    log.info("data: %d training windows, %d validation windows of %d tokens", len(train), len(valid), seq_len)
+    log.debug("data: %d train, %d valid windows of %d tokens", len(train), len(valid), seq_len)
     return TrainData(train=train, valid=valid, sampler=EpochSampler(len(train), seed))
