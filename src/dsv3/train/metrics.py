@@ -81,7 +81,10 @@ def expert_load_stats(loads: torch.Tensor, biases: torch.Tensor | None) -> dict[
 class MetricsLogger:
     """Append records to metrics.jsonl and mirror their scalars to TensorBoard and W&B."""
 
-    def __init__(self, output_dir: Path, cfg: TrainConfig, run_name: str, run_config: dict) -> None:
+    def __init__(
+        self, output_dir: Path, cfg: TrainConfig, run_name: str, run_config: dict,
+        resumed_at: int | None = None,
+    ) -> None:
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the run)
@@ -93,7 +96,8 @@ class MetricsLogger:
             except ImportError:
                 log.warning("tensorboard is not installed (pip install tensorboard): metrics.jsonl only")
             else:
-                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+                # purge_step hides what an interrupted run logged past the checkpoint we resume from.
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=resumed_at)
         if cfg.wandb:
             try:
                 import wandb

@@ -124,7 +124,10 @@ class Trainer:
         if self.resume_from is not None:
             truncate_metrics(self.out, self.step)
         ckpt.write_json_atomic(self.out / "run_config.json", cfg.model_dump(mode="json"))
-        self.metrics = MetricsLogger(self.out, self.tc, cfg.name, cfg.model_dump(mode="json"))
+        self.metrics = MetricsLogger(
+            self.out, self.tc, cfg.name, cfg.model_dump(mode="json"),
+            resumed_at=self.step + 1 if self.resume_from is not None else None,
+        )
 
         self.valid_batches = self.data.valid_batches(self.tc.micro_batch_size, self.tc.eval_batches)
         counts = self.data.train.token_counts(cfg.model.vocab_size)
