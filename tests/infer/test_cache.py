@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import YARN, scaled_model
+from tests.infer.conftest import YARN, scaled_model
 
 from dsv3.infer.cache import LatentCache, dequantize_per_token, quantize_per_token
 from dsv3.scaling import kv_cache_bytes_per_token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import YARN, hf_model, scaled_model
+from tests.infer.conftest import YARN, hf_model, scaled_model
 
 from dsv3.infer import generate
 from dsv3.infer.generate import left_pad, sample_next

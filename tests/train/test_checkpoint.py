@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO_MODEL
+from tests.train.conftest import MICRO_MODEL
 from safetensors.torch import load_file
 
 from dsv3.config import RunConfig, TrainConfig, load_model_config

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import micro_run
+from tests.train.conftest import micro_run
 
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.trainer import train

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FIXTURE_TEXT, micro_run, write_shard
+from tests.train.conftest import FIXTURE_TEXT, micro_run, write_shard
 
 from dsv3.cli import main
 from dsv3.data.tokenizer import encode_texts, load_tokenizer, special_token_ids, train_tokenizer

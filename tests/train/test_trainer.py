@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import micro_run
+from tests.train.conftest import micro_run
 
 from dsv3.cli import main
 from dsv3.config import ConfigError

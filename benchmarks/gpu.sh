@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU figure docs/performance.md quotes, in one go, on one GPU:
+#
+#     bash benchmarks/gpu.sh OUTDIR          # OUTDIR/results.jsonl (one JSON line per result), OUTDIR/log.txt
+#
+# STEPS picks a subset (default: all, in this order): parity train_eager train_compiled decode decode_fp8
+# Each step has its own time limit (STEP_TIMEOUT seconds, default 900); one failing step does not stop the rest.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+steps=${STEPS:-parity train_eager train_compiled decode decode_fp8}
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
+    local name=$1
+    shift
+    case " $steps " in *" $name "*) ;; *) return 0 ;; esac
+    echo "== $name: $* ($(date +%T))" | tee -a "$out/log.txt"
+    timeout "${STEP_TIMEOUT:-900}" "$py" "$@" 2>>"$out/log.txt" \
+        | sed -u "s/^{/{\"step\": \"$name\", /" | tee -a "$out/results.jsonl"
+    echo "== $name: exit ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$out/log.txt"
+}
+
+step parity benchmarks/gpu_parity.py --preset small --batch 2 --seq 512
+step train_eager benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10
+step train_compiled benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile
+step decode benchmarks/decode.py --preset small --batch 1,32 --prompt-len 128 --new-tokens 128
+step decode_fp8 benchmarks/decode.py --preset small --batch 1,32 --prompt-len 128 --new-tokens 128 \
+    --systems dsv3,dsv3-graph --fp8-cache
+exit 0
