@@ -27,14 +27,24 @@ if TYPE_CHECKING:
 
 __all__ = ["MLA", "causal_attention", "SDPA_PAD_V"]
 
-# Flash and cuDNN SDPA kernels want one head dim for q, k and v; MLA's v is narrower than q·k
-# (v_head_dim < qk_head_dim), so on CUDA we pad v with zeros and slice the output. Off → torch
-# picks the memory-efficient kernel instead. A switch so benchmarks can measure both.
-SDPA_PAD_V = True
+# MLA's v is narrower than q·k (v_head_dim < qk_head_dim). Flash SDPA wants one head dim for q, k
+# and v, so v is padded with zeros (and the output sliced) unless cuDNN's fused attention will take
+# it as is (Hopper or newer): without either, torch falls back to the slower memory-efficient kernel.
+# None decides per device; True/False force it (benchmarks measure both).
+SDPA_PAD_V: bool | None = None
 
 # transformers and DeepSeek's reference build the two latent norms with the default eps,
 # independent of config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
+
+
+@torch.compiler.assume_constant_result
+def _pad_v(device_index: int | None) -> bool:
+    """Whether SDPA on this CUDA device needs v padded to the q·k head dim (see SDPA_PAD_V)."""
+    if SDPA_PAD_V is not None:
+        return SDPA_PAD_V
+    cudnn_takes_narrow_v = torch.cuda.get_device_capability(device_index) >= (9, 0)
+    return not (cudnn_takes_narrow_v and torch.backends.cuda.cudnn_sdp_enabled())
 
 
 def causal_attention(
@@ -44,7 +54,7 @@ def causal_attention(
     → (B, T, H, Dv). `mask` (B, T, S) bool (True: may attend) replaces the causal mask when given:
     left padding, or queries that come after a cached prefix (S > T)."""
     dv = v.shape[-1]
-    if SDPA_PAD_V and q.is_cuda and dv < q.shape[-1]:
+    if dv < q.shape[-1] and q.is_cuda and _pad_v(q.device.index):
         v = F.pad(v, (0, q.shape[-1] - dv))
     # SDPA takes (B, H, T, D); the transposes are views whose last dim stays contiguous.
     out = F.scaled_dot_product_attention(
