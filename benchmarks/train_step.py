@@ -45,7 +45,19 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--compile-hf", action="store_true", help="torch.compile transformers' model too")
     p.add_argument("--activation-checkpointing", action="store_true", help="dsv3 recomputes each block")
     p.add_argument("--mtp", action="store_true", help="dsv3 also trains its MTP depth(s), λ=0.3")
-    p.add_argument("--no-pad-v", action="store_true", help="don't pad v to the q·k head dim for flash SDPA")
+    p.add_argument(
+        "--pad-v",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="pad v to the q·k head dim for SDPA (auto: only where cuDNN's attention can't take it)",
+    )
+    p.add_argument(
+        "--sdpa",
+        choices=["auto", "flash", "cudnn", "efficient"],
+        default="auto",
+        help="allow only this fused attention kernel (both systems); auto: torch's own choice",
+    )
+    p.add_argument("--profile", metavar="PATH", help="after timing, profile 3 steps; kernel table to PATH")
     p.add_argument("--systems", default="dsv3,hf", help="comma-separated: dsv3, hf")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -106,6 +118,43 @@ def _build_hf(cfg: ModelConfig, args, device: torch.device) -> tuple[torch.nn.Mo
     return model, loss_fn
 
 
+def _step(loss_fn: Callable, ids, labels, optimizer, autocast) -> torch.Tensor:
+    """One optimizer step; the loss, detached (no host sync)."""
+    with autocast:
+        loss = loss_fn(ids, labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn.after_step()
+    return loss.detach()
+
+
+def _profile(path: str, step: Callable, n_steps: int = 3) -> None:
+    """The kernels of `n_steps` steps, by total GPU time, as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(n_steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(
+        sort_by="self_device_time_total", row_limit=45, max_name_column_width=90
+    )
+    with open(path, "w") as f:
+        f.write(f"{n_steps} steps\n{table}\n")
+
+
+def _select_sdpa(choice: str) -> None:
+    """Leave only one fused SDPA backend enabled (math stays as the last resort torch falls back to)."""
+    if choice == "auto":
+        return
+    torch.backends.cuda.enable_flash_sdp(choice == "flash")
+    torch.backends.cuda.enable_cudnn_sdp(choice == "cudnn")
+    torch.backends.cuda.enable_mem_efficient_sdp(choice == "efficient")
+
+
 def _run(system: str, cfg: ModelConfig, args, device: torch.device) -> dict:
     build = {"dsv3": _build_dsv3, "hf": _build_hf}[system]
     model, loss_fn = build(cfg, args, device)
@@ -127,16 +176,12 @@ def _run(system: str, cfg: ModelConfig, args, device: torch.device) -> dict:
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             timer.mark()
-        with autocast:
-            loss = loss_fn(ids, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn.after_step()
-        losses.append(loss.detach())
+        losses.append(_step(loss_fn, ids, labels, optimizer, autocast))
         if step >= args.warmup:
             timer.mark()
     seconds = timer.step_seconds()
+    if args.profile:
+        _profile(f"{args.profile}.{system}.txt", lambda: _step(loss_fn, ids, labels, optimizer, autocast))
     tokens = args.batch * args.seq
     tokens_per_s = tokens * len(seconds) / sum(seconds)
     flops = training_flops_per_token(cfg, args.seq)
@@ -166,26 +211,27 @@ def _run(system: str, cfg: ModelConfig, args, device: torch.device) -> dict:
         result["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
     else:
         result["activation_checkpointing"] = args.activation_checkpointing
-        result["sdpa_pad_v"] = attention.SDPA_PAD_V
-    del model, optimizer, loss_fn, loss
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        result["sdpa_pad_v"] = args.pad_v
+    result["sdpa"] = args.sdpa
     return result
 
 
 def main() -> None:
     args = _parse()
     device = torch.device(args.device)
-    attention.SDPA_PAD_V = not args.no_pad_v
+    attention.SDPA_PAD_V = {"auto": None, "yes": True, "no": False}[args.pad_v]
     cfg = load_model_config(args.preset)
     if not args.mtp:  # neither system trains MTP: don't let dsv3 carry its unused parameters
         cfg = cfg.model_copy(update={"num_nextn_predict_layers": 0})
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+        _select_sdpa(args.sdpa)
     results = {}
     for system in [s.strip() for s in args.systems.split(",") if s.strip()]:
         results[system] = _run(system, cfg, args, device)
+        gc.collect()  # the model and optimizer of _run are garbage now: free them for the next system
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(json.dumps(results[system]), flush=True)
     if {"dsv3", "hf"} <= results.keys():
         ours, theirs = results["dsv3"], results["hf"]
