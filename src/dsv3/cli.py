@@ -28,7 +28,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
-def _command(sub: argparse._SubParsersAction, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+def _command(
+    sub: argparse._SubParsersAction, name: str, summary: str, example: str
+) -> argparse.ArgumentParser:
     return sub.add_parser(
         name,
         help=summary,
@@ -38,7 +40,9 @@ def _command(sub: argparse._SubParsersAction, name: str, summary: str, example: 
 
 
 # Each entry: (name, summary, example, add_arguments, run). Filled below by the command blocks.
-COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
+AddArguments = Callable[[argparse.ArgumentParser], None]
+RunCommand = Callable[[argparse.Namespace], int]
+COMMANDS: list[tuple[str, str, str, AddArguments, RunCommand]] = []
 
 
 def build_parser() -> argparse.ArgumentParser:

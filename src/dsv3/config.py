@@ -157,7 +157,9 @@ class ModelConfig(_Strict):
             if rope_type == "yarn":
                 data.setdefault("rope_scaling", {"type": "yarn", **params})
             elif rope_type != "default":
-                raise ValueError(f"rope_parameters.rope_type: unsupported {rope_type!r} (expected default or yarn)")
+                raise ValueError(
+                    f"rope_parameters.rope_type: unsupported {rope_type!r} (expected default or yarn)"
+                )
         n_kv = data.pop("num_key_value_heads", None)
         if n_kv is not None and n_kv != data.get("num_attention_heads", n_kv):
             raise ValueError(f"num_key_value_heads: MLA needs it equal to num_attention_heads, got {n_kv}")
@@ -178,19 +180,25 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _check_consistency(self) -> ModelConfig:
         if self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+            raise ValueError(
+                f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
+            )
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
         reachable = self.topk_group * (self.n_routed_experts // self.n_group)
         if self.num_experts_per_tok > reachable:
             raise ValueError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the kept groups ({reachable})"
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the kept groups "
+                f"({reachable})"
             )
         if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
-            raise ValueError("each expert group needs at least 2 experts (groups are ranked by their top-2 scores)")
+            raise ValueError(
+                "each expert group needs at least 2 experts (groups are ranked by their top-2 scores)"
+            )
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ValueError(
-                f"first_k_dense_replace ({self.first_k_dense_replace}) exceeds num_hidden_layers ({self.num_hidden_layers})"
+                f"first_k_dense_replace ({self.first_k_dense_replace}) exceeds num_hidden_layers "
+                f"({self.num_hidden_layers})"
             )
         return self
 
@@ -469,7 +477,9 @@ def _model_section(value: Any, source: Path) -> dict[str, Any]:
         data = load_yaml(path)
         # A run preset nests the model; a model file or HF config.json is the model itself.
         return data["model"] if "model" in data and isinstance(data["model"], dict | str) else data
-    raise ConfigError(f"{source}: model: expected a mapping or a preset/file name, got {type(value).__name__}")
+    raise ConfigError(
+        f"{source}: model: expected a mapping or a preset/file name, got {type(value).__name__}"
+    )
 
 
 def load_run_config(ref: str | Path, overrides: list[str] | None = None) -> RunConfig:

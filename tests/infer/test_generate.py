@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.infer.conftest import YARN, hf_model, scaled_model
 
 from dsv3.infer import generate
 from dsv3.infer.generate import left_pad, sample_next
 from dsv3.model.hf import load_hf
+from tests.infer.conftest import YARN, hf_model, scaled_model
 
 transformers = pytest.importorskip("transformers")
 

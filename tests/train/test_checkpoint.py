@@ -8,13 +8,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from tests.train.conftest import MICRO_MODEL
 from safetensors.torch import load_file
 
 from dsv3.config import RunConfig, TrainConfig, load_model_config
 from dsv3.model import Transformer
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.optim import build_optimizer
+from tests.train.conftest import MICRO_MODEL
 
 
 def _micro(*extra: str):

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.train.conftest import micro_run
-
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.trainer import train
+from tests.train.conftest import micro_run
 
 # Runs the trainer in a child process whose second checkpoint save stalls after the model and
 # trainer files are written and before the manifest: the kill lands inside the write.

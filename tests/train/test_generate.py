@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from tests.train.conftest import FIXTURE_TEXT, micro_run, write_shard
 
 from dsv3.cli import main
 from dsv3.data.tokenizer import encode_texts, load_tokenizer, special_token_ids, train_tokenizer
 from dsv3.train.sample import generate_from_checkpoint
 from dsv3.train.trainer import train
+from tests.train.conftest import FIXTURE_TEXT, micro_run, write_shard
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.train.conftest import micro_run
 
 from dsv3.cli import main
 from dsv3.config import ConfigError
 from dsv3.train.trainer import Trainer, TrainingDiverged, train
+from tests.train.conftest import micro_run
 
 # What must match bit for bit between an uninterrupted run and an interrupted-and-resumed one.
 EXACT_KEYS = (
