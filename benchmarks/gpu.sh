@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU figure docs/performance.md quotes, in one go, on one GPU:
 #
-#     bash benchmarks/gpu.sh OUTDIR          # OUTDIR/results.jsonl (one JSON line per result), OUTDIR/log.txt
+#     bash benchmarks/gpu.sh OUTDIR    # OUTDIR/results.jsonl (one JSON line per result), log.txt,
+#                                      # kernels.dsv3.txt / kernels.hf.txt (the compiled step's GPU kernels)
 #
-# STEPS picks a subset (default: all, in this order): parity train_eager train_compiled decode decode_fp8
+# STEPS picks a subset (default: all, in this order):
+#     parity train_eager train_compiled decode decode_fp8 decode_fp32
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 900); one failing step does not stop the rest.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity train_eager train_compiled decode decode_fp8}
+steps=${STEPS:-parity train_eager train_compiled decode decode_fp8 decode_fp32}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -24,8 +26,12 @@ step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.json
 
 step parity benchmarks/gpu_parity.py --preset small --batch 2 --seq 512
 step train_eager benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10
-step train_compiled benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile
+step train_compiled benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
+    --profile "$out/kernels"
 step decode benchmarks/decode.py --preset small --batch 1,32 --prompt-len 128 --new-tokens 128
 step decode_fp8 benchmarks/decode.py --preset small --batch 1,32 --prompt-len 128 --new-tokens 128 \
     --systems dsv3,dsv3-graph --fp8-cache
+# fp32: greedy tokens of eager, CUDA-graph and transformers must agree exactly (same_tokens_as = 1.0)
+step decode_fp32 benchmarks/decode.py --preset small --dtype fp32 --batch 1,4 --prompt-len 64 --new-tokens 48 \
+    --repeats 1 --warmup 1
 exit 0
