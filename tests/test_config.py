@@ -231,3 +231,9 @@ def test_yaml_and_json_presets_agree(tmp_path):
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(model))
     assert load_model_config(path) == load_model_config("small")
+
+
+def test_a_key_a_set_broke_is_blamed_on_that_set():
+    message = _error("tiny", ["train.steps=-3", "train.lr=0.01"])
+    assert message.startswith("--set train.steps=-3 on ") and "tiny.yaml: train.steps" in message
+    assert "--set train.lr" not in message  # a valid override is not named

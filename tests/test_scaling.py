@@ -220,7 +220,7 @@ def test_fsdp_shards_states_and_recompute_saves_activations():
     assert eight.optimizer == pytest.approx(one.optimizer / 8, rel=1e-6)
     assert eight.weights < one.weights / 4 and eight.gradients < one.gradients / 4
     assert eight.activations_recompute < eight.activations
-    _, rc = _mem("small", gpus=8, dp_shard=8, ep=8, activation_recompute=True)
+    _, rc = _mem("small", {"activation_checkpointing": True}, gpus=8, dp_shard=8, ep=8)
     assert rc.total == eight.total - eight.activations + eight.activations_recompute
 
 

@@ -190,7 +190,7 @@ def run_select_config(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col in ("config", "layout") else "right")
     fitting = [c for c in choices if c.fits]
     for rank, c in enumerate(fitting, 1):
-        layout = describe_layout(c.parallel, gpus=False) + ", recompute" * c.parallel.activation_recompute
+        layout = describe_layout(c.parallel, gpus=False) + ", recompute" * c.recompute
         table.add_row(str(rank), c.name, human_count(c.total_params), human_count(c.active_params), layout,
                       str(c.micro_batch_size), human_bytes(c.memory.total), human_count(c.tokens),
                       f"{c.hours:,.1f}")
@@ -288,7 +288,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit {args.limit}: must be positive")
     with _reading_progress("reading documents", args.limit) as progress:
         task = progress.add_task("read", total=args.limit)
-        path, used, skipped = train_tokenizer_from_files(
+        path, used, skipped, examples = train_tokenizer_from_files(
             args.input, args.vocab_size, args.output, args.text_field, args.limit,
             on_document=lambda: progress.advance(task),
         )
@@ -297,8 +297,8 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     console.print(f"wrote [bold]{path}[/bold]: {tokenizer.get_vocab_size():,} tokens from {used:,} documents "
                   f"(bos={bos}, eos={eos}, pad={pad})", highlight=False)
     if skipped:
-        console.print(f"[yellow]skipped {len(skipped):,} unreadable records[/yellow], e.g.:", highlight=False)
-        for record in skipped[:5]:
+        console.print(f"[yellow]skipped {skipped:,} unreadable records[/yellow], e.g.:", highlight=False)
+        for record in examples[:5]:
             console.print(f"  {record}", highlight=False, soft_wrap=True)
     return 0
 

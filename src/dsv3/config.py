@@ -318,7 +318,6 @@ class ParallelConfig(_Strict):
     pp: int = Field(default=1, gt=0)
     ep: int = Field(default=1, gt=0, description="expert-parallel degree, carved out of the dp ranks")
     pp_schedule: Literal["1F1B", "interleaved1F1B", "dualpipe"] = "1F1B"
-    activation_recompute: bool = False
     gpu_memory_gb: float = Field(default=80.0, gt=0)
 
     @model_validator(mode="after")
@@ -436,8 +435,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return out
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
-    parts = []
+def _format_validation_error(source: str, err: ValidationError, overrides: list[str] | None = None) -> str:
+    """One line: `source: key: problem; key: problem`. A key a `--set` gave is blamed on that --set."""
+    given = {item.split("=", 1)[0].strip(): item for item in overrides or []}
+    parts, blamed = [], set()
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
@@ -448,15 +449,21 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         elif "input" in e and not isinstance(e["input"], dict | list):
             msg = f"{msg} (got {e['input']!r})"
         parts.append(f"{loc}: {msg}")
-    return f"{source}: " + "; ".join(parts)
+        if loc in given:
+            blamed.add(given[loc])
+    where = " ".join(f"--set {item}" for item in sorted(blamed)) + (" on " if blamed else "")
+    return f"{where}{source}: " + "; ".join(parts)
 
 
-def validate_config(cls: type[BaseModel], data: dict[str, Any], source: str) -> Any:
-    """Validate `data` as `cls`; a failure becomes one ConfigError line naming `source` and the keys."""
+def validate_config(
+    cls: type[BaseModel], data: dict[str, Any], source: str, overrides: list[str] | None = None
+) -> Any:
+    """Validate `data` as `cls`; a failure becomes one ConfigError line naming `source` and the keys
+    (and the `--set` overrides that gave a failing key)."""
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(source, e)) from None
+        raise ConfigError(_format_validation_error(source, e, overrides)) from None
 
 
 def _model_section(value: Any, source: Path) -> dict[str, Any]:
@@ -492,7 +499,7 @@ def load_run_config(ref: str | Path, overrides: list[str] | None = None) -> RunC
             model = _model_section(model, path)
         data["model"] = model
     data = apply_overrides(data, overrides)
-    return validate_config(RunConfig, data, str(path))
+    return validate_config(RunConfig, data, str(path), overrides)
 
 
 def load_model_config(ref: str | Path, overrides: list[str] | None = None) -> ModelConfig:
@@ -500,4 +507,4 @@ def load_model_config(ref: str | Path, overrides: list[str] | None = None) -> Mo
     path = resolve_config_path(ref)
     data = _model_section(str(path), path)
     data = apply_overrides(data, overrides)
-    return validate_config(ModelConfig, data, str(path))
+    return validate_config(ModelConfig, data, str(path), overrides)

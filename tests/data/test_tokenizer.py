@@ -134,11 +134,12 @@ def test_train_from_files_reads_every_format_and_reports_bad_records(tmp_path, t
     paths = _inputs(tmp_path, texts)
     seen: list[int] = []
     count = lambda: seen.append(0)  # noqa: E731
-    out, used, skipped = train_tokenizer_from_files(paths, 600, tmp_path / "t", on_document=count)
+    out, used, skipped, examples = train_tokenizer_from_files(paths, 600, tmp_path / "t", on_document=count)
     assert used == 400 == len(seen)
-    assert len(skipped) == 2 and skipped[0].startswith(f"{paths[0]}:101: ") and ":102: KeyError" in skipped[1]
+    assert skipped == 2 and examples[0].startswith(f"{paths[0]}:101: bad_json: ")
+    assert examples[1].startswith(f"{paths[0]}:102: missing_text: no field 'text'")
     assert load_tokenizer(out).get_vocab_size() == 600
-    _, used, _ = train_tokenizer_from_files([tmp_path], 600, tmp_path / "tok2", limit=50)  # a folder
+    _, used, _, _ = train_tokenizer_from_files([tmp_path], 600, tmp_path / "tok2", limit=50)  # a folder
     assert used == 50
 
 
@@ -150,7 +151,7 @@ def test_train_from_files_fails_cleanly_without_documents(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         train_tokenizer_from_files([tmp_path / "missing.jsonl"], 600, tmp_path / "tok")
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "f.parquet")
-    with pytest.raises(ConfigError, match="no column 'text'"):
+    with pytest.raises(ConfigError, match="1 records skipped, e.g. .*f.parquet.*no field 'text'"):
         train_tokenizer_from_files([tmp_path / "f.parquet"], 600, tmp_path / "tok")
 
 
@@ -158,9 +159,9 @@ def test_truncated_compressed_input_keeps_what_was_readable(tmp_path, texts):
     _inputs(tmp_path, texts)
     data = (tmp_path / "b.jsonl.gz").read_bytes()
     (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])
-    _, used, skipped = train_tokenizer_from_files([tmp_path / "t.jsonl.gz"], 600, tmp_path / "tok")
+    _, used, skipped, examples = train_tokenizer_from_files([tmp_path / "t.jsonl.gz"], 600, tmp_path / "tok")
     assert 0 < used < 100
-    assert len(skipped) == 1 and "t.jsonl.gz: unreadable after the records above" in skipped[0]
+    assert skipped == 1 and f"t.jsonl.gz:{used + 1}: truncated: file ends early" in examples[0]
 
 
 def test_cli_trains_a_tokenizer(tmp_path, texts):

@@ -21,21 +21,20 @@ GPT-2's byte-level regex split. No normaliser: the data pipeline has already nor
 a tokenizer that silently rewrites text cannot round-trip it.
 
 Public API: `BOS`, `EOS`, `PAD`, `USER`, `ASSISTANT`, `SPECIAL_TOKENS`, `train_tokenizer(texts,
-vocab_size, out_dir, special_tokens) -> Path`, `train_tokenizer_from_files(paths, ...) -> Path`,
+vocab_size, out_dir, special_tokens) -> Path`, `train_tokenizer_from_files(paths, ...) -> TrainedTokenizer`,
 `load_tokenizer(path) -> tokenizers.Tokenizer`, `special_token_ids(tokenizer) -> (bos, eos, pad)`,
 `encode_texts(tokenizer, texts) -> list[np.ndarray]`.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import itertools
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -51,6 +50,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "train_tokenizer",
     "train_tokenizer_from_files",
+    "TrainedTokenizer",
     "load_tokenizer",
     "special_token_ids",
     "encode_texts",
@@ -185,56 +185,14 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]
 # Reading the training texts
 # ------------------------------------------------------------------------------------------------
 
-_JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+EXAMPLES = 20  # skipped records kept as examples by train_tokenizer_from_files
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.name.endswith(".zst"):
-        import zstandard
-
-        return zstandard.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _files(paths: Iterable[Path | str]) -> Iterator[Path]:
-    for path in map(Path, paths):
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.name.endswith((*_JSONL, ".parquet")))
-        elif path.is_file():
-            yield path
-        else:
-            raise ConfigError(f"--input {path}: no such file or directory")
-
-
-def _texts_of_file(path: Path, field: str, skipped: list[str]) -> Iterator[str]:
-    if path.name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        parquet = pq.ParquetFile(path)
-        if field not in parquet.schema_arrow.names:
-            raise ConfigError(f"{path}: no column {field!r} (columns: {parquet.schema_arrow.names})")
-        for batch in parquet.iter_batches(columns=[field]):
-            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
-        return
-    if not path.name.endswith(_JSONL):
-        raise ConfigError(f"{path}: unsupported input (expected .jsonl[.gz|.zst] or .parquet)")
-    try:
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[field]
-                    if not isinstance(text, str):
-                        raise TypeError(f"{field!r} is {type(text).__name__}, not a string")
-                except (ValueError, KeyError, TypeError) as e:
-                    skipped.append(f"{path}:{line_no}: {type(e).__name__}: {e}")
-                    continue
-                yield text
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # truncated or corrupt compressed file
-        skipped.append(f"{path}: unreadable after the records above: {e}")
+class TrainedTokenizer(NamedTuple):
+    path: Path  # tokenizer.json
+    documents: int  # documents trained on
+    skipped: int  # records that could not be read
+    examples: list[str]  # the first EXAMPLES skipped records: 'file:line: reason: detail'
 
 
 def train_tokenizer_from_files(
@@ -245,31 +203,48 @@ def train_tokenizer_from_files(
     limit: int | None = None,
     on_document: Callable[[], None] | None = None,
     show_progress: bool = False,
-) -> tuple[Path, int, list[str]]:
-    """Train on the `text_field` of jsonl(.gz/.zst) or parquet files (or folders of them).
+) -> TrainedTokenizer:
+    """Train on the `text_field` of any input the data pipeline reads: jsonl(.gz/.zst), parquet,
+    arrow, a saved `datasets` folder, a folder or glob of them.
 
-    Returns (tokenizer.json path, documents used, skipped records as 'file:line: reason').
-    Unparseable records are skipped and reported, never fatal.
+    Unparseable records are skipped and counted (the pipeline's readers), never fatal; the first
+    `EXAMPLES` of them are kept as 'file:line: reason: detail'.
     """
-    skipped: list[str] = []
+    from dsv3.data.document import Rejects, StepStats
+    from dsv3.data.readers import InputConfig, Part, input_files, read_part
+
+    inputs = []
+    for raw in map(str, paths):
+        if not any(ch in raw for ch in "*?[") and not Path(raw).exists():
+            raise ConfigError(f"--input {raw}: no such file or directory")
+        cfg = InputConfig(path=raw, text_field=text_field, id_field=None, meta_field=None)
+        inputs += [(cfg, path, fmt) for path, fmt in input_files(cfg, where="--input")]
+    rejects = Rejects(samples=EXAMPLES)  # memory bounded however many records are bad
     used = 0
 
     def texts() -> Iterator[str]:
         nonlocal used
-        for path in _files(paths):
-            for text in _texts_of_file(path, text_field, skipped):
+        for i, (cfg, path, fmt) in enumerate(inputs):
+            part = Part(name=path.name, input=i, path=str(path), format=fmt)
+            for doc in read_part(part, cfg, StepStats(), rejects):
                 if limit is not None and used >= limit:
                     return
                 used += 1
                 if on_document is not None:
                     on_document()
-                yield text
+                yield doc.text
+
+    def examples() -> list[str]:
+        return [f"{r['source']}: {r['reason']}: {r['error']}" for r in rejects.records]
 
     stream = texts()
     first = next(stream, None)
     if first is None:  # fail before writing anything
-        raise ConfigError(f"no document with a string {text_field!r} field in the input ({len(skipped)} bad)")
+        bad = examples()
+        example = f", e.g. {bad[0]}" if bad else ""
+        raise ConfigError(
+            f"no document with a string {text_field!r} field in the input "
+            f"({rejects.count} records skipped{example})"
+        )
     out = train_tokenizer(itertools.chain([first], stream), vocab_size, out_dir, show_progress=show_progress)
-    for record in skipped[:20]:
-        log.warning("skipped %s", record)
-    return out, used, skipped
+    return TrainedTokenizer(out, used, rejects.count, examples())

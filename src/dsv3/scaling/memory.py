@@ -259,13 +259,13 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
     AdamW under FSDP2 mixed precision: fp32 master weights, fp32 gradients and fp32 m, v, all sharded
     over dp_shard (16 bytes per parameter), plus bf16 compute copies. Routed experts are split over ep
     (then FSDP over the rest of dp_shard), matrices over tp, blocks over pp stages (the heaviest stage
-    is reported; the first holds the embedding, the last the head and MTP). Recomputation is on when
-    either `parallel.activation_recompute` or `train.activation_checkpointing` says so.
+    is reported; the first holds the embedding, the last the head and MTP). Activations are those of
+    recomputation when `train.activation_checkpointing` is on.
     """
     dp = parallel.dp_replicate * parallel.dp_shard
     n_micro = max(1, train.global_batch_size // (train.micro_batch_size * dp))
     return estimate_memory(
         memory_profile(cfg), parallel, seq_len=train.seq_len, micro_batch=train.micro_batch_size,
         n_micro=n_micro,
-        recompute=parallel.activation_recompute or train.activation_checkpointing,
+        recompute=train.activation_checkpointing,
     )

@@ -164,13 +164,14 @@ class Choice:
     micro_batch_size: int | None = None
     memory: MemoryEstimate | None = None
     hours: float | None = None
+    recompute: bool = False  # fits only with activation checkpointing (train.activation_checkpointing)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "fits": self.fits, "reason": self.reason,
             "total_params": self.total_params, "active_params": self.active_params,
             "tokens": self.tokens, "flops": self.flops, "hours": self.hours,
-            "micro_batch_size": self.micro_batch_size,
+            "micro_batch_size": self.micro_batch_size, "activation_checkpointing": self.recompute,
             "parallel": None if self.parallel is None else self.parallel.model_dump(),
             "memory_per_gpu": None if self.memory is None else self.memory.as_dict(),
         }
@@ -230,14 +231,12 @@ def _judge(
             if not mem.fits(gpu_memory_gb, headroom):
                 smallest = mem if smallest is None or mem.total < smallest.total else smallest
                 continue
-            layout = layout.model_copy(
-                update={"activation_recompute": recompute, "gpu_memory_gb": gpu_memory_gb}
-            )
+            layout = layout.model_copy(update={"gpu_memory_gb": gpu_memory_gb})
             h = training_hours(flops, gpus, mfu, peak_tflops, recompute)
             late = hours is not None and h > hours
             reason = f"needs {h:,.1f} h at {mfu:.0%} MFU, more than the {hours:g} h budget" if late else ""
             return Choice(**base, fits=not late, reason=reason, parallel=layout, micro_batch_size=mbs,
-                          memory=mem, hours=h)
+                          memory=mem, hours=h, recompute=recompute)
     assert smallest is not None
     return Choice(**base, fits=False, reason=(
         f"needs at least {smallest.total / GiB:.1f} GiB per GPU in any layout (with recomputation); "
