@@ -35,7 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dsv3.config import ConfigError, ModelConfig, RunConfig
+from dsv3.config import ModelConfig, RunConfig
+from dsv3.model.safetensors_dir import CheckpointError  # one error type for every checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -64,10 +65,6 @@ RUN_CONFIG = "trainer/run_config.json"
 OPTIMIZER = "trainer/optimizer.safetensors"
 RNG = "trainer/rng.safetensors"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used, described in one line (printed by the CLI like a config error)."""
 
 
 def checkpoint_name(step: int) -> str:
