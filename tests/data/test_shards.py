@@ -198,3 +198,10 @@ def test_rerun_replaces_old_shards_and_a_failed_run_keeps_them(tmp_path):
         write_token_shards(failing(), tmp_path, eos_id=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards.json", "train", "valid"]
     assert IndexedDataset(tmp_path / "train" / "shard_00000").num_tokens > 0
+
+
+def test_a_rerun_removes_the_staging_folder_of_a_killed_run(tmp_path):
+    (tmp_path / ".shards-killed" / "train").mkdir(parents=True)  # what kill -9 mid-write leaves
+    (tmp_path / ".shards-killed" / "train" / "shard_00000.bin").write_bytes(b"\0" * 64)
+    write_token_shards(_docs(), tmp_path, eos_id=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards.json", "train", "valid"]

@@ -260,6 +260,8 @@ def write_token_shards(
         raise ShardError(f"max_tokens_per_shard must be positive, got {max_tokens_per_shard}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".shards-*"):  # the staging folder of a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".shards-"))
     splits = {name: _SplitWriter(staging / name, np.dtype(dtype), max_tokens_per_shard) for name in SPLITS}
     skipped = 0
