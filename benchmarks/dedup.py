@@ -58,7 +58,7 @@ def run_dsv3(texts: list[str], cfg: MinHashConfig, workers: int, chunk: int) -> 
     chunks = (texts[i : i + chunk] for i in range(0, len(texts), chunk))
     signatures = signatures_from_chunks(chunks, cfg, workers=workers)
     signed = time.perf_counter()
-    pairs = lsh_candidate_pairs(signatures, cfg)
+    pairs = lsh_candidate_pairs(signatures, cfg, workers)
     end = time.perf_counter()
     result = _result("dsv3", len(texts), workers, end - start, _cpu_seconds() - cpu, len(pairs),
                      signatures=signed - start, lsh=end - signed)

@@ -46,6 +46,7 @@ Public API: `MinHashConfig`, `EMPTY`, `normalize_text`, `exact_keys`, `exact_lab
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import logging
 import multiprocessing
@@ -375,27 +376,40 @@ def _pairs_in_groups(members: np.ndarray, starts: np.ndarray, max_size: int) -> 
     return np.stack([left, right], axis=1)
 
 
-def _band_pairs(signatures: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
-    """Distinct row pairs (i < j) of `signatures` that agree on all rows of at least one band."""
-    found = [np.zeros((0, 2), dtype=np.int64)]
-    for band in range(cfg.bands):
-        rows = signatures[:, band * cfg.rows : (band + 1) * cfg.rows]
-        order, is_start = _equal_rows(rows, _row_keys(rows))
-        sizes = np.diff(np.append(np.flatnonzero(is_start), len(order)))
-        if big := int(np.sum(sizes > cfg.max_bucket_size)):
+def _bucket_pairs(rows: np.ndarray, max_bucket_size: int) -> tuple[np.ndarray, int]:
+    """Pairs (i < j) of rows equal on every column, and the number of buckets linked as stars."""
+    order, is_start = _equal_rows(rows, _row_keys(rows))
+    sizes = np.diff(np.append(np.flatnonzero(is_start), len(order)))
+    dup_sizes = sizes[sizes > 1]
+    if not len(dup_sizes):
+        return np.zeros((0, 2), dtype=np.int64), 0
+    # stable order: members ascend inside a bucket, so pairs come out i < j
+    members = order[np.repeat(sizes > 1, sizes)]
+    pairs = _pairs_in_groups(members, np.cumsum(dup_sizes) - dup_sizes, max_bucket_size)
+    return pairs, int(np.sum(sizes > max_bucket_size))
+
+
+def _band_pairs(signatures: np.ndarray, cfg: MinHashConfig, workers: int = 1) -> np.ndarray:
+    """Distinct row pairs (i < j) of `signatures` that agree on all rows of at least one band.
+
+    Bands are independent: `workers` threads take them in turn (numpy's sorts and arithmetic run
+    without the GIL, so threads share the cores without copying the signatures).
+    """
+    bands = [signatures[:, b * cfg.rows : (b + 1) * cfg.rows] for b in range(cfg.bands)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(lambda rows: _bucket_pairs(rows, cfg.max_bucket_size), bands))
+    for band, (_, big) in enumerate(results):
+        if big:
             log.info("band %d: %d buckets above %d documents linked as stars", band, big, cfg.max_bucket_size)
-        dup_sizes = sizes[sizes > 1]
-        if len(dup_sizes):  # stable order: members ascend inside a bucket, so pairs come out i < j
-            members = order[np.repeat(sizes > 1, sizes)]
-            found.append(_pairs_in_groups(members, np.cumsum(dup_sizes) - dup_sizes, cfg.max_bucket_size))
-    pairs = np.concatenate(found)
+    pairs = np.concatenate([np.zeros((0, 2), dtype=np.int64)] + [p for p, _ in results])
     n = np.int64(len(signatures))
     codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
     return np.stack([codes // n, codes % n], axis=1)
 
 
-def lsh_candidate_pairs(signatures: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
-    """Distinct pairs (i < j), sorted, that share at least one LSH band (and pass `threshold`).
+def lsh_candidate_pairs(signatures: np.ndarray, cfg: MinHashConfig, workers: int | None = None) -> np.ndarray:
+    """Distinct pairs (i < j), sorted, that share at least one LSH band (and pass `threshold`);
+    the bands are hashed and sorted on `workers` threads (default: all cores).
 
     Documents with identical signatures collide in every band, so they are grouped first and the
     bands only compare distinct signatures: exact duplicates cost one pass, not one per band.
@@ -415,7 +429,7 @@ def lsh_candidate_pairs(signatures: np.ndarray, cfg: MinHashConfig) -> np.ndarra
     rank[np.argsort(first)] = np.arange(len(first))  # number groups in document order
     group, reps = rank[group], valid[np.sort(first)]
 
-    rep_pairs = _band_pairs(signatures[reps], cfg)
+    rep_pairs = _band_pairs(signatures[reps], cfg, workers or default_workers())
     if cfg.threshold is not None and len(rep_pairs):
         rep_pairs = rep_pairs[estimated_jaccard(signatures, reps[rep_pairs]) >= cfg.threshold]
     pairs = _expand_groups(valid, group, len(reps), rep_pairs, cfg.max_bucket_size)

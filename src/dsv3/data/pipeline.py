@@ -228,7 +228,9 @@ def _find_duplicates(cfg: PipelineConfig, parts: list[Part], layout: Layout) -> 
         first = exact_labels(keys)
         copies = np.flatnonzero(first != np.arange(n))
         pairs.append(np.stack([first[copies], copies], axis=1))
-    candidates = lsh_candidate_pairs(sigs, dcfg.minhash) if dcfg.near else np.zeros((0, 2), dtype=np.int64)
+    candidates = np.zeros((0, 2), dtype=np.int64)
+    if dcfg.near:
+        candidates = lsh_candidate_pairs(sigs, dcfg.minhash, cfg.workers)
     labels = cluster_labels(n, np.concatenate([*pairs, candidates]))
     removed = np.flatnonzero(~keep_mask(labels))
     # "exact" when the removed text equals (normalised) the kept one; otherwise it is a near copy
