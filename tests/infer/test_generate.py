@@ -161,3 +161,18 @@ def test_bad_arguments_get_one_line_errors(make_config):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             generate(model, **kwargs)
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_eager_decoding(monkeypatch, caplog):
+    import importlib
+
+    generate_module = importlib.import_module("dsv3.infer.generate")  # the module, not the function
+
+    def failing_capture(step, example):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n(details)")
+
+    monkeypatch.setattr(generate_module, "_graphed", failing_capture)
+    step = lambda x: x + 1  # noqa: E731
+    with caplog.at_level("WARNING"):
+        assert generate_module._graphed_or_eager(step, torch.zeros(2, 1)) is step
+    assert "decoding without a CUDA graph (capture failed: CUDA error: operation not permitted" in caplog.text
