@@ -167,7 +167,8 @@ def generate(
     device, dtype = weight.device, weight.dtype
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"generate: cuda_graph needs a model on a CUDA device, not {device}")
-    required, cuda_graph = bool(cuda_graph), device.type == "cuda" if cuda_graph is None else cuda_graph
+    required = bool(cuda_graph)  # asked for explicitly: a failed capture is an error, not a fallback
+    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
 
     ids, pad = _prompts(input_ids, attention_mask, fill)
     if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
