@@ -1,7 +1,8 @@
 """dsv3 vs transformers' DeepseekV3ForCausalLM on the same weights, on the device the benchmarks use.
 
-The CPU tests prove parity in fp32 on tiny shapes; this checks the paths only a GPU takes (flash SDPA
-with padded v, grouped_mm experts in bf16, bf16 parameters) at the benchmark's own preset:
+The CPU tests prove parity in fp32 on tiny shapes; this checks the paths only a GPU takes (fused
+cuDNN/flash SDPA, grouped_mm experts and the bf16 router GEMM, bf16 parameters) at the benchmark's
+own preset:
 
 - fp32 logits, both systems: max abs difference (TF32 off);
 - bf16 logits and bf16 gradients of each system against the fp32 transformers reference: dsv3's
@@ -48,13 +49,11 @@ def _logits_and_grad(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Te
     model.zero_grad(set_to_none=True)
     if hf:
         out = model(input_ids=ids, labels=labels, shift_labels=labels)
-        logits, loss = out.logits, out.loss
     else:
         out = model.forward_with_losses(ids, labels, mtp_lambda=0.0)
-        logits, loss = out.logits, out.loss
-    loss.backward()
+    out.loss.backward()
     embed = model.model.embed_tokens.weight  # the same name in both (HF layout)
-    return logits.detach().float(), embed.grad.float(), loss.item()
+    return out.logits.detach().float(), embed.grad.float(), out.loss.item()
 
 
 def main() -> None:

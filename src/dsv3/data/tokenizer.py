@@ -219,14 +219,14 @@ def train_tokenizer_from_files(
             raise ConfigError(f"--input {raw}: no such file or directory")
         cfg = InputConfig(path=raw, text_field=text_field, id_field=None, meta_field=None)
         inputs += [(cfg, path, fmt) for path, fmt in input_files(cfg, where="--input")]
-    rejects = Rejects(samples=EXAMPLES)  # memory bounded however many records are bad
+    stats, rejects = StepStats(), Rejects(samples=EXAMPLES)  # memory bounded however many are bad
     used = 0
 
     def texts() -> Iterator[str]:
         nonlocal used
         for i, (cfg, path, fmt) in enumerate(inputs):
             part = Part(name=path.name, input=i, path=str(path), format=fmt)
-            for doc in read_part(part, cfg, StepStats(), rejects):
+            for doc in read_part(part, cfg, stats, rejects):
                 if limit is not None and used >= limit:
                     return
                 used += 1
