@@ -24,7 +24,7 @@ import torch
 
 from dsv3.config import ModelConfig, load_model_config
 from dsv3.model import Transformer, attention
-from dsv3.scaling import H100_BF16_TFLOPS, training_flops_per_token
+from dsv3.scaling import DEFAULT_PEAK_TFLOPS, training_flops_per_token
 
 
 def _parse() -> argparse.Namespace:
@@ -197,7 +197,7 @@ def _run(system: str, cfg: ModelConfig, args, device: torch.device) -> dict:
         "steps": len(seconds),
         "tokens_per_s": round(tokens_per_s, 1),
         "step_ms_median": round(1e3 * statistics.median(seconds), 2),
-        "mfu": round(tokens_per_s * flops_per_token / (H100_BF16_TFLOPS * 1e12), 4),
+        "mfu": round(tokens_per_s * flops_per_token / (DEFAULT_PEAK_TFLOPS * 1e12), 4),
         "flops_per_token": flops_per_token,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
         if device.type == "cuda"

@@ -198,7 +198,7 @@ def test_published_deepseek_v3_config_json_loads_as_the_preset(tmp_path):
 
 
 def test_transformers_5_config_json_round_trips(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     for preset in ("tiny", "deepseek-v3"):
         ours = load_model_config(preset)
         written = json.loads(transformers.DeepseekV3Config(**ours.to_hf_dict()).to_json_string())
@@ -225,12 +225,15 @@ def test_hf_keys_that_change_the_math_are_checked(tmp_path):
         load_model_config(path)
 
 
-def test_yaml_and_json_presets_agree(tmp_path):
-    # A model YAML written from the preset's model section loads to the same config.
+def test_run_config_model_may_name_a_model_file(tmp_path):
+    # `model:` may name a model-only YAML (relative to the run file), and `base:` edits a named model.
     model = yaml.safe_load((Path(__file__).parents[1] / "configs" / "small.yaml").read_text())["model"]
-    path = tmp_path / "model.yaml"
-    path.write_text(yaml.safe_dump(model))
-    assert load_model_config(path) == load_model_config("small")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**model, "vocab_size": 4096}))
+    (tmp_path / "run.yaml").write_text("name: r\nmodel: model.yaml\n")
+    (tmp_path / "based.yaml").write_text("name: b\nmodel: {base: model.yaml, num_hidden_layers: 3}\n")
+    run, based = load_run_config(tmp_path / "run.yaml"), load_run_config(tmp_path / "based.yaml")
+    assert run.model.vocab_size == 4096 and run.model.hidden_size == model["hidden_size"] == 1024
+    assert based.model.num_hidden_layers == 3 and based.model.vocab_size == 4096
 
 
 def test_a_key_a_set_broke_is_blamed_on_that_set():

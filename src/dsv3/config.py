@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "ConfigError",
     "RopeScaling",
+    "yarn_mscale",
     "ModelConfig",
     "DataConfig",
     "TrainConfig",
@@ -70,6 +71,11 @@ HF_FIXED_KEYS: dict[str, Any] = {
     "attention_bias": False,
     "attention_dropout": 0.0,
 }
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1·mscale·ln(factor) + 1 (1.0 when the context is not extended)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 class RopeScaling(_Strict):
@@ -207,6 +213,11 @@ class ModelConfig(_Strict):
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    @property
+    def kv_latent_dim(self) -> int:
+        """Values MLA caches per token and layer: the latent c_kv and the shared rope key k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """DeepSeek-V3's rule: dense for the first k layers, then MoE every `moe_layer_freq`-th layer."""
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
@@ -216,9 +227,8 @@ class ModelConfig(_Strict):
         """1/sqrt(d_qk), times YaRN's mscale² when context is extended with mscale_all_dim."""
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
-        if rs is not None and rs.mscale_all_dim and rs.factor > 1:
-            m = 0.1 * rs.mscale_all_dim * math.log(rs.factor) + 1.0
-            scale *= m * m
+        if rs is not None and rs.mscale_all_dim:
+            scale *= yarn_mscale(rs.factor, rs.mscale_all_dim) ** 2
         return scale
 
     def to_hf_dict(self) -> dict[str, Any]:

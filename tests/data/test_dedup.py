@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import datasketch
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -25,8 +26,6 @@ from dsv3.data.dedup import (
     signatures_from_chunks,
     word_shingles,
 )
-
-datasketch = pytest.importorskip("datasketch")
 
 
 def _vocabulary(rng: random.Random, size: int = 3000) -> list[str]:

@@ -1,41 +1,29 @@
-"""Model-based filters with models the tests make: a fastText classifier trained on a tiny file, and
-a KenLM bigram model written as ARPA text whose perplexities are computed here by hand."""
+"""Model-based filters with small real models: a fastText classifier kept as a 2.4 KB fixture, and a
+KenLM bigram model written as ARPA text whose perplexities are computed here by hand."""
 
 from __future__ import annotations
 
 import importlib
 import math
 
+import fasttext
+import kenlm
 import pytest
 
 from dsv3.config import ConfigError
 from dsv3.data import quality_models
 from dsv3.data.document import Document
 from dsv3.data.quality_models import FastTextFilter, KenLMFilter, kenlm_perplexity
-
-GOOD = [
-    "the river starts in the hills above the town where the snow melts in spring",
-    "every morning the baker opens the shop at six and lights the oven",
-    "the library keeps its oldest books in a cool room behind the reading hall",
-    "the train to the coast leaves at nine and stops at every station",
-]
-SPAM = [
-    "click here buy now cheap deals free free free",
-    "win money now click subscribe best price free gift",
-    "cheap pills online buy now limited offer click",
-    "free free free click here to win a prize now",
-]
+from tests.conftest import FIXTURES
 
 
-def test_fasttext_filter_keeps_what_the_classifier_scores_high(tmp_path):
-    fasttext = pytest.importorskip("fasttext", reason="pip install 'dsv3[fasttext]' (fasttext-numpy2-wheel)")
-    train = tmp_path / "train.txt"
-    train.write_text(
-        "".join(f"__label__hq {t}\n" for t in GOOD * 5) + "".join(f"__label__lq {t}\n" for t in SPAM * 5)
-    )
-    model = fasttext.train_supervised(str(train), epoch=50, lr=1.0, minCount=1, verbose=0, seed=1, thread=1)
-    model.save_model(str(tmp_path / "quality.bin"))
-    step = FastTextFilter(FastTextFilter.Params(model_path=str(tmp_path / "quality.bin"), min_score=0.5))
+def test_fasttext_filter_keeps_what_the_classifier_scores_high():
+    # A classifier of plain sentences (__label__hq) vs spam (__label__lq), made once by
+    # tests/fixtures/make_fasttext_model.py: fastText's training aborts at random on NaN, while
+    # loading and predicting are deterministic.
+    model_path = str(FIXTURES / "fasttext_quality.bin")
+    model = fasttext.load_model(model_path)
+    step = FastTextFilter(FastTextFilter.Params(model_path=model_path, min_score=0.5))
     docs = [
         Document("good", "the baker opens the shop\nin the morning at six"),
         Document("spam", "click here, free free free, buy now"),
@@ -48,7 +36,7 @@ def test_fasttext_filter_keeps_what_the_classifier_scores_high(tmp_path):
     assert kept[0].meta["quality_score"] == pytest.approx(expected, abs=1e-4)
     assert dict(step.stats.removed) == {"low_quality_score": 1}
     with pytest.raises(ConfigError, match=r"label '__label__good' is not one of the model's"):
-        FastTextFilter(FastTextFilter.Params(model_path=str(tmp_path / "quality.bin"), label="__label__good"))
+        FastTextFilter(FastTextFilter.Params(model_path=model_path, label="__label__good"))
 
 
 ARPA = """
@@ -92,7 +80,6 @@ def _by_hand(text: str) -> float:
 
 
 def test_kenlm_perplexity_matches_the_arpa_by_hand(tmp_path):
-    kenlm = pytest.importorskip("kenlm", reason="pip install 'dsv3[kenlm]'")
     (tmp_path / "lm.arpa").write_text(ARPA)
     model = kenlm.Model(str(tmp_path / "lm.arpa"))
     for text in ("the cat", "cat the", "The CAT\ncat cat the", "the dog"):
@@ -112,8 +99,6 @@ def test_kenlm_perplexity_matches_the_arpa_by_hand(tmp_path):
 
 
 def test_missing_model_file_or_package_is_one_clear_line(tmp_path, monkeypatch):
-    pytest.importorskip("fasttext")
-    pytest.importorskip("kenlm")
     with pytest.raises(
         ConfigError, match=r"fasttext_quality: model_path .*nope\.bin: no such file \(train one"
     ):

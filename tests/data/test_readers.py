@@ -61,7 +61,7 @@ def test_parquet_arrow_feather_and_datasets_agree(tmp_path):
     for name in ("in.parquet", "in.feather", "in.arrow"):
         docs, stats, _ = _read_all(InputConfig(path=str(tmp_path / name), batch_size=4))
         assert [(d.id, d.text, d.meta) for d in docs] == expected, name
-    datasets = pytest.importorskip("datasets")
+    import datasets
     datasets.Dataset.from_list(RECORDS[:10]).save_to_disk(str(tmp_path / "ds"))
     datasets.DatasetDict(
         {

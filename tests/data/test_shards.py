@@ -17,6 +17,7 @@ from dsv3.data.shards import (
     token_dtype,
     write_token_shards,
 )
+from dsv3.io import temp_path
 
 DOCS = [[1, 2, 3], [65535], [7, 8]]
 
@@ -61,12 +62,9 @@ def test_round_trip(tmp_path, dtype):
 
 
 def _megatron():
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # megatron-core warns about optional kernels at import
         warnings.simplefilter("ignore")
-        try:
-            from megatron.core.datasets import indexed_dataset
-        except Exception as e:  # megatron-core is optional and heavy
-            pytest.skip(f"megatron-core not importable: {e}")
+        from megatron.core.datasets import indexed_dataset
     return indexed_dataset
 
 
@@ -201,7 +199,8 @@ def test_rerun_replaces_old_shards_and_a_failed_run_keeps_them(tmp_path):
 
 
 def test_a_rerun_removes_the_staging_folder_of_a_killed_run(tmp_path):
-    (tmp_path / ".shards-killed" / "train").mkdir(parents=True)  # what kill -9 mid-write leaves
-    (tmp_path / ".shards-killed" / "train" / "shard_00000.bin").write_bytes(b"\0" * 64)
+    staging = temp_path(tmp_path / "shards")  # what kill -9 mid-write leaves
+    (staging / "train").mkdir(parents=True)
+    (staging / "train" / "shard_00000.bin").write_bytes(b"\0" * 64)
     write_token_shards(_docs(), tmp_path, eos_id=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards.json", "train", "valid"]

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import transformers
 import zstandard
 
 from dsv3.config import ConfigError
@@ -25,8 +26,6 @@ from dsv3.data.tokenizer import (
     train_tokenizer,
     train_tokenizer_from_files,
 )
-
-transformers = pytest.importorskip("transformers")
 
 SAMPLES = [
     "def f(x):\n    return x ** 2  # square\n",

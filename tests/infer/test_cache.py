@@ -7,7 +7,8 @@ import torch
 
 from dsv3.infer.cache import LatentCache, dequantize_per_token, quantize_per_token
 from dsv3.scaling import kv_cache_bytes_per_token
-from tests.infer.conftest import YARN, scaled_model
+from tests.conftest import YARN
+from tests.infer.conftest import scaled_model
 
 # e4m3 keeps 3 mantissa bits: each cached value is rounded to within 2^-4 of itself (relative).
 FP8_RELATIVE_ROUNDING = 2.0**-4

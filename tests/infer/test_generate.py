@@ -8,9 +8,8 @@ import torch
 from dsv3.infer import generate
 from dsv3.infer.generate import left_pad, sample_next
 from dsv3.model.hf import load_hf
-from tests.infer.conftest import YARN, hf_model, scaled_model
-
-transformers = pytest.importorskip("transformers")
+from tests.conftest import YARN, hf_model
+from tests.infer.conftest import scaled_model
 
 N_NEW = 32
 

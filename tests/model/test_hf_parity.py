@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from dsv3.model.hf import load_hf, save_hf
 from dsv3.model.transformer import Transformer
-
-transformers = pytest.importorskip("transformers")
 
 YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=32, beta_fast=32, beta_slow=1)
 CONFIGS = {

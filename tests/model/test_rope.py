@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds  # noqa: E402
 
 from dsv3.config import RopeScaling
 from dsv3.model.rope import apply_rope, rope_cos_sin, rope_inv_freq, yarn_inv_freq
-
-transformers = pytest.importorskip("transformers")
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
-from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds  # noqa: E402
 
 YARN_CASES = [
     # the published DeepSeek-V3 setting: 4K → 160K, mscale == mscale_all_dim (cos/sin factor 1)

@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dsv3.checkpoints import CheckpointError, best_checkpoint, list_checkpoints, verify_checkpoint
 from dsv3.config import RunConfig, TrainConfig, load_model_config
+from dsv3.io import temp_path
 from dsv3.model import Transformer
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.optim import build_optimizer
-from tests.train.conftest import MICRO_MODEL
+from tests.conftest import MICRO_MODEL
 
 
 def _micro(*extra: str):
@@ -52,7 +54,7 @@ def test_round_trip_is_exact_and_pickle_free(tmp_path):
     path = _save(tmp_path, model, opt, 7)
     expected_rng = (torch.rand(3), random.random(), np.random.rand())
 
-    assert path.name == "step_000007" and ckpt.list_checkpoints(tmp_path) == [path]
+    assert path.name == "step_000007" and list_checkpoints(tmp_path) == [path]
     names = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "manifest.json", "trainer/optimizer.safetensors",
             "trainer/rng.safetensors", "trainer/state.json", "trainer/run_config.json"} <= names
@@ -90,14 +92,14 @@ def test_damaged_checkpoints_are_skipped_by_auto_and_refused_by_name(tmp_path):
 
     weights = second / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated
-    assert ckpt.list_checkpoints(tmp_path) == [first]
+    assert list_checkpoints(tmp_path) == [first]
     assert ckpt.resolve_resume("auto", tmp_path) == first
-    with pytest.raises(ckpt.CheckpointError, match=r"model.safetensors: \d+ bytes, manifest says \d+"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: \d+ bytes, manifest says \d+"):
         ckpt.resolve_resume(str(second), tmp_path)
 
     (first / "trainer" / "optimizer.safetensors").unlink()
-    with pytest.raises(ckpt.CheckpointError, match="optimizer.safetensors: missing file listed in the"):
-        ckpt.verify_checkpoint(first)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors: missing file listed in the"):
+        verify_checkpoint(first)
     assert ckpt.resolve_resume("auto", tmp_path) is None
 
 
@@ -108,8 +110,8 @@ def test_altered_bytes_fail_the_checksum(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
     weights.write_bytes(bytes(data))
-    ckpt.verify_checkpoint(path)  # sizes alone still match ...
-    with pytest.raises(ckpt.CheckpointError, match="checksum differs"):
+    verify_checkpoint(path)  # sizes alone still match ...
+    with pytest.raises(CheckpointError, match="checksum differs"):
         ckpt.load_model(path, model.config)  # ... but loading checks every byte
 
 
@@ -117,7 +119,7 @@ def test_a_different_model_is_refused_naming_the_fields(tmp_path):
     model, opt = _trained(_micro())
     path = _save(tmp_path, model, opt, 1)
     other = _micro("model.hidden_size=96", "model.num_hidden_layers=3")
-    with pytest.raises(ckpt.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         ckpt.load_model(path, other)
     msg = str(err.value)
     assert "\n" not in msg
@@ -128,14 +130,14 @@ def test_a_different_model_is_refused_naming_the_fields(tmp_path):
 def test_cut_off_save_is_invisible_and_cleaned(tmp_path):
     model, opt = _trained(_micro())
     good = _save(tmp_path, model, opt, 1)
-    cut = tmp_path / ".tmp-step_000002-999"
+    cut = temp_path(tmp_path / "step_000002")
     cut.mkdir()
     (cut / "model.safetensors").write_bytes(b"partial")
     no_manifest = tmp_path / "step_000003"  # e.g. copied by hand without its manifest
     no_manifest.mkdir()
     (no_manifest / "config.json").write_text("{}")
-    assert ckpt.list_checkpoints(tmp_path) == [good]
-    with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
+    assert list_checkpoints(tmp_path) == [good]
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
         ckpt.resolve_resume(str(no_manifest), tmp_path)
     ckpt.remove_stale_temps(tmp_path)
     assert not cut.exists() and good.exists()
@@ -146,9 +148,9 @@ def test_keep_last_k_plus_the_best(tmp_path):
     for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, None), (5, 2.5)]:
         _save(tmp_path, model, opt, step, val)
         ckpt.prune_checkpoints(tmp_path, keep_last=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000002", "step_000004", "step_000005"]
-    assert ckpt.best_checkpoint(tmp_path).name == "step_000002"
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000004", "step_000005"]
+    assert best_checkpoint(tmp_path).name == "step_000002"
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_manifest_lists_sizes_and_checksums(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.trainer import train
-from tests.train.conftest import micro_run
+from tests.conftest import micro_run
 
 # Runs the trainer in a child process whose second checkpoint save stalls after the model and
 # trainer files are written and before the manifest: the kill lands inside the write.
@@ -25,7 +25,7 @@ from dsv3.train.trainer import train
 
 cfg = RunConfig.model_validate_json(Path(sys.argv[1]).read_text())
 marker = Path(sys.argv[2])
-write_manifest = checkpoint._write_manifest
+write_manifest = checkpoint.write_manifest
 
 def stalling_write_manifest(directory, step):
     if step == 12:
@@ -33,7 +33,7 @@ def stalling_write_manifest(directory, step):
         time.sleep(120)
     write_manifest(directory, step)
 
-checkpoint._write_manifest = stalling_write_manifest
+checkpoint.write_manifest = stalling_write_manifest
 train(cfg)
 """
 

@@ -13,7 +13,7 @@ import torch
 from dsv3.cli import main
 from dsv3.config import ConfigError
 from dsv3.train.trainer import Trainer, TrainingDiverged, train
-from tests.train.conftest import micro_run
+from tests.conftest import micro_run
 
 # What must match bit for bit between an uninterrupted run and an interrupted-and-resumed one.
 EXACT_KEYS = (
@@ -254,5 +254,11 @@ def test_wandb_without_the_package_is_one_line(tmp_path, capsys, corpus_shards):
 
 def test_multi_process_launch_is_refused(tmp_path, corpus_shards, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="WORLD_SIZE=2: the trainer runs one process"):
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2: dsv3 train runs one process on one device"):
         Trainer(micro_run(tmp_path / "run", *corpus_shards))
+
+
+def test_a_multi_device_layout_is_refused_not_ignored(tmp_path, corpus_shards):
+    cfg = micro_run(tmp_path / "run", *corpus_shards, "parallel.gpus=2", "parallel.dp_shard=2")
+    with pytest.raises(ConfigError, match=r"parallel: gpus=2, dp_shard=2 asks for more than one device"):
+        Trainer(cfg)

@@ -33,9 +33,7 @@ from __future__ import annotations
 import ast
 import io
 import itertools
-import json
 import logging
-import os
 import re
 import sysconfig
 import textwrap
@@ -45,7 +43,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import zstandard
+from dsv3.data.writers import JsonlZstWriter
 
 __all__ = ["Kind", "MIN_COMMENT_WORDS", "stdlib_root", "iter_stdlib_documents", "write_jsonl_zst"]
 
@@ -262,20 +260,12 @@ def iter_stdlib_documents(
 
 def write_jsonl_zst(docs: Iterable[dict[str, Any]], path: Path | str, level: int = 3) -> int:
     """Write documents as zstd-compressed JSON lines, atomically; return how many were written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: keep the umask's mode
-    count = 0
+    writer = JsonlZstWriter(path, level)
     try:
-        with open(tmp, "wb") as raw:
-            with zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=False) as out:
-                for doc in docs:
-                    out.write(json.dumps(doc, ensure_ascii=False).encode("utf-8") + b"\n")
-                    count += 1
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
+        for doc in docs:
+            writer.write(doc)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        writer.abort()
         raise
-    return count
+    writer.close()
+    return writer.count

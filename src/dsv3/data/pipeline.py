@@ -47,7 +47,7 @@ from dsv3.data.stages import (
     token_documents,
     unpack_strings,
 )
-from dsv3.data.writers import write_json_atomic
+from dsv3.io import sweep_temps, write_json_atomic
 
 __all__ = ["Progress", "run_pipeline"]
 
@@ -139,11 +139,8 @@ def _claim_output(root: Path, cfg: PipelineConfig, parts: list[Part]) -> bool:
 def _sweep_temporaries(root: Path) -> None:
     """Half-written files of an interrupted run (their finished versions were never renamed in)."""
     for name in OWNED:
-        if (root / name).is_dir():
-            for tmp in (root / name).rglob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-    for tmp in root.glob(".report.json.*.tmp"):
-        tmp.unlink(missing_ok=True)
+        sweep_temps(root / name, recursive=True)
+    sweep_temps(root)
 
 
 class _Run:

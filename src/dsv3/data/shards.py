@@ -24,18 +24,17 @@ dtype)` (`add_document`, `finalize`), `IndexedDataset(prefix)` (`len`, `[i]`, `s
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
+
+from dsv3.io import atomic_open, commit, publish_dir, sweep_temps, temp_path, write_json_atomic
 
 __all__ = [
     "ShardError",
@@ -68,12 +67,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 class IndexedDatasetWriter:
     """Writes one `.bin`/`.idx` pair; nothing appears under `prefix` until `finalize()` succeeds."""
 
@@ -85,10 +78,13 @@ class IndexedDatasetWriter:
             raise ShardError(f"{self.prefix}: dtype {self.dtype} has no Megatron code (one of {known})")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
-        self._bin_tmp = self.prefix.with_name(f".{self.prefix.name}.{os.getpid()}.bin.tmp")
+        self._bin_tmp = temp_path(self._file(".bin"))
         self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 (closed by finalize or abort)
         self._sizes: list[int] = []
         self.num_tokens = 0
+
+    def _file(self, suffix: str) -> Path:
+        return self.prefix.with_name(self.prefix.name + suffix)
 
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
         """Append one document (one sequence); token ids must fit the dtype."""
@@ -110,19 +106,15 @@ class IndexedDatasetWriter:
 
     def finalize(self) -> Path:
         """Write the index, fsync both files and move them into place (.bin first, then .idx)."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
         self._bin.close()
         sizes = np.asarray(self._sizes, dtype=np.int32)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         doc_index = np.arange(len(sizes) + 1, dtype=np.int64)
         header = _HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], len(sizes), len(doc_index))
-        idx_tmp = self._bin_tmp.with_suffix(".idx.tmp")
-        with open(idx_tmp, "wb") as f:
+        commit(self._bin_tmp, self._file(".bin"))  # the .idx last: its presence marks the pair complete
+        with atomic_open(self._file(".idx")) as f:
             f.write(header + sizes.tobytes() + pointers.tobytes() + doc_index.tobytes())
-        os.replace(self._bin_tmp, self.prefix.with_name(self.prefix.name + ".bin"))
-        _fsync_replace(idx_tmp, self.prefix.with_name(self.prefix.name + ".idx"))
         return self.prefix
 
     def abort(self) -> None:
@@ -260,9 +252,9 @@ def write_token_shards(
         raise ShardError(f"max_tokens_per_shard must be positive, got {max_tokens_per_shard}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".shards-*"):  # the staging folder of a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".shards-"))
+    sweep_temps(out_dir)  # the staging folder of a run that was killed
+    staging = temp_path(out_dir / "shards")
+    staging.mkdir()
     splits = {name: _SplitWriter(staging / name, np.dtype(dtype), max_tokens_per_shard) for name in SPLITS}
     skipped = 0
     try:
@@ -284,17 +276,12 @@ def write_token_shards(
         raise
     for name in splits:  # swap each split folder in whole; no stale shard of an older run survives
         (staging / name).mkdir(exist_ok=True)
-        old = out_dir / name
-        if old.exists():
-            old.rename(staging / f"{name}.old")
-        (staging / name).rename(old)
+        publish_dir(staging / name, out_dir / name)
     summary = {
         "dtype": str(np.dtype(dtype)), "eos_id": eos_id, "valid_fraction": valid_fraction, "seed": seed,
         "skipped_empty": skipped, **{name: split.summary() for name, split in splits.items()},
     }
-    tmp = staging / "shards.json"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    _fsync_replace(tmp, out_dir / "shards.json")
+    write_json_atomic(out_dir / "shards.json", summary)
     shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %d train / %d valid documents (%d / %d tokens) to %s", splits["train"].documents,
              splits["valid"].documents, splits["train"].tokens, splits["valid"].tokens, out_dir)

@@ -26,14 +26,8 @@ import numpy as np
 from dsv3.data.document import Document, Rejects, Step, StepStats, utf8_len
 from dsv3.data.pipeline_config import PipelineConfig, build_steps
 from dsv3.data.readers import Part, iter_documents, read_part
-from dsv3.data.writers import (
-    JsonlZstWriter,
-    atomic_open,
-    open_writer,
-    output_suffix,
-    save_npz_atomic,
-    write_json_atomic,
-)
+from dsv3.data.writers import JsonlZstWriter, open_writer, output_suffix, save_npz_atomic
+from dsv3.io import atomic_open, write_json_atomic
 
 __all__ = [
     "Layout",

@@ -29,9 +29,8 @@ vocab_size, out_dir, special_tokens) -> Path`, `train_tokenizer_from_files(paths
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -40,6 +39,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsv3.config import ConfigError
+from dsv3.io import write_json_atomic, write_text_atomic
 
 __all__ = [
     "BOS",
@@ -54,6 +54,8 @@ __all__ = [
     "load_tokenizer",
     "special_token_ids",
     "encode_texts",
+    "tokenizer_files",
+    "copy_tokenizer",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,19 +90,6 @@ def _new_tokenizer() -> Tokenizer:
     )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
-
-
-def _write_atomic(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: keep the umask's mode
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def train_tokenizer(
@@ -146,9 +135,9 @@ def train_tokenizer(
         "model_max_length": 1 << 30,
         "chat_template": CHAT_TEMPLATE,
     }
-    _write_atomic(out_dir / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
+    write_text_atomic(out_dir / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
-        _write_atomic(out_dir / name, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+        write_json_atomic(out_dir / name, content)
     log.info("trained a %d-token byte-level BPE into %s", tokenizer.get_vocab_size(), out_dir)
     return out_dir / TOKENIZER_FILE
 
@@ -248,3 +237,25 @@ def train_tokenizer_from_files(
         )
     out = train_tokenizer(itertools.chain([first], stream), vocab_size, out_dir, show_progress=show_progress)
     return TrainedTokenizer(out, used, rejects.count, examples())
+
+
+# What transformers' AutoTokenizer reads from a model directory, tokenizer.json first.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """tokenizer.json (a file, or inside a directory) and its transformers companions beside it."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    main = path / "tokenizer.json" if path.is_dir() else path
+    if not main.is_file():
+        raise ConfigError(f"{main}: no tokenizer file (train one with `dsv3 tokenizer train`)")
+    return [main] + [folder / n for n in _TOKENIZER_FILES[1:] if (folder / n).is_file()]
+
+
+def copy_tokenizer(path: Path, dest_dir: Path) -> None:
+    """Copy the tokenizer into a checkpoint, so the directory loads and generates on its own."""
+    main, *companions = tokenizer_files(path)
+    shutil.copyfile(main, Path(dest_dir) / "tokenizer.json")
+    for f in companions:
+        shutil.copyfile(f, Path(dest_dir) / f.name)

@@ -1,23 +1,19 @@
-"""Atomic writers of records: jsonl.zst and parquet, plus small atomic helpers for JSON and numpy.
+"""Record writers for the pipeline's outputs: jsonl.zst and parquet, and numpy archives.
 
-Every file is written under a temporary name in its final folder, fsynced and renamed, so a
-crash never leaves a half-written file under the final name (resume relies on that).
-
-Public API: `OUTPUT_FORMATS`, `JsonlZstWriter`, `ParquetWriter`, `open_writer(path, fmt)`,
-`output_suffix(fmt)`, `write_json_atomic`, `save_npz_atomic`, `atomic_open`.
+Each file is written under `dsv3.io`'s temp name and committed on `close`, so a crash never
+leaves a half-written file under the final name (resume relies on that).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import zstandard
+
+from dsv3.io import atomic_open, commit, temp_path
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -25,23 +21,11 @@ __all__ = [
     "ParquetWriter",
     "open_writer",
     "output_suffix",
-    "write_json_atomic",
     "save_npz_atomic",
-    "atomic_open",
 ]
 
 OUTPUT_FORMATS = ("jsonl.zst", "parquet")
 _PARQUET_BATCH = 1000  # rows buffered per row group write
-
-
-def _tmp_of(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def output_suffix(fmt: str) -> str:
@@ -54,7 +38,7 @@ class JsonlZstWriter:
     def __init__(self, path: Path | str, level: int = 3):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _tmp_of(self.path)
+        self._tmp = temp_path(self.path)
         self._raw = open(self._tmp, "wb")  # noqa: SIM115 (closed by close/abort)
         self._out = zstandard.ZstdCompressor(level=level).stream_writer(self._raw, closefd=False)
         self.count = 0
@@ -67,7 +51,7 @@ class JsonlZstWriter:
     def close(self) -> Path:
         self._out.close()
         self._raw.close()
-        _commit(self._tmp, self.path)
+        commit(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -85,7 +69,7 @@ class ParquetWriter:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _tmp_of(self.path)
+        self._tmp = temp_path(self.path)
         self._schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("meta", pa.string())])
         self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
         self._rows: dict[str, list] = {"id": [], "text": [], "meta": []}
@@ -109,7 +93,7 @@ class ParquetWriter:
     def close(self) -> Path:
         self._flush()
         self._writer.close()
-        _commit(self._tmp, self.path)
+        commit(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -126,37 +110,6 @@ def open_writer(path: Path | str, fmt: str) -> JsonlZstWriter | ParquetWriter:
     raise ValueError(f"unknown output format {fmt!r} (one of {', '.join(OUTPUT_FORMATS)})")
 
 
-def write_json_atomic(path: Path | str, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_of(path)
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _commit(tmp, path)
-
-
 def save_npz_atomic(path: Path | str, **arrays: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_of(path)
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.savez(f, **arrays)
-    _commit(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path | str) -> Iterator[BinaryIO]:
-    """A binary file that appears under `path` only if the block finishes without an exception."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_of(path)
-    f = open(tmp, "wb")  # noqa: SIM115 (closed below on both paths)
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise

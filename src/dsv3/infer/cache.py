@@ -100,7 +100,7 @@ class LatentCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.dtype, self.fp8, self.static, self.absorb = dtype, fp8, static, absorb
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        width = cfg.kv_latent_dim
         shape = (cfg.num_hidden_layers, batch_size, max_len, width)
         self.latent = torch.zeros(shape, dtype=FP8 if fp8 else dtype, device=self.device)
         self.scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if fp8 else None

@@ -12,7 +12,7 @@ The pieces are separate methods so a decode cache can hold just (c_kv, k_pe): `q
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,7 @@ from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
 
-if TYPE_CHECKING:
-    from dsv3.infer.cache import LayerCache
-
-__all__ = ["MLA", "causal_attention", "SDPA_PAD_V"]
+__all__ = ["MLA", "LayerCache", "causal_attention", "SDPA_PAD_V"]
 
 # MLA's v is narrower than q·k (v_head_dim < qk_head_dim). Flash SDPA wants one head dim for q, k
 # and v, so v is padded with zeros (and the output sliced) unless cuDNN's fused attention will take
@@ -45,6 +42,19 @@ def _pad_v(device_index: int | None) -> bool:
         return SDPA_PAD_V
     cudnn_takes_narrow_v = torch.cuda.get_device_capability(device_index) >= (9, 0)
     return not (cudnn_takes_narrow_v and torch.backends.cuda.cudnn_sdp_enabled())
+
+
+class LayerCache(Protocol):
+    """What MLA needs of a generation cache for one layer; `dsv3.infer` implements it.
+
+    `update` stores the chunk's latent (c_kv (B, T, r), k_pe (B, T, rope)) and returns every cached
+    latent the chunk may attend to, (B, S, r + rope) in the compute dtype, with its mask (B, T, S)
+    (True: may attend). `absorb` asks for the absorbed decode form when a row holds one query.
+    """
+
+    absorb: bool
+
+    def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def causal_attention(
@@ -84,7 +94,7 @@ class MLA(nn.Module):
             self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_latent_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)

@@ -24,19 +24,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from dsv3.checkpoints import CheckpointError
 from dsv3.config import ModelConfig, load_yaml, validate_config
 from dsv3.model.fp8 import FP8_BLOCK, dequantize_fp8
-from dsv3.model.safetensors_dir import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    CheckpointError,
-    parse_size,
-    write_safetensors_dir,
-)
+from dsv3.model.safetensors_dir import INDEX_FILE, SINGLE_FILE, parse_size, write_safetensors_dir
 from dsv3.model.transformer import Transformer
 
 __all__ = [
-    "CheckpointError",
     "HFTensor",
     "hf_tensor_table",
     "read_hf_config",

@@ -13,14 +13,9 @@ import math
 
 import torch
 
-from dsv3.config import ModelConfig, RopeScaling
+from dsv3.config import ModelConfig, RopeScaling, yarn_mscale
 
-__all__ = ["yarn_mscale", "default_inv_freq", "yarn_inv_freq", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
-
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN's magnitude correction 0.1·mscale·ln(factor) + 1 (1.0 when the context is not extended)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+__all__ = ["default_inv_freq", "yarn_inv_freq", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
 
 
 def default_inv_freq(dim: int, theta: float) -> torch.Tensor:

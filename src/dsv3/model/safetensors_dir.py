@@ -1,7 +1,7 @@
 """A model directory of safetensors shards, written atomically: config.json, shards, index.
 
-Shards are cut at a byte budget and named as transformers names them; everything goes to a
-temp directory first, is fsynced, and is renamed into place, so a crash never leaves half a
+Shards are cut at a byte budget and named as transformers names them; the directory is built
+under a temp name and renamed into place (`dsv3.io.atomic_dir`), so a crash never leaves half a
 checkpoint under the final name.
 """
 
@@ -18,16 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv3.config import ConfigError
+from dsv3.checkpoints import CheckpointError
+from dsv3.io import atomic_dir
 
-__all__ = ["CheckpointError", "SINGLE_FILE", "INDEX_FILE", "parse_size", "write_safetensors_dir"]
+__all__ = ["SINGLE_FILE", "INDEX_FILE", "parse_size", "write_safetensors_dir"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be read or written, in one line naming the file and the tensor."""
 
 
 def parse_size(value: str | int) -> int:
@@ -42,14 +39,6 @@ def parse_size(value: str | int) -> int:
     return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_safetensors_dir(
     tensors: Iterable[tuple[str, torch.Tensor]],
     path: Path,
@@ -58,20 +47,17 @@ def write_safetensors_dir(
     overwrite: bool,
     extra_files: Iterable[Path] = (),
 ) -> None:
-    """Write config.json, safetensors shards and `extra_files` to a temp dir, fsync, rename into place."""
+    """Write config.json, safetensors shards and `extra_files` into `path` through `dsv3.io.atomic_dir`."""
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (pass overwrite to replace it)")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(path, overwrite=True) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         sizes = [0]
         ptrs: list[set[int]] = [set()]
         files: list[str] = []
 
         def flush() -> None:
-            files.append(f"shard-{len(files):05d}.tmp")
+            files.append(f"shard-{len(files):05d}.part")
             save_file(shards[-1], str(tmp / files[-1]), metadata={"format": "pt"})
             shards[-1] = {}
 
@@ -97,28 +83,12 @@ def write_safetensors_dir(
             else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
         )
         for old, new in zip(files, names, strict=True):
-            os.replace(tmp / old, tmp / new)
-            _fsync(tmp / new)
+            os.replace(tmp / old, tmp / new)  # named once the total count is known
             with safe_open(tmp / new, framework="pt") as f:
                 weight_map.update({k: new for k in f.keys()})  # noqa: SIM118
         if len(names) > 1:
             index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            _fsync(tmp / INDEX_FILE)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _fsync(tmp / "config.json")
         for file in extra_files:
             shutil.copyfile(file, tmp / file.name)
-            _fsync(tmp / file.name)
-        _fsync(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

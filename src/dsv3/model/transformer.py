@@ -12,8 +12,8 @@ API (what the trainer, generation and the HF interchange build on):
     model.activation_checkpointing = True       # recompute each block in backward
     model.compile_blocks()                      # torch.compile(fullgraph=True) per block
     model.mtp_logits(input_ids)                 # (D, B, T, vocab), e.g. for speculative drafts
-    model(ids, positions, cache=LatentCache(...))  # generation: see dsv3.infer
-    Transformer.from_pretrained(path)           # = dsv3.model.hf.load_hf; save with hf.save_hf
+    model(ids, positions, cache=cache)          # generation: cache[i] is layer i's LayerCache (dsv3.infer)
+    dsv3.model.hf.load_hf(path), save_hf(model, path)   # Hugging Face checkpoints
 
 `labels[:, t]` is the target of position t (the next token), -100 where there is none. MTP depth
 d (1..D) at position t combines the previous depth's hidden state (depth 0: the main model's final
@@ -26,9 +26,8 @@ State-dict keys are the Hugging Face DeepSeek-V3 names except the stacked expert
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +35,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dsv3.config import ModelConfig
-from dsv3.model.attention import MLA
+from dsv3.model.attention import MLA, LayerCache
 from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
-
-if TYPE_CHECKING:
-    from dsv3.infer.cache import LatentCache, LayerCache
 
 __all__ = ["Block", "MTP", "ModelOutput", "Transformer", "INIT_STD", "IGNORE_INDEX"]
 
@@ -171,7 +167,7 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         balance: bool = False,
-        cache: LatentCache | None = None,
+        cache: Sequence[LayerCache] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         """input_ids (B, T) → (final normed hidden (B, T, d), summed balance loss or None, (cos, sin)).
 
@@ -188,7 +184,10 @@ class Transformer(nn.Module):
         return self.model.norm(h), aux, (cos, sin)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: Sequence[LayerCache] | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); `positions` (T,) or (B, T) default to 0..T-1."""
         h, _, _ = self.hidden_states(input_ids, positions, cache=cache)
@@ -313,10 +312,3 @@ class Transformer(nn.Module):
             for p in self.mtp.parameters():
                 params.pop(id(p), None)
         return sum(p.numel() for p in params.values())
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> Transformer:
-        """Load a Hugging Face DeepSeek-V3 checkpoint directory (see `dsv3.model.hf.load_hf`)."""
-        from dsv3.model.hf import load_hf
-
-        return load_hf(path, **kwargs)

@@ -6,6 +6,7 @@ home for every formula. The conventions are stated once, in `docs/scaling.md` an
 choice of a layout, `report` the tables.
 """
 
+from dsv3.scaling.hardware import PEAK_BF16_TFLOPS, device_peak_flops, peak_tflops
 from dsv3.scaling.memory import (
     HEADROOM,
     GiB,
@@ -23,7 +24,9 @@ from dsv3.scaling.params import (
     training_flops_per_token,
 )
 from dsv3.scaling.plan import (
-    H100_BF16_TFLOPS,
+    CHINCHILLA_MAX,
+    CHINCHILLA_MIN,
+    DEFAULT_PEAK_TFLOPS,
     ChinchillaCheck,
     Choice,
     Plan,
@@ -53,7 +56,12 @@ __all__ = [
     "Choice",
     "GiB",
     "HEADROOM",
-    "H100_BF16_TFLOPS",
+    "CHINCHILLA_MIN",
+    "CHINCHILLA_MAX",
+    "DEFAULT_PEAK_TFLOPS",
+    "PEAK_BF16_TFLOPS",
+    "peak_tflops",
+    "device_peak_flops",
     "DOCS_COMMAND",
     "layer_params",
     "count_params",

@@ -69,7 +69,7 @@ def kv_cache_bytes_per_token(cfg: ModelConfig) -> KVCacheBytes:
     """Cache cost of one token of context (the MTP module is not cached; it only drafts)."""
     return KVCacheBytes(
         layers=cfg.num_hidden_layers,
-        mla_values_per_layer=cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+        mla_values_per_layer=cfg.kv_latent_dim,
         mha_values_per_layer=cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim),
     )
 
@@ -86,7 +86,7 @@ def _layer_activation_bytes(cfg: ModelConfig, moe: bool) -> int:
     attn = (
         2 * d  # input_layernorm input and output
         + q_path
-        + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank  # kv_a output, kv_a_layernorm output
+        + cfg.kv_latent_dim + cfg.kv_lora_rank  # kv_a output, kv_a_layernorm output
         + 2 * h * cfg.qk_head_dim + h * cfg.v_head_dim  # q, k, v kept by the attention kernel
         + h * cfg.v_head_dim  # attention output, o_proj input
     )

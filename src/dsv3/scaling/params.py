@@ -52,7 +52,7 @@ def layer_params(cfg: ModelConfig, moe: bool) -> LayerParams:
         q = d * h * cfg.qk_head_dim
     else:
         q = d * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
-    kv_a = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    kv_a = d * cfg.kv_latent_dim
     kv = kv_a + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     attention = q + kv + h * cfg.v_head_dim * d
     norms = 2 * d + cfg.kv_lora_rank + (cfg.q_lora_rank or 0)

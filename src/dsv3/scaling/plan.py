@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dsv3.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from dsv3.scaling.hardware import DEFAULT_GPU, PEAK_BF16_TFLOPS
 from dsv3.scaling.memory import (
     HEADROOM,
     GiB,
@@ -21,7 +22,9 @@ from dsv3.scaling.memory import (
 from dsv3.scaling.params import FlopBreakdown, ParamCounts, count_params, training_flops_per_token
 
 __all__ = [
-    "H100_BF16_TFLOPS",
+    "CHINCHILLA_MIN",
+    "CHINCHILLA_MAX",
+    "DEFAULT_PEAK_TFLOPS",
     "ChinchillaCheck",
     "Plan",
     "Choice",
@@ -32,7 +35,9 @@ __all__ = [
     "select_configs",
 ]
 
-H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 peak, the usual MFU denominator
+# Hoffmann et al. 2022's compute-optimal range of training tokens per (active) parameter.
+CHINCHILLA_MIN, CHINCHILLA_MAX = 20.0, 26.0
+DEFAULT_PEAK_TFLOPS = PEAK_BF16_TFLOPS[DEFAULT_GPU]
 RECOMPUTE_SLOWDOWN = 4 / 3  # full recomputation repeats the forward: 4 passes of work instead of 3
 
 
@@ -70,7 +75,10 @@ class ChinchillaCheck:
 
 
 def chinchilla_check(
-    cfg: ModelConfig, train: TrainConfig, ratio_min: float = 20.0, ratio_max: float = 26.0
+    cfg: ModelConfig,
+    train: TrainConfig,
+    ratio_min: float = CHINCHILLA_MIN,
+    ratio_max: float = CHINCHILLA_MAX,
 ) -> ChinchillaCheck:
     """For an MoE the parameter count is N_active: compute per token follows active, not total, size."""
     if not 0 < ratio_min <= ratio_max:
@@ -122,7 +130,9 @@ class Plan:
         }
 
 
-def plan_run(run: RunConfig, ratio_min: float = 20.0, ratio_max: float = 26.0, causal: bool = True) -> Plan:
+def plan_run(
+    run: RunConfig, ratio_min: float = CHINCHILLA_MIN, ratio_max: float = CHINCHILLA_MAX, causal: bool = True
+) -> Plan:
     """Counts, FLOPs, KV cache, memory for the run's own layout, and its Chinchilla check."""
     flops = training_flops_per_token(run.model, run.train.seq_len, causal)
     chin = chinchilla_check(run.model, run.train, ratio_min, ratio_max)
@@ -142,7 +152,7 @@ def plan_run(run: RunConfig, ratio_min: float = 20.0, ratio_max: float = 26.0, c
 
 
 def training_hours(
-    flops: float, gpus: int, mfu: float, peak_tflops: float = H100_BF16_TFLOPS, recompute: bool = False
+    flops: float, gpus: int, mfu: float, peak_tflops: float = DEFAULT_PEAK_TFLOPS, recompute: bool = False
 ) -> float:
     """Wall-clock hours for `flops` model FLOPs; recomputation's extra forward lowers the useful rate."""
     seconds = flops / (gpus * peak_tflops * 1e12 * mfu)
@@ -250,8 +260,8 @@ def select_configs(
     gpu_memory_gb: float,
     hours: float | None = None,
     mfu: float = 0.4,
-    peak_tflops: float = H100_BF16_TFLOPS,
-    ratio: float = 20.0,
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+    ratio: float = CHINCHILLA_MIN,
     headroom: float = HEADROOM,
     gpus_per_node: int = 8,
 ) -> list[Choice]:

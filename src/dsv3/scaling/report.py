@@ -21,11 +21,11 @@ def _si(x: float, unit: str) -> str:
     return f"{x:.0f} {unit}"
 
 
-def human_count(x: float) -> str:
+def human_count(x: float, digits: int = 2) -> str:
     """1.24B, 205.23M: counts for people; JSON output keeps the exact integers."""
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
-            return f"{x / scale:.2f}{suffix}"
+            return f"{x / scale:.{digits}f}{suffix}"
     return f"{x:.0f}"
 
 

@@ -19,15 +19,12 @@ temp directory that discovery ignores, so the previous checkpoint stays the newe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,172 +32,51 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dsv3.checkpoints import (
+    FORMAT_VERSION,
+    RUN_CONFIG,
+    TRAINER_STATE,
+    CheckpointError,
+    best_checkpoint,
+    checkpoint_name,
+    list_checkpoints,
+    read_trainer_state,
+    resolve_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
 from dsv3.config import ModelConfig, RunConfig
-from dsv3.model.safetensors_dir import CheckpointError  # one error type for every checkpoint
+from dsv3.data.tokenizer import copy_tokenizer
+from dsv3.io import publish_dir, remove_dir, sweep_temps, temp_path
+from dsv3.model.hf import load_hf, read_hf_config, save_hf
 
 __all__ = [
-    "CheckpointError",
-    "checkpoint_name",
     "save_checkpoint",
     "load_model",
     "restore_training_state",
-    "verify_checkpoint",
-    "list_checkpoints",
     "resolve_resume",
     "prune_checkpoints",
-    "best_checkpoint",
-    "read_trainer_state",
     "model_differences",
-    "write_json_atomic",
     "remove_stale_temps",
 ]
 
 log = logging.getLogger(__name__)
 
-PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
-MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer/state.json"
-RUN_CONFIG = "trainer/run_config.json"
 OPTIMIZER = "trainer/optimizer.safetensors"
 RNG = "trainer/rng.safetensors"
-FORMAT_VERSION = 1
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{PREFIX}{step:06d}"
-
-
-def _step_of(path: Path) -> int | None:
-    suffix = path.name[len(PREFIX):]
-    return int(suffix) if path.name.startswith(PREFIX) and suffix.isdigit() else None
-
-
-# --------------------------------------------------------------------------------------------
-# Durable file operations
-# --------------------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync, rename over `path`."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_manifest(directory: Path, step: int) -> None:
-    """Record every file's size and checksum; its presence marks the checkpoint complete."""
-    files = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_dir():
-            _fsync_path(p)
-        elif p.name != MANIFEST:
-            _fsync_path(p)
-            files[p.relative_to(directory).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
-    with open(directory / MANIFEST, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_path(directory)
-
-
-def verify_checkpoint(directory: Path, checksums: bool = False) -> dict:
-    """The manifest of a complete checkpoint; a missing, truncated or altered file raises CheckpointError."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint directory")
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: incomplete checkpoint (no {MANIFEST}: save cut off)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{directory}/{MANIFEST}: unreadable manifest: {e}") from None
-    for name, meta in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing file listed in the manifest")
-        if path.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, manifest says {meta['bytes']}")
-        if checksums and _sha256(path) != meta["sha256"]:
-            raise CheckpointError(f"{path}: checksum differs from the manifest (file altered or corrupt)")
-    return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# Discovery, resume and retention
-# --------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest first. Cut-off saves are skipped, with a log line."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for p in output_dir.iterdir():
-        step = _step_of(p)
-        if step is None or not p.is_dir():
-            continue
-        try:
-            verify_checkpoint(p)
-        except CheckpointError as e:
-            log.warning("skipping %s", e)
-            continue
-        found.append((step, p))
-    return [p for _, p in sorted(found)]
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """`auto` = newest complete checkpoint in output_dir (None when there is none); else that directory."""
+    """`auto` = the last complete checkpoint in output_dir (None when there is none); else the given
+    checkpoint, or a run directory's last one. A resume needs trainer state: a bare model is refused."""
     if resume is None:
         return None
     if resume == "auto":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not (path / MANIFEST).exists() and (inside := list_checkpoints(path)):
-        return inside[-1]  # a run directory: its newest checkpoint
-    verify_checkpoint(path)
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = resolve_checkpoint(resume, "last")
+    verify_checkpoint(path)  # raises for a model directory with no manifest (no trainer state)
     return path
-
-
-def read_trainer_state(directory: Path) -> dict:
-    try:
-        return json.loads((Path(directory) / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}/{TRAINER_STATE}: unreadable: {e}") from None
-
-
-def best_checkpoint(output_dir: Path) -> Path | None:
-    """The complete checkpoint with the lowest validation loss (None when none was evaluated)."""
-    scored = [
-        (state["val_loss"], p)
-        for p in list_checkpoints(output_dir)
-        if (state := read_trainer_state(p)).get("val_loss") is not None
-    ]
-    return min(scored, key=lambda t: t[0])[1] if scored else None
 
 
 def prune_checkpoints(output_dir: Path, keep_last: int) -> list[Path]:
@@ -212,30 +88,15 @@ def prune_checkpoints(output_dir: Path, keep_last: int) -> list[Path]:
     removed = []
     for p in ckpts:
         if p not in keep:
-            _remove_dir(p)
+            remove_dir(p)
             removed.append(p)
     return removed
 
 
-def _remove_dir(path: Path) -> None:
-    # Rename first: a half-deleted directory must never look like a checkpoint.
-    trash = path.with_name(f"{TMP_PREFIX}trash-{path.name}-{os.getpid()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def remove_stale_temps(output_dir: Path) -> None:
-    """Clear temp directories left by a save that was killed (ours and the model writer's)."""
-    if not Path(output_dir).is_dir():
-        return
-    for p in Path(output_dir).iterdir():
-        if not (p.name.startswith(".") and "tmp-" in p.name):
-            continue
-        log.info("removing %s (left by an interrupted save)", p)
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    """Clear what a save that was killed left in `output_dir` (its temp directory)."""
+    for p in sweep_temps(output_dir):
+        log.info("removed %s (left by an interrupted save)", p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,12 +191,10 @@ def save_checkpoint(
     tokenizer: Path | None = None,
 ) -> Path:
     """Write `output_dir/step_<step>/` atomically and return it."""
-    from dsv3.model.hf import save_hf  # the model's own HF writer: one home for the weight layout
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / checkpoint_name(step)
-    tmp = output_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp = temp_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     t0 = time.perf_counter()
@@ -348,14 +207,9 @@ def save_checkpoint(
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
     (tmp / RUN_CONFIG).write_text(run_config.model_dump_json(indent=1), encoding="utf-8")
     if tokenizer is not None:
-        from dsv3.train.sample import copy_tokenizer
-
         copy_tokenizer(Path(tokenizer), tmp)
-    _write_manifest(tmp, step)
-    if final.exists():  # the same step saved again (e.g. a rerun): swap, never leave a gap
-        _remove_dir(final)
-    os.rename(tmp, final)
-    _fsync_path(output_dir)
+    write_manifest(tmp, step)
+    publish_dir(tmp, final)  # the same step saved again (a rerun) swaps in, never leaving a gap
     log.info("saved checkpoint %s (%.1f s)", final, time.perf_counter() - t0)
     return final
 
@@ -372,8 +226,6 @@ def load_model(directory: Path, model_config: ModelConfig, device: torch.device 
 
     A checkpoint of another architecture than `model_config` is refused, naming the fields that differ.
     """
-    from dsv3.model.hf import load_hf, read_hf_config
-
     directory = Path(directory)
     verify_checkpoint(directory, checksums=True)
     diffs = model_differences(read_hf_config(directory), model_config)

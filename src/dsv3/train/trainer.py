@@ -21,19 +21,17 @@ from typing import Any
 import torch
 
 from dsv3 import scaling
+from dsv3.checkpoints import best_checkpoint, list_checkpoints
 from dsv3.config import ConfigError, RunConfig
+from dsv3.infer.text import sample_text
+from dsv3.io import write_json_atomic
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.evaluate import router_entropy, unigram_loss, validation_loss
 from dsv3.train.loader import build_data
-from dsv3.train.metrics import (
-    MetricsLogger,
-    expert_load_stats,
-    gpu_peak_flops,
-    peak_memory,
-    plot_run,
-    truncate_metrics,
-)
+from dsv3.train.metrics import expert_load_stats, peak_memory
 from dsv3.train.optim import build_optimizer, lr_at, set_lr
+from dsv3.train.plots import plot_run
+from dsv3.train.sinks import MetricsLogger, truncate_metrics
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "train"]
 
@@ -71,12 +69,22 @@ def _pick_device(want: str) -> torch.device:
     return torch.device(want)
 
 
-def _check_single_process() -> None:
+def _check_single_device(cfg: RunConfig) -> None:
+    """The trainer runs one process on one device: refuse a layout it would otherwise ignore."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         raise ConfigError(
-            f"launched with WORLD_SIZE={world}: the trainer runs one process for now "
-            "(FSDP2/expert-parallel plans belong to dsv3.parallel); launch it without torchrun"
+            f"launched with WORLD_SIZE={world}: dsv3 train runs one process on one device for now "
+            "(distributed training is in progress, see the README's Status); launch it without torchrun"
+        )
+    p = cfg.parallel
+    asked = {k: v for k, v in p.model_dump().items() if k in ("gpus", "dp_replicate", "dp_shard", "tp", "pp", "ep")}
+    if any(v > 1 for v in asked.values()):
+        layout = ", ".join(f"{k}={v}" for k, v in asked.items() if v > 1)
+        raise ConfigError(
+            f"parallel: {layout} asks for more than one device; dsv3 train runs one process on one device "
+            "for now (distributed training is in progress, see the README's Status): set parallel.gpus=1 "
+            "and leave dp_replicate, dp_shard, tp, pp and ep at 1"
         )
 
 
@@ -86,7 +94,7 @@ class Trainer:
     def __init__(
         self, cfg: RunConfig, resume: str | None = None, on_record: Callable[[Record], None] | None = None
     ) -> None:
-        _check_single_process()
+        _check_single_device(cfg)
         self.cfg, self.tc = cfg, cfg.train
         self.on_record = on_record or (lambda r: None)
         self.out = Path(self.tc.output_dir)
@@ -102,7 +110,7 @@ class Trainer:
 
         self.resume_from = ckpt.resolve_resume(resume, self.out)
         if self.resume_from is None:
-            existing = ckpt.list_checkpoints(self.out)
+            existing = list_checkpoints(self.out)
             if existing:
                 raise ConfigError(
                     f"{self.out} already holds checkpoints (newest {existing[-1].name}): "
@@ -123,7 +131,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resume_from is not None:
             truncate_metrics(self.out, self.step)
-        ckpt.write_json_atomic(self.out / "run_config.json", cfg.model_dump(mode="json"))
+        write_json_atomic(self.out / "run_config.json", cfg.model_dump(mode="json"), indent=1, sort_keys=True)
         self.metrics = MetricsLogger(
             self.out, self.tc, cfg.name, cfg.model_dump(mode="json"),
             resumed_at=self.step + 1 if self.resume_from is not None else None,
@@ -134,7 +142,7 @@ class Trainer:
         self.unigram = unigram_loss(counts, self.valid_batches)
         flops = scaling.training_flops_per_token(cfg.model, self.tc.seq_len)
         self.flops_per_token = flops.total if self.tc.mtp_lambda > 0 else flops.without_mtp
-        self.peak_flops = gpu_peak_flops(self.device)
+        self.peak_flops = scaling.device_peak_flops(self.device)
 
     # --- setup ---------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
@@ -266,8 +274,6 @@ class Trainer:
     def _sample(self) -> str | None:
         if self.tokenizer is None or self.tc.sample_tokens == 0:
             return None
-        from dsv3.train.sample import sample_text
-
         prompt = self.tc.sample_prompt or ""
         return prompt + sample_text(
             self.model, self.tokenizer, prompt, self.tc.sample_tokens, seed=self.tc.seed + self.step
@@ -329,7 +335,7 @@ class Trainer:
         finally:
             self.metrics.close()
         plots = plot_run(self.out)
-        best = ckpt.best_checkpoint(self.out)
+        best = best_checkpoint(self.out)
         ev = self.last_eval or {}
         return TrainResult(
             output_dir=self.out, step=self.step, val_loss=ev.get("val_loss"), val_ppl=ev.get("val_ppl"),

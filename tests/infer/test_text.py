@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from dsv3.cli import main
 from dsv3.data.tokenizer import encode_texts, load_tokenizer, special_token_ids, train_tokenizer
-from dsv3.train.sample import generate_from_checkpoint
+from dsv3.infer.text import generate_from_checkpoint
 from dsv3.train.trainer import train
-from tests.train.conftest import FIXTURE_TEXT, micro_run, write_shard
+from tests.conftest import FIXTURE_TEXT, micro_run, write_shard
 
 
 @pytest.fixture
@@ -53,10 +55,15 @@ def test_generate_from_a_run_is_seeded(tokenized_run, capsys):
 
 def test_generate_errors_are_one_line(tokenized_run, tmp_path, capsys):
     result, _, _ = tokenized_run
-    (result.last_checkpoint / "tokenizer.json").unlink()
-    (result.last_checkpoint / "trainer" / "run_config.json").unlink()
-    assert main(["generate", "--checkpoint", str(result.last_checkpoint), "--prompt", "x"]) == 2
+    bare = tmp_path / "bare"  # a model directory without a tokenizer or a run config naming one
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(result.last_checkpoint / name, bare / name)
+    assert main(["generate", "--checkpoint", str(bare), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no tokenizer.json" in err and "--tokenizer" in err and "\n" not in err
+    (result.last_checkpoint / "tokenizer.json").unlink()  # a checkpoint altered after its save
+    assert main(["generate", "--checkpoint", str(result.last_checkpoint), "--prompt", "x"]) == 2
+    assert "tokenizer.json: missing file listed in the manifest" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
-    assert "neither a model directory" in capsys.readouterr().err
+    assert "neither a checkpoint" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""Text in, text out: continue a prompt with a model and its tokenizer (training samples, `dsv3 generate`).
+
+Documents in the shards are separated by EOS (no BOS), so a prompt is fed after an EOS: the
+context a model saw at the start of every training document.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from dsv3.checkpoints import Which, checkpoint_tokenizer, resolve_checkpoint
+from dsv3.config import ConfigError
+from dsv3.data.tokenizer import load_tokenizer, special_token_ids
+from dsv3.infer.generate import generate
+from dsv3.model.hf import load_hf
+
+__all__ = ["sample_text", "generate_from_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sample_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> str:
+    """Continue `prompt` with the latent-cache decoder; the continuation, decoded.
+
+    Sampling draws from its own generator seeded with `seed`: the training run's RNG is untouched
+    and the same seed gives the same text.
+    """
+    _, eos, _ = special_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    ids = [eos, *tokenizer.encode(prompt, add_special_tokens=False).ids]
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate(
+            model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_p=top_p,
+            eos_token_id=eos, generator=torch.Generator(device).manual_seed(seed),
+        )
+    finally:
+        model.train(was_training)
+    new = out[0].tolist()
+    if eos in new:
+        new = new[: new.index(eos)]  # the document ended; what follows is padding
+    return tokenizer.decode(new, skip_special_tokens=False)
+
+
+def generate_from_checkpoint(
+    checkpoint: str | Path,
+    prompt: str,
+    *,
+    which: Which = "best",
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+    device: str | None = None,
+) -> str:
+    """Load a checkpoint (or a run's best or last) with its tokenizer and continue `prompt`."""
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be positive")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"temperature {temperature}, top_p {top_p}: need temperature >= 0, 0 < top_p <= 1")
+    directory = resolve_checkpoint(checkpoint, which)
+    tok = load_tokenizer(tokenizer or checkpoint_tokenizer(directory))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_hf(directory, device=device)
+    if tok.get_vocab_size() > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tok.get_vocab_size()} tokens, model vocab_size is {model.config.vocab_size}"
+        )
+    log.info("generating with %s", directory)
+    return sample_text(model, tok, prompt, max_new_tokens, temperature, top_p, seed)

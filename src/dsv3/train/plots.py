@@ -1,0 +1,88 @@
+"""The end-of-run plots, drawn from metrics.jsonl: the loss curve and the expert-load heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dsv3.io import atomic_open
+from dsv3.train.sinks import METRICS_FILE, read_metrics
+
+__all__ = ["plot_run"]
+
+
+def plot_run(output_dir: Path) -> list[Path]:
+    """Write loss_curve.png and expert_load.png from metrics.jsonl; return the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    output_dir = Path(output_dir)
+    records = read_metrics(output_dir / METRICS_FILE)
+    written = [
+        _plot_loss(records, output_dir / "loss_curve.png"),
+        _plot_expert_load(records, output_dir / "expert_load.png"),
+    ]
+    return [p for p in written if p is not None]
+
+
+def _plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+        if evals[-1].get("unigram_loss") is not None:
+            ax.axhline(evals[-1]["unigram_loss"], ls="--", c="gray", label="unigram baseline")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Heatmap: one row per (MoE layer, expert), one column per logged step, colour = load / mean."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    loads = [r for r in records if r.get("kind") == "train" and "expert_load" in r]
+    if not loads:
+        return None
+    counts = np.array([r["expert_load"] for r in loads], dtype=np.float64).transpose(1, 2, 0)  # (L, E, t)
+    runs = [r for r in records if r.get("kind") == "run" and r.get("moe_layers")]
+    names = runs[-1]["moe_layers"] if runs else [f"MoE layer {i}" for i in range(len(counts))]
+    ran = counts.sum(axis=(1, 2)) > 0  # the MTP layers of a run without MTP loss see no token
+    counts, names = counts[ran], [n.removesuffix(".mlp") for n, r in zip(names, ran, strict=False) if r]
+    if not len(counts):
+        return None
+    share = counts / np.clip(counts.mean(axis=1, keepdims=True), 1e-9, None)
+    n_layers, n_experts, _ = share.shape
+    rows = n_layers * n_experts
+    fig, ax = plt.subplots(figsize=(9, min(1.2 + 0.22 * rows, 14)))
+    im = ax.imshow(
+        share.reshape(rows, -1), aspect="auto", interpolation="nearest", cmap="magma",
+        extent=(loads[0]["step"], loads[-1]["step"], rows, 0),
+    )
+    for i in range(1, n_layers):
+        ax.axhline(i * n_experts, c="white", lw=1)
+    ax.set_yticks([i * n_experts + n_experts / 2 for i in range(n_layers)])
+    ax.set_yticklabels(names)
+    ax.set(xlabel="step", title="expert load (tokens / mean tokens per expert; 1 = even)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _save_fig(fig: Any, path: Path) -> Path:
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=110, format="png")
+    return path
