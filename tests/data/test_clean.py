@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import unicodedata
 
-from dsv3.data.clean import FixUnicode, HtmlToText, NormalizeWhitespace, ScrubPII, scrub_pii
 from dsv3.data.document import Document
+from dsv3.data.steps.clean import FixUnicode, HtmlToText, NormalizeWhitespace, ScrubPII, scrub_pii
 
 
 def _run(step, *texts):

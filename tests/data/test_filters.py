@@ -9,7 +9,8 @@ import random
 import pytest
 
 from dsv3.data.document import Document
-from dsv3.data.filters import (
+from dsv3.data.steps.code import CodeQuality
+from dsv3.data.steps.filters import (
     C4Quality,
     GopherQuality,
     GopherRepetition,
@@ -17,8 +18,7 @@ from dsv3.data.filters import (
     duplicated_ngram_char_fraction,
     top_ngram_char_fraction,
 )
-from dsv3.data.filters_code import CodeQuality
-from dsv3.data.langid import LanguageFilter
+from dsv3.data.steps.langid import LanguageFilter
 
 CLEAN = (
     "The river starts in the hills above the town, where the snow melts in spring and runs down through "

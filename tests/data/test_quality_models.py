@@ -11,9 +11,9 @@ import kenlm
 import pytest
 
 from dsv3.config import ConfigError
-from dsv3.data import quality_models
 from dsv3.data.document import Document
-from dsv3.data.quality_models import FastTextFilter, KenLMFilter, kenlm_perplexity
+from dsv3.data.steps import quality_models
+from dsv3.data.steps.quality_models import FastTextFilter, KenLMFilter, kenlm_perplexity
 from tests.conftest import FIXTURES
 
 

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.model.moe import (
-    MoE,
-    expert_matmul,
-    grouped_mm_supported,
-    padded_expert_mm,
-    route,
-    sequence_balance_loss,
-    sort_by_expert,
-)
+from dsv3.model.moe import MoE, route, sequence_balance_loss
+from dsv3.model.moe_ops import expert_matmul, grouped_mm_supported, padded_expert_mm, sort_by_expert
 
 
 def _logits(n: int, e: int, seed: int = 0) -> torch.Tensor:

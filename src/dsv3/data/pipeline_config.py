@@ -26,14 +26,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 from dsv3.config import ConfigError, apply_overrides, load_yaml, validate_config
-from dsv3.data.clean import FixUnicode, HtmlToText, NormalizeWhitespace, ScrubPII
 from dsv3.data.dedup import MinHashConfig
 from dsv3.data.document import Step, StepParams
-from dsv3.data.filters import C4Quality, GopherQuality, GopherRepetition
-from dsv3.data.filters_code import CodeQuality
-from dsv3.data.langid import LanguageFilter
-from dsv3.data.quality_models import FastTextFilter, KenLMFilter
 from dsv3.data.readers import InputConfig
+from dsv3.data.steps.clean import FixUnicode, HtmlToText, NormalizeWhitespace, ScrubPII
+from dsv3.data.steps.code import CodeQuality
+from dsv3.data.steps.filters import C4Quality, GopherQuality, GopherRepetition
+from dsv3.data.steps.langid import LanguageFilter
+from dsv3.data.steps.quality_models import FastTextFilter, KenLMFilter
 
 __all__ = [
     "STEP_TYPES",

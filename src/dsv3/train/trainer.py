@@ -78,7 +78,7 @@ def _check_single_device(cfg: RunConfig) -> None:
             "(distributed training is in progress, see the README's Status); launch it without torchrun"
         )
     p = cfg.parallel
-    asked = {k: v for k, v in p.model_dump().items() if k in ("gpus", "dp_replicate", "dp_shard", "tp", "pp", "ep")}
+    asked = {k: getattr(p, k) for k in ("gpus", "dp_replicate", "dp_shard", "tp", "pp", "ep")}
     if any(v > 1 for v in asked.values()):
         layout = ", ".join(f"{k}={v}" for k, v in asked.items() if v > 1)
         raise ConfigError(

@@ -1,0 +1,198 @@
+"""The kernels under DeepSeekMoE: grouping tokens by expert, grouped expert GEMMs, and fused combine ops.
+
+Everything here is device work with static shapes and no host sync on the forward path (torch.compile
+and CUDA graphs need that): `sort_by_expert` orders the (token, slot) pairs, `expert_matmul` runs
+every expert's rows through torch's grouped_mm (or an exact padded-bmm fallback, a custom op),
+`gather_rows` and `weighted_sum` move rows in and out of expert order with hand-written backwards,
+and `router_logits` is the float32 router GEMM. moe.py composes them as the paper describes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "sort_by_expert",
+    "grouped_mm_supported",
+    "padded_expert_mm",
+    "expert_matmul",
+    "gather_rows",
+    "weighted_sum",
+    "router_logits",
+]
+
+
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order of the N·k (token, slot) pairs grouped by expert (N·k,) and each expert's end offset (E,).
+
+    The offsets come from a search in the sorted ids rather than a bincount, so every shape is static
+    (no data-dependent sizes for torch.compile, no host sync).
+    """
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    ends = torch.searchsorted(
+        flat[order], torch.arange(n_experts, device=flat.device, dtype=flat.dtype), right=True
+    )
+    return order, ends
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped GEMM over tokens sorted by expert
+# --------------------------------------------------------------------------------------------
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm takes x (M, in) @ w (E, out, in)ᵀ: bf16 only (its kernels and its
+    torch.compile support are bf16-only), 16-byte aligned widths, CPU or CUDA sm80+."""
+    if not hasattr(F, "grouped_mm") or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return False
+    if any(dim * x.element_size() % 16 for dim in (w.shape[1], w.shape[2])):
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+def _pad_by_expert(x: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of x (M, n) sorted by expert → (E, capacity, n) zero-padded, and each row's (expert, slot)."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    starts = torch.cat((ends.new_zeros(1), ends[:-1]))
+    expert = torch.searchsorted(ends, rows, right=True)  # (M,) the expert of each sorted row
+    slot = rows - starts[expert]
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        capacity = x.shape[0]  # a CUDA graph allows no host sync: room for every row in one expert
+    else:
+        capacity = int((ends - starts).max())  # a host sync; this op is opaque to torch.compile
+    batch = x.new_zeros(ends.shape[0], capacity, x.shape[1]).index_put_((expert, slot), x)
+    return batch, expert, slot
+
+
+@torch.library.custom_op("dsv3::padded_expert_mm", mutates_args=())
+def padded_expert_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The exact fallback of grouped_mm: x (M, in) sorted by expert, w (E, out, in) → (M, out), one bmm
+    over the experts' rows padded to the largest load (no Python loop over experts)."""
+    batch, expert, slot = _pad_by_expert(x, ends)
+    return torch.bmm(batch, w.transpose(1, 2))[expert, slot]
+
+
+@torch.library.custom_op("dsv3::padded_expert_mm_wgrad", mutates_args=())
+def _padded_expert_mm_wgrad(grad: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """d loss / d w (E, out, in) of `padded_expert_mm`: each expert's gradᵀ @ x over its rows."""
+    g_batch, _, _ = _pad_by_expert(grad, ends)
+    x_batch, _, _ = _pad_by_expert(x, ends)
+    return torch.bmm(g_batch.transpose(1, 2), x_batch)
+
+
+@padded_expert_mm.register_fake
+def _(x, w, ends):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@_padded_expert_mm_wgrad.register_fake
+def _(grad, x, ends):
+    return x.new_empty(ends.shape[0], grad.shape[1], x.shape[1])
+
+
+def _padded_expert_mm_setup(ctx, inputs, output) -> None:
+    x, w, ends = inputs
+    ctx.save_for_backward(x, w, ends)
+
+
+def _padded_expert_mm_backward(ctx, grad):
+    x, w, ends = ctx.saved_tensors
+    grad_x = padded_expert_mm(grad, w.transpose(1, 2).contiguous(), ends)
+    return grad_x, _padded_expert_mm_wgrad(grad, x, ends), None
+
+
+padded_expert_mm.register_autograd(_padded_expert_mm_backward, setup_context=_padded_expert_mm_setup)
+
+
+def expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of x (M, in) sorted by expert, times their expert's w (E, out, in)ᵀ → (M, out)."""
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's lists
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    if grouped_mm_supported(x, w):
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=ends.to(torch.int32))
+    return padded_expert_mm(x, w, ends)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """out (N, d) = Σ_k w (N, k) · y (N, k, d), accumulated in float32.
+
+    Written as elementwise math so torch.compile fuses it with the gather that feeds it: 0.53 ms a
+    layer forward + backward on an H200 at 16k tokens, against 1.70 ms as a batched (1, k) @ (k, d)
+    matmul. Saves y in its own dtype, never a float32 (N, k, d) copy.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, y)
+        return (w.unsqueeze(-1).float() * y.float()).sum(1).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, y = ctx.saved_tensors
+        g = grad.float().unsqueeze(1)  # (N, 1, d)
+        grad_w = (g * y.float()).sum(-1).to(w.dtype) if ctx.needs_input_grad[0] else None
+        grad_y = (g * w.unsqueeze(-1).float()).to(y.dtype) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_y
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = x[index], where index reads every row of x exactly `fold` times.
+
+    The backward gathers with the inverse permutation and sums the `fold` copies, instead of the
+    scatter-add autograd would use: deterministic, and no atomics on bf16.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.fold = fold
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)  # back in (row, copy) order
+        if ctx.fold > 1:
+            g = g.view(-1, ctx.fold, g.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+class _Bf16RouterLogits(torch.autograd.Function):
+    """x (N, d) @ w (E, d)ᵀ → float32 logits from bf16 operands, as one bf16 GEMM with a float32 output
+    (CUDA): the same products and float32 sums as upcasting both first, at bf16 GEMM speed. The
+    gradients are bf16 GEMMs, as the operands' own dtype asks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        return grad @ w, grad.t() @ x
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Router logits (N, E) in float32, as DeepSeek-V3 and transformers compute them."""
+    if x.is_cuda and x.dtype == w.dtype == torch.bfloat16:
+        return _Bf16RouterLogits.apply(x, w)
+    return F.linear(x.float(), w.float())
+
+
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int) -> torch.Tensor:
+    """x[index] (see `_GatherRows`): `index` reads every row of x `fold` times, `inverse` undoes it."""
+    return _GatherRows.apply(x, index, inverse, fold)
+
+
+def weighted_sum(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ_k w (N, k) · y (N, k, d) → (N, d), accumulated in float32 (see `_WeightedSum`)."""
+    return _WeightedSum.apply(w, y)
