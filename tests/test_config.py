@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from dsv3.config import (
+    PRESETS_DIR,
     ConfigError,
     ModelConfig,
     load_model_config,
@@ -240,3 +241,16 @@ def test_a_key_a_set_broke_is_blamed_on_that_set():
     message = _error("tiny", ["train.steps=-3", "train.lr=0.01"])
     assert message.startswith("--set train.steps=-3 on ") and "tiny.yaml: train.steps" in message
     assert "--set train.lr" not in message  # a valid override is not named
+
+
+def test_every_preset_ships_as_package_data():
+    # A plain `pip install .` copies only what pyproject's package-data names: every YAML under the
+    # presets folder must match one of its patterns, or `dsv3 plan --config X` fails after install.
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["dsv3"]
+    package = PRESETS_DIR.parent
+    shipped = {p for pattern in patterns for p in package.glob(pattern)}
+    assert set(PRESETS_DIR.rglob("*.yaml")) == shipped and len(shipped) >= 10
+    assert (Path(__file__).parents[1] / "configs").resolve() == PRESETS_DIR  # the checkout's link

@@ -359,15 +359,8 @@ class RunConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 
 
-def _find_presets_dir() -> Path:
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "configs", here.parent / "configs"):
-        if candidate.is_dir():
-            return candidate
-    return here.parents[2] / "configs"
-
-
-PRESETS_DIR = _find_presets_dir()
+# The presets are package data (the checkout's top-level configs/ is a link to this folder).
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def preset_names() -> list[str]:
@@ -381,7 +374,7 @@ def resolve_config_path(ref: str | Path, relative_to: Path | None = None) -> Pat
     candidates = [ref_path]
     if relative_to is not None and not ref_path.is_absolute():
         candidates.append(relative_to.parent / ref_path)
-    if ref_path.suffix == "" and ref_path.parent == Path("."):
+    if ref_path.suffix == "" and not ref_path.is_absolute():  # a preset: tiny, train/demo
         candidates.append(PRESETS_DIR / f"{ref}.yaml")
     for c in candidates:
         if c.is_file():
