@@ -11,7 +11,8 @@ weights excluded); then one line of ratios per batch size.
 
 Systems: `dsv3` (eager decode), `dsv3-graph` (the decode step captured in a CUDA graph once per
 call, capture time included), `hf` (transformers' generate: DynamicCache, SDPA attention, its default
-grouped_mm experts). bf16 on CUDA, fp32 on CPU. `same_tokens_as` compares greedy tokens with the
+grouped_mm experts), `hf-static` (transformers' strongest generate: `cache_implementation="static"`,
+which compiles its decode step; GPU only by default). Ratios are given against both. bf16 on CUDA, fp32 on CPU. `same_tokens_as` compares greedy tokens with the
 first system: 1.0 in fp32; in bf16 two implementations' greedy paths may split at a near-tie.
 """
 
@@ -32,7 +33,7 @@ from dsv3.infer import generate
 from dsv3.model import Transformer
 from dsv3.model.hf import save_hf
 
-SYSTEMS = ("dsv3", "dsv3-graph", "hf")
+SYSTEMS = ("dsv3", "dsv3-graph", "hf", "hf-static")
 
 
 def _parse() -> argparse.Namespace:
@@ -56,6 +57,8 @@ def _parse() -> argparse.Namespace:
     args.batches = [int(b) for b in args.batch.split(",")]
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "dsv3-graph"]
+    if args.systems is None and args.device != "cuda":
+        systems.remove("hf-static")  # transformers compiles the static-cache decode step: a GPU baseline
     if args.systems is None and args.device == "cuda":
         systems.insert(1, "dsv3-graph")
     if unknown := set(systems) - set(SYSTEMS):
@@ -85,7 +88,7 @@ def _build(cfg: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> 
     for name, graph in (("dsv3", False), ("dsv3-graph", True)):
         if name in args.systems:
             fns[name] = lambda ids, n, g=graph: generate(ours, ids, n, fp8_cache=args.fp8_cache, cuda_graph=g)
-    if "hf" in args.systems:
+    if {"hf", "hf-static"} & set(args.systems):
         import transformers
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +96,9 @@ def _build(cfg: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> 
             hf = transformers.DeepseekV3ForCausalLM.from_pretrained(Path(tmp) / "model", dtype=dtype)
             hf = hf.to(device).eval()
 
-        def hf_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+        def hf_generate(ids: torch.Tensor, n: int, cache: str | None) -> torch.Tensor:
+            # cache "static": transformers preallocates the cache and compiles its decode step, its
+            # fastest generate; None: the default DynamicCache.
             out = hf.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -102,10 +107,13 @@ def _build(cfg: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> 
                 use_cache=True,
                 pad_token_id=0,
                 eos_token_id=None,
+                cache_implementation=cache,
             )
             return out[:, ids.shape[1] :]
 
-        fns["hf"] = hf_generate
+        for name, cache in (("hf", None), ("hf-static", "static")):
+            if name in args.systems:
+                fns[name] = lambda ids, n, c=cache: hf_generate(ids, n, c)
     return fns
 
 
@@ -184,15 +192,17 @@ def main() -> None:
             row["same_tokens_as"] = {first: round((tokens == first_tokens).float().mean().item(), 4)}
             rows[system] = row
             print(json.dumps(row), flush=True)
-        if "hf" in rows:
-            ratios = {
-                f"{s}/hf": {
-                    "tokens_per_s": round(r["tokens_per_s"] / rows["hf"]["tokens_per_s"], 2),
-                    "decode_speedup": round(rows["hf"]["decode_ms_per_token"] / r["decode_ms_per_token"], 2),
-                }
-                for s, r in rows.items()
-                if s != "hf"
+        ratios = {
+            f"{s}/{ref}": {
+                "tokens_per_s": round(r["tokens_per_s"] / rows[ref]["tokens_per_s"], 2),
+                "decode_speedup": round(rows[ref]["decode_ms_per_token"] / r["decode_ms_per_token"], 2),
             }
+            for ref in ("hf-static", "hf")
+            if ref in rows
+            for s, r in rows.items()
+            if s.startswith("dsv3")
+        }
+        if ratios:
             print(json.dumps({"batch": B, "ratios": ratios}), flush=True)
 
 
