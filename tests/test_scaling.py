@@ -26,7 +26,6 @@ from dsv3.scaling import (
     count_params,
     kv_cache_bytes_per_token,
     lr_and_batch_for_compute,
-    markdown_report,
     memory_per_gpu,
     plan_run,
     select_configs,
@@ -353,7 +352,5 @@ def test_docs_scaling_md_is_what_dsv3_plan_generates(capsys):
     generated = capsys.readouterr().out
     committed = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
     assert committed == generated, "docs/scaling.md is stale: run `make docs`"
-    plans = sorted((plan_run(load_run_config(n)) for n in preset_names()), key=lambda p: p.params.total)
-    assert generated == markdown_report(plans)
     for name in preset_names():
         assert f"| {name} |" in generated
