@@ -16,6 +16,7 @@ from torch import nn
 from dsv3.checkpoints import Which
 from dsv3.config import ConfigError
 from dsv3.data.tokenizer import special_token_ids
+from dsv3.infer.engine import EngineConfig
 from dsv3.infer.generate import generate
 from dsv3.infer.llm import LLM
 from dsv3.infer.sampling import SamplingParams
@@ -66,14 +67,18 @@ def generate_from_checkpoint(
     seed: int = 0,
     tokenizer: str | Path | None = None,
     device: str | None = None,
+    dtype: str | None = None,
+    config: EngineConfig | None = None,
 ) -> str:
     """Load a checkpoint (or a run's best or last) with its tokenizer and continue `prompt` through
-    the serving engine (`LLM`); the continuation, special tokens kept as text."""
+    the serving engine (`LLM`, one sequence unless `config` says otherwise); the continuation,
+    special tokens kept as text."""
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be positive")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError(f"temperature {temperature}, top_p {top_p}: need temperature >= 0, 0 < top_p <= 1")
-    llm = LLM(checkpoint, which=which, tokenizer=tokenizer, device=device, max_num_seqs=1)
+    config = config or EngineConfig(max_num_seqs=1)
+    llm = LLM(checkpoint, which=which, tokenizer=tokenizer, device=device, dtype=dtype, config=config)
     params = SamplingParams(
         max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, skip_special_tokens=False
     )
