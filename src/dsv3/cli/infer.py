@@ -111,17 +111,17 @@ def run_generate(args: argparse.Namespace) -> int:
         return 0
     if not args.output:
         raise ConfigError("--input needs --output (a JSONL file to write)")
-    from dsv3.infer.batch import read_prompt_file, run_prompt_file
+    from dsv3.infer.batch import encode_prompt_lines, read_prompt_file, run_prompt_lines
 
     defaults = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed}
-    read_prompt_file(args.input, defaults)  # a bad file fails before the model loads
+    lines = read_prompt_file(args.input, defaults)  # a bad file fails before the model loads
     llm = _llm(args)
+    encode_prompt_lines(llm, lines, args.input)
     with progress_bar("generating") as progress:
-        task = progress.add_task("prompts", total=None)
-        summary = run_prompt_file(
-            llm, args.input, args.output, defaults,
-            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        task = progress.add_task("prompts", total=len(lines))
+        summary = run_prompt_lines(
+            llm, lines, args.output, on_progress=lambda done, total: progress.update(task, completed=done),
         )
     console.print(
         f"wrote [bold]{escape(args.output)}[/bold]: {summary.prompts:,} prompts, {summary.prompt_tokens:,} "

@@ -30,7 +30,14 @@ from dsv3.infer.llm import LLM
 from dsv3.infer.sampling import SamplingParams
 from dsv3.io import atomic_open
 
-__all__ = ["PromptLine", "read_prompt_file", "run_prompt_file", "BatchSummary"]
+__all__ = [
+    "PromptLine",
+    "BatchSummary",
+    "read_prompt_file",
+    "encode_prompt_lines",
+    "run_prompt_lines",
+    "run_prompt_file",
+]
 
 PROMPT_KEYS = ("prompt", "messages")
 
@@ -42,6 +49,7 @@ class PromptLine:
     prompt: str | list[int] | None
     messages: list[dict] | None
     params: SamplingParams
+    ids: list[int] | None = None  # the prompt's token ids, once encoded
 
 
 @dataclass
@@ -106,26 +114,31 @@ def _output(out, params: SamplingParams) -> list[dict]:
     return rows
 
 
-def run_prompt_file(
+def encode_prompt_lines(llm: LLM, lines: list[PromptLine], path: str | Path) -> None:
+    """Fill in each line's token ids, checking that the engine can serve it (errors name the line)."""
+    engine = llm.engine
+    for p in lines:
+        try:
+            if p.messages is None:
+                p.ids = engine.encode(p.prompt)
+            elif engine.tokenizer is None:
+                raise ValueError("messages need a tokenizer")
+            else:
+                p.ids = engine.tokenizer.encode_chat(p.messages)
+            engine.check(p.ids, p.params)
+        except ValueError as e:
+            raise ConfigError(f"{path}:{p.line}: {e}") from None
+
+
+def run_prompt_lines(
     llm: LLM,
-    input_path: str | Path,
+    lines: list[PromptLine],
     output_path: str | Path,
-    defaults: dict[str, Any],
     on_progress: Callable[[int, int], None] | None = None,
 ) -> BatchSummary:
-    """Generate for every line of `input_path` in one continuous batch; write `output_path`."""
-    lines = read_prompt_file(input_path, defaults)
-    engine = llm.engine
-    prompts = []
-    for p in lines:  # every line checked before anything runs
-        try:
-            ids = engine.encode(p.prompt) if p.messages is None else engine.tokenizer.encode_chat(p.messages)
-            engine.check(ids, p.params)
-        except ValueError as e:
-            raise ConfigError(f"{input_path}:{p.line}: {e}") from None
-        prompts.append(ids)
+    """Generate for every (encoded) line in one continuous batch; write `output_path`."""
     start = time.perf_counter()
-    outs = llm.generate(prompts, [p.params for p in lines], on_progress=on_progress)
+    outs = llm.generate([p.ids for p in lines], [p.params for p in lines], on_progress=on_progress)
     seconds = time.perf_counter() - start
     with atomic_open(output_path, "w") as f:
         for p, out in zip(lines, outs, strict=True):
@@ -135,3 +148,16 @@ def run_prompt_file(
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     generated = sum(len(c.token_ids) for out in outs for c in out.outputs)
     return BatchSummary(len(lines), sum(len(o.prompt_token_ids) for o in outs), generated, seconds)
+
+
+def run_prompt_file(
+    llm: LLM,
+    input_path: str | Path,
+    output_path: str | Path,
+    defaults: dict[str, Any],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BatchSummary:
+    """Read, check and generate every line of `input_path`; write `output_path`."""
+    lines = read_prompt_file(input_path, defaults)
+    encode_prompt_lines(llm, lines, input_path)
+    return run_prompt_lines(llm, lines, output_path, on_progress)

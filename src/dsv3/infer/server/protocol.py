@@ -161,8 +161,9 @@ def sampling_params(request: CompletionRequest | ChatRequest) -> SamplingParams:
     values = {k: getattr(request, k) for k in _SAMPLING_FIELDS if getattr(request, k) is not None}
     names = {}  # SamplingParams field → the request's name for it
     if isinstance(request, ChatRequest):
-        values["max_tokens"] = request.max_completion_tokens or request.max_tokens
-        names["max_tokens"] = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        given = request.max_completion_tokens is not None
+        values["max_tokens"] = request.max_completion_tokens if given else request.max_tokens
+        names["max_tokens"] = "max_completion_tokens" if given else "max_tokens"
         if request.logprobs:
             values["logprobs"] = request.top_logprobs or 0
             names["logprobs"] = "top_logprobs"
