@@ -224,10 +224,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
         logits = logits.clone() if logits is raw else logits
         rows_i, toks = zip(*banned, strict=True)
         logits[list(rows_i), list(toks)] = float("-inf")
-    drafts = torch.tensor([-1 if r.draft is None else r.draft for r in rows], device=device)
-    has_draft = drafts >= 0
     tokens = logits.argmax(-1)
-    accepted = has_draft & (tokens == drafts)
+    if all(r.draft is None for r in rows):
+        drafts = torch.full_like(tokens, -1)
+        accepted = torch.zeros_like(tokens, dtype=torch.bool)
+    else:
+        drafts = torch.tensor([-1 if r.draft is None else r.draft for r in rows], device=device)
+        accepted = (drafts >= 0) & (tokens == drafts)
 
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:

@@ -246,7 +246,7 @@ class LLMEngine:
             self.stats.spec_drafts += 1
             self.stats.spec_accepted += int(res.accepted)
         seq.draft = res.draft
-        kept = 0
+        kept, stopped = 0, False
         for j, token in enumerate(res.tokens):
             seq.token_ids.append(token)
             kept += 1
@@ -256,11 +256,12 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if self._stopped(seq, token):
-                seq.finish_time = now
-                self.scheduler.finish(seq)
+                stopped = True
                 break
-        if not seq.finished:
-            self.blocks.register(seq)
+        self.blocks.register(seq)  # before a finished sequence releases them: its blocks stay matchable
+        if stopped:
+            seq.finish_time = now
+            self.scheduler.finish(seq)
         return kept
 
     def _stopped(self, seq: Sequence, token: int) -> bool:

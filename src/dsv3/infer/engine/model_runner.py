@@ -274,27 +274,28 @@ class ModelRunner:
             return self._execute(batch)
 
     def _execute(self, batch: Batch) -> list[RowResult]:
-        forwards = [self._forward(items) for items in (batch.decode, batch.prefill) if items]
-        logits, rows, where = [], [], []  # per sampled position: its logits, SamplingRow, (forward, row)
-        for f, fwd in enumerate(forwards):
-            picks = [(r, j) for r, s in enumerate(fwd.items) if s.samples
-                     for j in range(s.num_tokens - 1, len(s.fed))]  # fmt: skip
-            if picks:
-                h = fwd.hidden[[r for r, _ in picks], [j for _, j in picks]]
-                logits.append(self.model.lm_head(h).float())
-                rows += [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
-                where += [(f, r) for r, _ in picks]
-        out = sample(torch.cat(logits), rows) if rows else None
-        taken: dict[tuple[int, int], list[int]] = {}
-        for k, key in enumerate(where):
-            taken.setdefault(key, []).append(k)
-        results_by_forward = []
-        for f, fwd in enumerate(forwards):
-            results = [self._result(s, out, taken.get((f, r), [])) for r, s in enumerate(fwd.items)]
-            if self.speculative:
-                self._draft(fwd, results)
-            results_by_forward.append(results)
-        return [res for results in results_by_forward for res in results]
+        results = []
+        for items in (batch.decode, batch.prefill):
+            if items:  # one group at a time: two groups may share a step function and its output
+                results += self._run(self._forward(items))
+        return results
+
+    def _run(self, fwd: _Forward) -> list[RowResult]:
+        """Sample the rows of a forward that reached their last token; draft their next tokens."""
+        picks = [
+            (r, j) for r, s in enumerate(fwd.items) if s.samples for j in range(s.num_tokens - 1, len(s.fed))
+        ]
+        out, taken = None, {}
+        if picks:
+            h = fwd.hidden[[r for r, _ in picks], [j for _, j in picks]]
+            rows = [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
+            out = sample(self.model.lm_head(h).float(), rows)
+            for k, (r, _) in enumerate(picks):
+                taken.setdefault(r, []).append(k)
+        results = [self._result(s, out, taken.get(r, [])) for r, s in enumerate(fwd.items)]
+        if self.speculative:
+            self._draft(fwd, results)
+        return results
 
     def _result(self, s: Scheduled, out: SampleOutput | None, ks: list[int]) -> RowResult:
         """A row's outcome from its sampled positions `ks` (none: a non-final chunk)."""
