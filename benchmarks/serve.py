@@ -15,8 +15,9 @@ lines, one per measurement:
   percentiles. Systems: `dsv3-engine` (continuous batching, paged cache, CUDA graphs per shape),
   `dsv3-generate` (dsv3.infer.generate: one static batch of C prompts, its decode step captured in
   a CUDA graph), `hf-static` (transformers' generate with cache_implementation="static", which
-  compiles its decode step: the strongest transformers setup; GPU only). A static batch gives every
-  request the same TTFT (its prefill) and TPOT (its decode step); then one line of ratios.
+  compiles its decode step: the strongest transformers setup; GPU only, at --hf-concurrency since
+  each batch size compiles anew). A static batch gives every request the same TTFT (its prefill) and
+  TPOT (its decode step); then one line of ratios.
 
     python benchmarks/serve.py --preset small                        # an H200: about 5 minutes
     python benchmarks/serve.py --device cpu --preset tiny --concurrency 1,8 --new-tokens 16 --prompt-len 32
@@ -58,6 +59,11 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {','.join(PARTS)}")
     p.add_argument("--systems", default=None, help=f"load systems, of {','.join(SYSTEMS)} (default: all)")
     p.add_argument("--concurrency", default="1,32,128,256", help="offered concurrency levels")
+    p.add_argument(
+        "--hf-concurrency",
+        default="1,32",
+        help="levels at which hf-static runs (it compiles once per batch size: minutes each)",
+    )
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -70,6 +76,7 @@ def _parse() -> argparse.Namespace:
     args = p.parse_args()
     args.parts = args.parts.split(",")
     args.levels = [int(c) for c in args.concurrency.split(",")]
+    args.hf_levels = {int(c) for c in args.hf_concurrency.split(",")}
     systems = args.systems.split(",") if args.systems else list(SYSTEMS)
     if args.systems is None and args.device != "cuda":
         systems.remove("hf-static")  # transformers compiles its static-cache decode step on a GPU only
@@ -320,6 +327,8 @@ def load_part(args) -> None:
             }
             tokens["dsv3-engine"] = torch.tensor([o.outputs[0].token_ids for o in r["outputs"][:c]])
         for name, fn in fns.items():
+            if name == "hf-static" and c not in args.hf_levels:
+                continue
             try:
                 r = _static_system(fn, prompts[:c], args, device)
             except Exception as err:  # one failing baseline (e.g. out of memory) must not hide the rest
