@@ -90,7 +90,8 @@ class EngineStats:
 
     def tokens_per_second(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
-        tokens = sum(n for t, n in self.recent if t >= now - THROUGHPUT_WINDOW_S)
+        recent = list(self.recent)  # one C-level copy: /metrics reads while the engine thread appends
+        tokens = sum(n for t, n in recent if t >= now - THROUGHPUT_WINDOW_S)
         return tokens / THROUGHPUT_WINDOW_S
 
     @property

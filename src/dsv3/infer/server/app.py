@@ -163,16 +163,22 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
                 code="model_not_found",
             )
 
-    def submit(request_id: str, prompts: list[list[int]], params, prompt_field: str) -> list[RequestStream]:
-        streams = []
+    def submit(body: api.CompletionRequest | api.ChatRequest, prefix: str) -> tuple[str, list[RequestStream]]:
+        """Check a request and queue its prompts: (request id, one stream per prompt); errors name the
+        field ("messages" for a chat's prompt)."""
+        check_model(body.model)
+        prompt_field = "messages" if isinstance(body, api.ChatRequest) else "prompt"
+        request_id, streams = api.new_id(prefix), []
         try:
-            for i, ids in enumerate(prompts):
+            body.check()
+            params = api.sampling_params(body)
+            for i, ids in enumerate(body.prompts(tokenizer)):
                 streams.append(engine.add(f"{request_id}-{i}", ids, params))
         except Exception as err:
             for s in streams:
                 s.close()
             raise _api_error(err, prompt_field) from None
-        return streams
+        return request_id, streams
 
     async def collect(streams: list[RequestStream], request: Request) -> list[RequestOutput]:
         """Every stream's final output; aborts them all if the client goes away first."""
@@ -256,15 +262,7 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
-        try:
-            body.check()
-            params = api.sampling_params(body)
-            prompts = body.prompts(tokenizer)
-        except Exception as err:
-            raise _api_error(err) from None
-        request_id = api.new_id("cmpl")
-        streams = submit(request_id, prompts, params, "prompt")
+        request_id, streams = submit(body, "cmpl")
         head = {"id": request_id, "object": "text_completion", "created": api.created(), "model": model_name}
 
         def logprobs(c, start: int, offset: int):
@@ -291,15 +289,7 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest, request: Request) -> Response:
-        check_model(body.model)
-        try:
-            body.check()
-            params = api.sampling_params(body)
-            prompt = body.prompt_ids(tokenizer)
-        except Exception as err:
-            raise _api_error(err, "messages") from None
-        request_id = api.new_id("chatcmpl")
-        streams = submit(request_id, [prompt], params, "messages")
+        request_id, streams = submit(body, "chatcmpl")
         head = {"id": request_id, "created": api.created(), "model": model_name}
 
         if body.stream:

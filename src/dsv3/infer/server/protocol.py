@@ -144,9 +144,10 @@ class ChatRequest(_Sampling):
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs", "needs logprobs: true")
 
-    def prompt_ids(self, tokenizer: TextTokenizer) -> list[int]:
+    def prompts(self, tokenizer: TextTokenizer) -> list[list[int]]:
+        """The chat rendered with the tokenizer's template, as the one prompt."""
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in self.messages]
-        return tokenizer.encode_chat(messages, self.add_generation_prompt)
+        return [tokenizer.encode_chat(messages, self.add_generation_prompt)]
 
 
 _SAMPLING_FIELDS = (
