@@ -105,14 +105,20 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
 
 
+_MODELS: dict[bool, Transformer] = {}
+
+
 def _model(args, mtp: bool) -> Transformer:
-    cfg = load_model_config(args.preset)
-    if not mtp:
-        cfg = cfg.model_copy(update={"num_nextn_predict_layers": 0})
-    model = Transformer(cfg, seed=args.seed)
-    with torch.no_grad():  # decisive logits (std ≈ 5, not ≈ 0.2): greedy paths comparable across systems
-        model.lm_head.weight.mul_(25)
-    return model.to(device=args.device, dtype=args.dtype).eval()
+    """The benchmark's random model (built once per MTP setting: initialising `small` takes a while)."""
+    if mtp not in _MODELS:
+        cfg = load_model_config(args.preset)
+        if not mtp:
+            cfg = cfg.model_copy(update={"num_nextn_predict_layers": 0})
+        model = Transformer(cfg, seed=args.seed)
+        with torch.no_grad():  # decisive logits (std ≈ 5, not ≈ 0.2): greedy paths comparable across systems
+            model.lm_head.weight.mul_(25)
+        _MODELS[mtp] = model.to(device=args.device, dtype=args.dtype).eval()
+    return _MODELS[mtp]
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

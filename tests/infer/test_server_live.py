@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dsv3
+from dsv3.infer import generate
 from dsv3.infer.llm import LLM
 from dsv3.infer.sampling import SamplingParams
 
@@ -114,6 +115,7 @@ def test_the_openai_client_works_against_dsv3_serve(live, offline):
 
 
 def test_concurrent_requests_equal_sequential_generation(live, offline):
+    """Greedy answers to concurrent requests equal dsv3.infer.generate run on each prompt alone."""
     prompts = [
         "The river",
         "The baker",
@@ -124,14 +126,20 @@ def test_concurrent_requests_equal_sequential_generation(live, offline):
         "x",
         "Rain",
     ]
-    params = SamplingParams(max_tokens=16, temperature=0)
-    sequential = [offline.generate(p, params)[0].outputs[0].text for p in prompts]
+    tok, model = offline.engine.tokenizer, offline.engine.model
+    sequential = []
+    for p in prompts:
+        new = generate(model, [tok.encode_prompt(p)], 16, eos_token_id=tok.eos_id)[0].tolist()
+        sequential.append(tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new))
 
     async def main() -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"{live}/v1", api_key="unused")
-        outs = await asyncio.gather(*[
-            client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0) for p in prompts
-        ])  # fmt: skip
+        outs = await asyncio.gather(
+            *[
+                client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0)
+                for p in prompts
+            ]
+        )
         return [o.choices[0].text for o in outs]
 
     assert asyncio.run(main()) == sequential

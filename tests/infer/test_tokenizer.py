@@ -69,3 +69,8 @@ def test_incremental_text_equals_decoding_everything(served_checkpoint):
     assert "".join(pieces) == tok.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
     assert sum(1 for p in pieces if p == "") > 0  # multi-byte characters were held back
+    assert detok.flush() == ""
+    cut = IncrementalDetokenizer(tok)  # an output that ends inside a character
+    partial = next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))
+    held = "".join(cut.add([t]) for t in ids[:partial])
+    assert held + cut.flush() == tok.decode(ids[:partial])  # the end is given as U+FFFD, not dropped

@@ -277,16 +277,18 @@ class LLMEngine:
         before = len(seq.output_text)
         if detok is not None and (seq.finish_reason is None or params.include_stop_str_in_output):
             seq.output_text += detok.add([token])
-        if seq.finish_reason is not None:
+        if seq.finish_reason is None and params.stop and detok is not None and self._stop_string(seq, before):
             return True
-        if params.stop and detok is not None and self._stop_string(seq, before):
-            return True
-        if (params.max_tokens is not None and seq.num_output >= params.max_tokens) or (
-            seq.num_tokens >= self.config.max_model_len
+        if seq.finish_reason is None and (
+            (params.max_tokens is not None and seq.num_output >= params.max_tokens)
+            or seq.num_tokens >= self.config.max_model_len
         ):
             seq.finish_reason = "length"
-            return True
-        return False
+        if seq.finish_reason is None:
+            return False
+        if detok is not None:  # what was held back for an incomplete character is output after all
+            seq.output_text += detok.flush()
+        return True
 
     def _stop_string(self, seq: Sequence, before: int) -> bool:
         """Find a stop string in the text this token completed; cut the text there."""
