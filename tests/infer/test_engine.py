@@ -303,3 +303,57 @@ def test_requests_the_engine_cannot_serve_name_the_field(references):
         LLMEngine(model, None, EngineConfig(max_model_len=300))
     with pytest.raises(ValueError, match="num_blocks: 1 blocks"):
         LLMEngine(model, None, EngineConfig(num_blocks=1))
+
+
+# --- CUDA-graph semantics, emulated on the CPU ----------------------------------------------------------
+
+
+class _ReplayedStep:
+    """What a captured CUDA graph does, in Python: replay reruns the kernels over the same input
+    buffers and writes the same output tensor; the Python around the capture (the runner's record of
+    each shape's hidden states) ran once, at capture."""
+
+    def __init__(self, fn, runner) -> None:
+        self.fn, self.runner = fn, runner
+        self.out = fn()  # the capture: its output is the graph's static output from now on
+
+    def replay(self) -> None:
+        recorded = dict(self.runner._hidden)
+        self.out.copy_(self.fn())
+        self.runner._hidden.clear()
+        self.runner._hidden.update(recorded)
+
+
+def test_graph_semantics_static_outputs_and_fallback(mtp_model, monkeypatch, caplog):
+    """Replayed steps that overwrite their static outputs (as CUDA graphs do) give the same greedy
+    tokens, speculation and chunked prefill included; a capture that fails falls back to eager steps."""
+    import importlib
+
+    runner_module = importlib.import_module("dsv3.infer.engine.model_runner")
+    prompts = _prompts()
+    options = {"speculative_tokens": 1, "block_size": 4, "max_prefill_chunk": 5, "max_num_batched_tokens": 12}
+    plain = run_staggered(LLMEngine(mtp_model, None, EngineConfig(**options)), prompts, GREEDY)
+    engine = LLMEngine(mtp_model, None, EngineConfig(**options))
+    runner = engine.runner
+    captured = []
+
+    def fake_capture(fn, pool):
+        step = _ReplayedStep(fn, runner)
+        captured.append(step)
+        return step, step.out
+
+    monkeypatch.setattr(runner_module, "capture", fake_capture)
+    runner.graphs = True
+    assert run_staggered(engine, prompts, GREEDY) == plain
+    assert len(captured) > 4  # decode and short-prefill shapes, main and draft steps
+
+    def failing_capture(fn, pool):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n(details)")
+
+    monkeypatch.setattr(runner_module, "capture", failing_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    engine = LLMEngine(mtp_model, None, EngineConfig(**options))
+    engine.runner.graphs = True
+    with caplog.at_level("WARNING"):
+        assert run_staggered(engine, prompts, GREEDY) == plain
+    assert "running without CUDA graphs (capture of" in caplog.text and engine.runner.graphs is False
