@@ -2,7 +2,7 @@
 
     data.py      corpus, preprocess, tokenizer      raw documents → clean documents → shards
     train.py     train                              shards → checkpoints
-    infer.py     generate                           checkpoint → text
+    infer.py     generate, serve                    checkpoint → text (offline, or over HTTP)
     convert.py   convert                            checkpoints ↔ Hugging Face
     scaling.py   plan, select-config, validate-chinchilla
 """

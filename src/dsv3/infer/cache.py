@@ -50,7 +50,8 @@ class LayerCache:
 
     @property
     def absorb(self) -> bool:
-        return self.owner.absorb
+        """The absorbed form for a decode step (one column), the expand path for a prompt."""
+        return self.owner.absorb and self.owner.cols.numel() == 1
 
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the chunk's c_kv (B, T, r) and k_pe (B, T, rope) at the reserved columns; return the

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dsv3.infer.cache import LatentCache
+from dsv3.infer.cuda_graph import capture
 
 __all__ = ["generate", "sample_next", "left_pad"]
 
@@ -103,14 +104,7 @@ def _graphed(step: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor
     """`step` captured in a CUDA graph for inputs shaped like `example` (a reserved decode step: the
     warm-up and the capture compute that step, the first replay computes it again, in place)."""
     static_in = example.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, workspaces) outside capture
-        step(static_in)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step(static_in)
+    graph, static_out = capture(lambda: step(static_in))
 
     def replay(x: torch.Tensor) -> torch.Tensor:
         static_in.copy_(x)

@@ -1,4 +1,5 @@
-"""Text in, text out: continue a prompt with a model and its tokenizer (training samples, `dsv3 generate`).
+"""Text in, text out: a sample during training (`sample_text`, the static-batch decoder on the
+model being trained) and `dsv3 generate --prompt` (`generate_from_checkpoint`, the serving engine).
 
 Documents in the shards are separated by EOS (no BOS), so a prompt is fed after an EOS: the
 context a model saw at the start of every training document.
@@ -6,23 +7,21 @@ context a model saw at the start of every training document.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from dsv3.checkpoints import Which, checkpoint_tokenizer, resolve_checkpoint
+from dsv3.checkpoints import Which
 from dsv3.config import ConfigError
-from dsv3.data.tokenizer import load_tokenizer, special_token_ids
+from dsv3.data.tokenizer import special_token_ids
+from dsv3.infer.engine import EngineConfig
 from dsv3.infer.generate import generate
-from dsv3.model.hf import load_hf
+from dsv3.infer.llm import LLM
+from dsv3.infer.sampling import SamplingParams
 
 __all__ = ["sample_text", "generate_from_checkpoint"]
-
-log = logging.getLogger(__name__)
-
 
 @torch.no_grad()
 def sample_text(
@@ -68,19 +67,19 @@ def generate_from_checkpoint(
     seed: int = 0,
     tokenizer: str | Path | None = None,
     device: str | None = None,
+    dtype: str | None = None,
+    config: EngineConfig | None = None,
 ) -> str:
-    """Load a checkpoint (or a run's best or last) with its tokenizer and continue `prompt`."""
+    """Load a checkpoint (or a run's best or last) with its tokenizer and continue `prompt` through
+    the serving engine (`LLM`, one sequence unless `config` says otherwise); the continuation,
+    special tokens kept as text."""
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be positive")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError(f"temperature {temperature}, top_p {top_p}: need temperature >= 0, 0 < top_p <= 1")
-    directory = resolve_checkpoint(checkpoint, which)
-    tok = load_tokenizer(tokenizer or checkpoint_tokenizer(directory))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_hf(directory, device=device)
-    if tok.get_vocab_size() > model.config.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tok.get_vocab_size()} tokens, model vocab_size is {model.config.vocab_size}"
-        )
-    log.info("generating with %s", directory)
-    return sample_text(model, tok, prompt, max_new_tokens, temperature, top_p, seed)
+    config = config or EngineConfig(max_num_seqs=1)
+    llm = LLM(checkpoint, which=which, tokenizer=tokenizer, device=device, dtype=dtype, config=config)
+    params = SamplingParams(
+        max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, skip_special_tokens=False
+    )
+    return llm.generate(prompt, params)[0].outputs[0].text

@@ -49,7 +49,8 @@ class LayerCache(Protocol):
 
     `update` stores the chunk's latent (c_kv (B, T, r), k_pe (B, T, rope)) and returns every cached
     latent the chunk may attend to, (B, S, r + rope) in the compute dtype, with its mask (B, T, S)
-    (True: may attend). `absorb` asks for the absorbed decode form when a row holds one query.
+    (True: may attend). `absorb` asks for the absorbed form for this chunk: the cache knows when a
+    chunk is a few queries (decode, speculative verification) against a long context.
     """
 
     absorb: bool
@@ -153,13 +154,13 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Attention for generation: append this chunk's (c_kv, k_pe) to `cache`, attend over all of it.
 
-        One query per row (decode) takes the absorbed form; a prompt (T > 1) expands the latent to
-        per-head keys and values for SDPA, which is cheaper when T queries share them.
+        A few queries per row (decode; the cache's `absorb`) take the absorbed form; a prompt expands
+        the latent to per-head keys and values for SDPA, which is cheaper when T queries share them.
         """
         B, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
         latent, mask = cache.update(*self.latent_kv(x, cos, sin))  # (B, S, r + rope), (B, T, S)
-        if T == 1 and cache.absorb:
+        if cache.absorb:
             out = self.absorbed_attention(q_nope, q_pe, latent, mask)
         else:
             k, v = self.expand_kv(*latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))

@@ -93,10 +93,12 @@ class MTP(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         balance: bool = False,
+        cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h_prev, emb (B, T, d) → (normed hidden (B, T, d) for the shared head, balance loss or None)."""
+        """h_prev, emb (B, T, d) → (normed hidden (B, T, d) for the shared head, balance loss or None);
+        `cache`: its block's latent cache when drafting tokens (speculative decoding, dsv3.infer)."""
         h = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        h, aux = self.block(h, cos, sin, balance)
+        h, aux = self.block(h, cos, sin, balance, cache)
         return self.head_norm(h), aux
 
 

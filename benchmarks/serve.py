@@ -1,0 +1,407 @@
+"""Serving speed: the engine under offered load, against the static-batch decoder and transformers.
+
+One process, one set of weights (dsv3's init with the output head scaled up so that greedy choices
+are not near-ties; handed to transformers through save_hf/from_pretrained), random prompts. JSON
+lines, one per measurement:
+
+- `prefix_cache`: time to first token of a request whose long system prompt is in the prefix cache
+  (warm) against the same request without prefix caching (cold); median of --repeats.
+- `speculative`: the engine at concurrency 1 with and without MTP speculative decoding (one drafted
+  token a step): output tokens/s, acceptance rate, speedup, and whether greedy tokens are identical.
+  Random weights draft at chance (acceptance ≈ 1/vocab): pass --checkpoint with a trained model
+  (and its tokenizer) for a meaningful figure.
+- `load`: for each offered concurrency C, C clients each sending a request as soon as their last
+  one finished (closed loop, --requests-per-client each): output tokens/s, TTFT and TPOT
+  percentiles. Systems: `dsv3-engine` (continuous batching, paged cache, CUDA graphs per shape),
+  `dsv3-generate` (dsv3.infer.generate: one static batch of C prompts, its decode step captured in
+  a CUDA graph), `hf-static` (transformers' generate with cache_implementation="static", which
+  compiles its decode step: the strongest transformers setup; GPU only, at --hf-concurrency since
+  each batch size compiles anew). A static batch gives every request the same TTFT (its prefill) and
+  TPOT (its decode step); then one line of ratios.
+
+    python benchmarks/serve.py --preset small                        # an H200: about 5 minutes
+    python benchmarks/serve.py --device cpu --preset tiny --concurrency 1,8 --new-tokens 16 --prompt-len 32
+    python benchmarks/serve.py --preset small --parts speculative --checkpoint runs/gpu/step_008000
+
+bf16 on CUDA, fp32 on CPU. Each engine measurement runs its workload once untimed first, so the CUDA
+graphs of the shapes it needs are captured before timing (capture time is reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dsv3.config import load_model_config
+from dsv3.infer import generate
+from dsv3.infer.engine import EngineConfig, LLMEngine
+from dsv3.infer.sampling import SamplingParams
+from dsv3.model import Transformer
+from dsv3.model.hf import load_hf, save_hf
+
+PARTS = ("prefix", "speculative", "load")
+SYSTEMS = ("dsv3-engine", "dsv3-generate", "hf-static")
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="model preset or YAML (configs/)")
+    p.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {','.join(PARTS)}")
+    p.add_argument("--systems", default=None, help=f"load systems, of {','.join(SYSTEMS)} (default: all)")
+    p.add_argument("--concurrency", default="1,32,128,256", help="offered concurrency levels")
+    p.add_argument(
+        "--hf-concurrency",
+        default="1,32",
+        help="levels at which hf-static runs (it compiles once per batch size: minutes each)",
+    )
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefix-len", type=int, default=1024, help="shared system prompt (prefix part)")
+    p.add_argument("--suffix-len", type=int, default=32, help="each request's own tokens after it")
+    p.add_argument("--repeats", type=int, default=5, help="prefix part: requests timed")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    p.add_argument("--checkpoint", help="speculative part: a trained checkpoint with MTP and its tokenizer")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    args.parts = args.parts.split(",")
+    args.levels = [int(c) for c in args.concurrency.split(",")]
+    args.hf_levels = {int(c) for c in args.hf_concurrency.split(",")}
+    systems = args.systems.split(",") if args.systems else list(SYSTEMS)
+    if args.systems is None and args.device != "cuda":
+        systems.remove("hf-static")  # transformers compiles its static-cache decode step on a GPU only
+    if bad := (set(systems) - set(SYSTEMS)) | (set(args.parts) - set(PARTS)):
+        p.error(f"unknown {sorted(bad)}")
+    args.systems = systems
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return args
+
+
+def _emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
+
+
+_MODELS: dict[bool, Transformer] = {}
+
+
+def _model(args, mtp: bool) -> Transformer:
+    """The benchmark's random model (built once per MTP setting: initialising `small` takes a while)."""
+    if mtp not in _MODELS:
+        cfg = load_model_config(args.preset)
+        if not mtp:
+            cfg = cfg.model_copy(update={"num_nextn_predict_layers": 0})
+        model = Transformer(cfg, seed=args.seed)
+        with torch.no_grad():  # decisive logits (std ≈ 5, not ≈ 0.2): greedy paths comparable across systems
+            model.lm_head.weight.mul_(25)
+        _MODELS[mtp] = model.to(device=args.device, dtype=args.dtype).eval()
+    return _MODELS[mtp]
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=gen).tolist()
+
+
+def _engine(model, args, max_num_seqs: int, max_len: int, **options) -> tuple[LLMEngine, float]:
+    """An engine with a cache sized for its load (the process holds other systems' memory too)."""
+    start = time.perf_counter()
+    blocks = max_num_seqs * (-(-(max_len + 1) // 64)) + 64
+    config = EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_len,
+        num_blocks=blocks,
+        kv_cache_dtype=args.kv_cache_dtype,
+        **options,
+    )
+    return LLMEngine(model, None, config), time.perf_counter() - start
+
+
+def _drive(engine: LLMEngine, prompts: list[list[int]], concurrency: int, params: SamplingParams) -> dict:
+    """Closed loop: `concurrency` requests in flight until every prompt has been served."""
+    pending, in_flight, done = list(enumerate(prompts)), 0, {}
+    start = time.perf_counter()
+    while pending or engine.has_unfinished_requests():
+        while pending and in_flight < concurrency:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, params)
+            in_flight += 1
+        for out in engine.step():
+            if out.finished:
+                in_flight -= 1
+                done[int(out.request_id)] = out
+    wall = time.perf_counter() - start
+    outs = [done[i] for i in range(len(prompts))]
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttft = [o.first_token_time - o.arrival_time for o in outs]
+    tpot = [
+        (o.finish_time - o.first_token_time) / (len(o.outputs[0].token_ids) - 1)
+        for o in outs
+        if len(o.outputs[0].token_ids) > 1
+    ]
+    return {"outputs": outs, "wall_s": wall, "tokens": tokens, "ttft": ttft, "tpot": tpot}
+
+
+# --- parts ---------------------------------------------------------------------------------------------
+
+
+def prefix_part(args) -> None:
+    """TTFT of a request whose system prompt is cached, against the same request computed cold."""
+    model = _model(args, mtp=False)
+    vocab = model.config.vocab_size
+    system = _prompts(1, args.prefix_len, vocab, args.seed + 1)[0]
+    suffixes = _prompts(args.repeats + 1, args.suffix_len, vocab, args.seed + 2)
+    max_len = args.prefix_len + args.suffix_len + 8
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    ttft = {}
+    for name, caching in (("cold", False), ("warm", True)):
+        engine, _ = _engine(model, args, 4, max_len, enable_prefix_caching=caching)
+        _drive(
+            engine, [_prompts(1, len(system) + args.suffix_len, vocab, 99)[0]], 1, params
+        )  # graphs, warm-up
+        _drive(engine, [system + suffixes[0]], 1, params)  # caches the system prompt (when caching)
+        runs = [_drive(engine, [system + s], 1, params) for s in suffixes[1:]]
+        ttft[name] = statistics.median(r["ttft"][0] for r in runs)
+        cached = runs[-1]["outputs"][0].num_cached_tokens
+        del engine
+    _emit(
+        {
+            "bench": "prefix_cache",
+            "prefix_tokens": args.prefix_len,
+            "suffix_tokens": args.suffix_len,
+            "cached_tokens": cached,
+            "ttft_cold_ms": round(ttft["cold"] * 1e3, 3),
+            "ttft_warm_ms": round(ttft["warm"] * 1e3, 3),
+            "speedup": round(ttft["cold"] / ttft["warm"], 2),
+        }
+    )
+
+
+def speculative_part(args) -> None:
+    """The engine at concurrency 1 with and without MTP drafts."""
+    if args.checkpoint:
+        from dsv3.checkpoints import checkpoint_tokenizer, resolve_checkpoint
+        from dsv3.infer.tokenizer import TextTokenizer
+
+        directory = resolve_checkpoint(args.checkpoint, "best")
+        model = load_hf(directory, dtype=args.dtype, device=args.device).eval()
+        tok = TextTokenizer.load(checkpoint_tokenizer(directory))
+        texts = [
+            "import os\nimport sys\n\n",
+            "def parse_args(argv):\n    ",
+            "class Config:\n    def __init__(self",
+            "    for i in range(len(",
+            'if __name__ == "__main__":\n',
+            "# Copyright (c) ",
+        ]
+        prompts = [tok.encode_prompt(t) for t in texts]
+        source = str(directory)
+    else:
+        model = _model(args, mtp=True)
+        prompts = _prompts(6, args.prompt_len, model.config.vocab_size, args.seed + 3)
+        source = "random weights"
+    if not model.config.num_nextn_predict_layers:
+        _emit({"bench": "speculative", "error": f"{source}: no MTP module"})
+        return
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    max_len = max(len(p) for p in prompts) + args.new_tokens + 2
+    rows = {}
+    for spec in (0, 1):
+        engine, _ = _engine(model, args, 1, max_len, speculative_tokens=spec)
+        _drive(engine, prompts[:1], 1, params)  # graphs, warm-up
+        rows[spec] = _drive(engine, prompts, 1, params)
+        rows[spec]["acceptance"] = engine.stats.acceptance_rate
+        del engine
+    same = sum(
+        a.outputs[0].token_ids == b.outputs[0].token_ids
+        for a, b in zip(rows[0]["outputs"], rows[1]["outputs"], strict=True)
+    ) / len(prompts)
+    tps = {k: r["tokens"] / r["wall_s"] for k, r in rows.items()}
+    _emit(
+        {
+            "bench": "speculative",
+            "model": source,
+            "concurrency": 1,
+            "requests": len(prompts),
+            "new_tokens": args.new_tokens,
+            "tokens_per_s_plain": round(tps[0], 1),
+            "tokens_per_s_mtp": round(tps[1], 1),
+            "speedup": round(tps[1] / tps[0], 3),
+            "acceptance_rate": round(rows[1]["acceptance"] or 0.0, 4),
+            "tpot_ms_plain": _percentiles(rows[0]["tpot"]),
+            "tpot_ms_mtp": _percentiles(rows[1]["tpot"]),
+            "same_greedy_tokens": same,
+        }
+    )
+
+
+def _static_system(fn: Callable, prompts: list[list[int]], args, device) -> dict:
+    """One static batch of every prompt: prefill time (a one-token call) and the full call."""
+    ids = torch.tensor(prompts, device=device)
+    fn(ids, 2)  # warm-up: compiles / captures what the system compiles per shape
+    fn(ids, args.new_tokens)
+    _sync(device)
+    t0 = time.perf_counter()
+    fn(ids, 1)
+    _sync(device)
+    t1 = time.perf_counter()
+    out = fn(ids, args.new_tokens)
+    _sync(device)
+    t2 = time.perf_counter()
+    prefill, total = t1 - t0, t2 - t1
+    n = len(prompts)
+    return {
+        "tokens": out,
+        "wall_s": total,
+        "output_tokens_per_s": n * args.new_tokens / total,
+        "ttft_ms": round(prefill * 1e3, 3),
+        "tpot_ms": round((total - prefill) / (args.new_tokens - 1) * 1e3, 3),
+    }
+
+
+def load_part(args) -> None:
+    device = torch.device(args.device)
+    model = _model(args, mtp=False)
+    vocab = model.config.vocab_size
+    max_len = args.prompt_len + args.new_tokens + 1
+    fns = {}
+    if "dsv3-generate" in args.systems:
+        fns["dsv3-generate"] = lambda ids, n: generate(model, ids, n, fp8_cache=args.kv_cache_dtype == "fp8")
+    if "hf-static" in args.systems:
+        import transformers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(model, Path(tmp) / "model", dtype=args.dtype)
+            hf = transformers.DeepseekV3ForCausalLM.from_pretrained(Path(tmp) / "model", dtype=args.dtype)
+            hf = hf.to(device).eval()
+
+        def hf_static(ids: torch.Tensor, n: int) -> torch.Tensor:
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                cache_implementation="static",
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            return out[:, ids.shape[1] :]
+
+        fns["hf-static"] = hf_static
+    engine = None
+    if "dsv3-engine" in args.systems:
+        engine, init_s = _engine(model, args, max(args.levels), max_len)
+        _emit({"bench": "engine_init", "seconds": round(init_s, 3), "cache_blocks": engine.blocks.num_blocks})
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    for c in args.levels:
+        prompts = _prompts(c * args.requests_per_client, args.prompt_len, vocab, args.seed + c)
+        rows, tokens = {}, {}
+        if engine is not None:
+            t0 = time.perf_counter()
+            _drive(engine, prompts[:c], c, params)  # captures this load's shapes
+            capture_s = time.perf_counter() - t0
+            r = _drive(engine, prompts, c, params)
+            rows["dsv3-engine"] = {
+                "output_tokens_per_s": round(r["tokens"] / r["wall_s"], 1),
+                "ttft_ms": _percentiles(r["ttft"]),
+                "tpot_ms": _percentiles(r["tpot"]),
+                "wall_s": round(r["wall_s"], 3),
+                "warmup_s": round(capture_s, 3),
+            }
+            tokens["dsv3-engine"] = torch.tensor([o.outputs[0].token_ids for o in r["outputs"][:c]])
+        for name, fn in fns.items():
+            if name == "hf-static" and c not in args.hf_levels:
+                continue
+            try:
+                r = _static_system(fn, prompts[:c], args, device)
+            except Exception as err:  # one failing baseline (e.g. out of memory) must not hide the rest
+                _emit(
+                    {
+                        "bench": "load",
+                        "system": name,
+                        "concurrency": c,
+                        "error": f"{type(err).__name__}: {err}",
+                    }
+                )
+                continue
+            tokens[name] = r.pop("tokens").cpu()
+            rows[name] = {
+                k: round(v, 1) if k == "output_tokens_per_s" else v for k, v in r.items() if k != "wall_s"
+            }
+        first = next(iter(tokens), None)
+        for name, row in rows.items():
+            same = round((tokens[name] == tokens[first]).float().mean().item(), 4)
+            _emit(
+                {
+                    "bench": "load",
+                    "system": name,
+                    "concurrency": c,
+                    "requests": len(prompts) if name == "dsv3-engine" else c,
+                    "prompt_len": args.prompt_len,
+                    "new_tokens": args.new_tokens,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "preset": args.preset,
+                    **row,
+                    "same_tokens_as": {first: same},
+                }
+            )
+        if "dsv3-engine" in rows and len(rows) > 1:
+            base = rows["dsv3-engine"]["output_tokens_per_s"]
+            _emit(
+                {
+                    "bench": "load_ratio",
+                    "concurrency": c,
+                    "engine_tokens_per_s_over": {
+                        name: round(base / row["output_tokens_per_s"], 2)
+                        for name, row in rows.items()
+                        if name != "dsv3-engine"
+                    },
+                }
+            )
+
+
+def main() -> None:
+    args = _parse()
+    _emit(
+        {
+            "bench": "config",
+            "preset": args.preset,
+            "device": args.device,
+            "dtype": str(args.dtype),
+            "torch": torch.__version__,
+            "parts": args.parts,
+            "systems": args.systems,
+        }
+    )
+    parts = {"prefix": prefix_part, "speculative": speculative_part, "load": load_part}
+    for name in args.parts:
+        start = time.perf_counter()
+        parts[name](args)
+        _emit({"bench": "part_done", "part": name, "seconds": round(time.perf_counter() - start, 1)})
+
+
+if __name__ == "__main__":
+    main()

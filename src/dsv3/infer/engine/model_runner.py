@@ -1,0 +1,372 @@
+"""The model runner: turns a scheduled batch into forwards over the paged cache, samples, drafts.
+
+A step runs up to two forwards of the main model, each over rows of (B, T) tokens: the decode rows
+(each row's last token, plus its speculative draft when it has one: T = 2) and the prefill rows
+(a chunk of a prompt each, padded to the longest). A forward of at most GRAPH_TOKENS padded
+tokens runs through a step function made once per shape: rows padded to a batch-size bucket,
+tokens to a power of two, block tables to a power-of-two width, inputs copied into preallocated
+buffers. On a GPU that function is a CUDA graph, captured the first time its shape is needed (all
+graphs share one memory pool), so a decode step or a short prefill (a prompt past a prefix-cache
+hit) costs one launch instead of one per kernel; on a CPU the same function runs eagerly, so the
+tests exercise this code. Longer prefills run eagerly at their exact shape. Attention takes the
+absorbed form for one or two tokens a row, the expand path for longer chunks.
+
+Then one sampler call covers every row that fed its sequence's last token (two positions for a row
+that verifies a draft). With speculative decoding the MTP module runs over the positions the main
+model just computed, fed the token after each, which fills its own cache layer and drafts the next
+token: the argmax of its head at the row's last accepted position.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.infer.cuda_graph import capture
+from dsv3.infer.engine.config import EngineConfig
+from dsv3.infer.engine.paged_cache import PagedBatch, PagedLatentCache
+from dsv3.infer.engine.scheduler import Batch, Scheduled
+from dsv3.infer.sampling import SampleOutput, SamplingRow, sample
+
+__all__ = ["ModelRunner", "RowResult", "batch_buckets", "GRAPH_TOKENS"]
+
+log = logging.getLogger(__name__)
+
+GRAPH_TOKENS = 2048  # forwards up to this many padded tokens run as captured steps (bounds graph memory)
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Row counts a step is padded to: 1, 2, 4, 8, then every multiple of 16 (vLLM's shape)."""
+    small = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    return [*small, *range(16, max_num_seqs, 16), max_num_seqs]
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class RowResult:
+    """What one scheduled row produced: the tokens to append (none for a non-final prefill chunk),
+    how many fed tokens are now valid cache entries, and the next draft."""
+
+    item: Scheduled
+    tokens: list[int]
+    computed: int
+    accepted: bool | None = None  # the draft's fate, for rows that verified one
+    draft: int | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class _Forward:
+    """One forward over some rows: hidden states (B, T, d) and the inputs the MTP pass reuses."""
+
+    items: list[Scheduled]
+    hidden: torch.Tensor
+    shape: tuple[int, int, int] | None  # (rows, table width, tokens) of a step function; None: eager
+    positions: torch.Tensor | None = None  # eager only: (B, T) and its block tables
+    tables: torch.Tensor | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_ids: Sequence[int] = ()) -> None:
+        self.model, self.config, self.eos_ids = model, config, tuple(eos_ids)
+        mc = model.config
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.num_layers = mc.num_hidden_layers
+        self.speculative = config.speculative_tokens > 0
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs: needs a model on a CUDA device, not {self.device}")
+        self.graphs = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
+        self.max_blocks = config.blocks_per_seq()
+        self.buckets = batch_buckets(config.max_num_seqs)
+        cache_layers = self.num_layers + int(self.speculative)
+        fp8 = config.kv_cache_dtype == "fp8"
+        per_block = PagedLatentCache.bytes_per_block(
+            cache_layers, config.block_size, mc.kv_latent_dim, self.dtype, fp8
+        )
+        num_blocks = config.num_blocks or self._blocks_from_memory(per_block, cache_layers, fp8)
+        if num_blocks < self.max_blocks:
+            raise ValueError(
+                f"num_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one sequence of "
+                f"max_model_len {config.max_model_len} ({self.max_blocks} blocks): lower max_model_len or "
+                "give the cache more memory"
+            )
+        self.cache = PagedLatentCache(
+            cache_layers, num_blocks, config.block_size, mc.kv_latent_dim, dtype=self.dtype,
+            device=self.device, fp8=fp8,
+        )  # fmt: skip
+        log.info(
+            "paged latent cache: %d blocks of %d tokens (%.2f GB, %s), %d layers",
+            num_blocks, config.block_size, num_blocks * per_block / 1e9, config.kv_cache_dtype, cache_layers,
+        )  # fmt: skip
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self._steps: dict[tuple, Callable[[], torch.Tensor]] = {}
+        self._hidden: dict[tuple, torch.Tensor] = {}  # each shape's last hidden states (B, T, d)
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    # --- the model's pieces ----------------------------------------------------------------------
+    def _hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        h, _, _ = self.model.hidden_states(ids, positions, cache=batch.layers(0, self.num_layers))
+        return h  # (B, T, d), normed
+
+    def _mtp_states(
+        self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch
+    ) -> torch.Tensor:
+        """The MTP module at the positions whose main hidden states are `h`, fed the token after each."""
+        cos, sin = self.model.rope(positions)
+        emb = self.model.model.embed_tokens(next_ids)
+        out, _ = self.model.mtp[0](h, emb, cos, sin, cache=batch.layer(self.num_layers))
+        return out
+
+    def _draft_tokens(self, h, next_ids, positions, batch) -> torch.Tensor:
+        return self.model.lm_head(self._mtp_states(h, next_ids, positions, batch)).argmax(-1)  # (B, T)
+
+    # --- addresses -----------------------------------------------------------------------------------
+    def _rows(self, items: Sequence[Scheduled], T: int, valid: Sequence[int], first: Sequence[list[int]]):
+        """Per row, padded to T: `first[r]` (token ids), positions and slots; the first valid[r] are real,
+        the rest write to the scratch block."""
+        bs, scratch = self.config.block_size, self.cache.scratch_slot
+        ids, positions, slots = [], [], []
+        for s, n, tokens in zip(items, valid, first, strict=True):
+            table, p = s.seq.block_table, s.start
+            ids.append(tokens[:T] + [0] * (T - len(tokens[:T])))
+            positions.append([p + j if j < n else 0 for j in range(T)])
+            slots.append([table[(p + j) // bs] * bs + (p + j) % bs if j < n else scratch for j in range(T)])
+        return ids, positions, slots
+
+    def _tables(self, items: Sequence[Scheduled], rows: int, width: int) -> torch.Tensor:
+        scratch = self.cache.scratch_block
+        tables = [[*s.seq.block_table, *[scratch] * (width - len(s.seq.block_table))][:width] for s in items]
+        tables += [[scratch] * width] * (rows - len(items))
+        return torch.tensor(tables, dtype=torch.long)
+
+    def _width(self, items: Sequence[Scheduled]) -> int:
+        """Block-table width covering every row's context after this step."""
+        return max(-(-(s.start + len(s.fed)) // self.config.block_size) for s in items)
+
+    # --- step functions over preallocated buffers, one per shape -----------------------------------
+    def _buffer(self, T: int) -> dict[str, torch.Tensor]:
+        if T not in self._buffers:
+            B, dev = min(self.config.max_num_seqs, GRAPH_TOKENS // T), self.device
+            self._buffers[T] = {
+                **{k: torch.zeros(B, T, dtype=torch.long, device=dev)
+                   for k in ("ids", "positions", "slots", "draft_ids", "draft_slots")},
+                "tables": torch.zeros(B, self.max_blocks, dtype=torch.long, device=dev),
+            }  # fmt: skip
+        return self._buffers[T]
+
+    def _step(self, kind: str, B: int, NB: int, T: int) -> Callable[[], torch.Tensor]:
+        """The main forward (`main`: hidden states) or the MTP draft (`draft`: argmax per position)
+        for B rows, block tables NB wide and T tokens a row, over this shape's buffers."""
+        key = (kind, B, NB, T)
+        if key in self._steps:
+            return self._steps[key]
+        buf = self._buffer(T)
+        positions, tables = buf["positions"][:B], buf["tables"][:B, :NB]
+        absorb = T <= 2
+        if kind == "main":
+            ids, slots = buf["ids"][:B], buf["slots"][:B]
+
+            def step() -> torch.Tensor:
+                h = self._hidden_states(ids, positions, self.cache.batch(slots, tables, positions, absorb))
+                self._hidden[(B, NB, T)] = h
+                return h
+        else:
+            ids, slots = buf["draft_ids"][:B], buf["draft_slots"][:B]
+
+            def step() -> torch.Tensor:
+                batch = self.cache.batch(slots, tables, positions, absorb)
+                return self._draft_tokens(self._hidden[(B, NB, T)], ids, positions, batch)
+
+        if self.graphs:
+            step = self._graphed(step, key)
+        self._steps[key] = step
+        return step
+
+    def _graphed(self, step: Callable[[], torch.Tensor], key: tuple) -> Callable[[], torch.Tensor]:
+        try:
+            graph, out = capture(step, self._pool)
+        except RuntimeError as err:
+            log.warning("engine: running without CUDA graphs (capture of %s failed: %s)", key,
+                        str(err).splitlines()[0])  # fmt: skip
+            torch.cuda.synchronize()
+            self.graphs = False
+            return step
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    def _fill(self, buf: torch.Tensor, rows: list[list[int]], pad: int) -> None:
+        """Copy host rows into the head of a (bucket, T) buffer, padding the rest with `pad`."""
+        host = torch.full(buf.shape, pad, dtype=buf.dtype)
+        host[: len(rows)] = torch.tensor(rows, dtype=buf.dtype)
+        buf.copy_(host, non_blocking=True)
+
+    # --- forwards ------------------------------------------------------------------------------------
+    def _forward(self, items: list[Scheduled]) -> _Forward:
+        """The main model over rows that each feed `item.fed`: through a step function when the padded
+        shape is small enough (see the module docstring), else eagerly."""
+        B, T = len(items), max(len(s.fed) for s in items)
+        Bb, Tb = next(b for b in self.buckets if b >= B), _pow2(T)
+        fed = [s.fed for s in items]
+        valid = [len(f) for f in fed]
+        if Bb * Tb <= GRAPH_TOKENS:
+            NB = min(_pow2(self._width(items)), self.max_blocks)
+            ids, positions, slots = self._rows(items, Tb, valid, fed)
+            buf, scratch = self._buffer(Tb), self.cache.scratch_slot
+            self._fill(buf["ids"][:Bb], ids, 0)
+            self._fill(buf["positions"][:Bb], positions, 0)
+            self._fill(buf["slots"][:Bb], slots, scratch)
+            buf["tables"][:Bb, :NB].copy_(self._tables(items, Bb, NB), non_blocking=True)
+            return _Forward(items, self._step("main", Bb, NB, Tb)()[:B], (Bb, NB, Tb))
+        ids, positions, slots = self._rows(items, T, valid, fed)
+        dev = self.device
+        pos, tables = torch.tensor(positions, device=dev), self._tables(items, B, self._width(items)).to(dev)
+        batch = self.cache.batch(torch.tensor(slots, device=dev), tables, pos, absorb=T <= 2)
+        h = self._hidden_states(torch.tensor(ids, device=dev), pos, batch)
+        return _Forward(items, h, None, pos, tables)
+
+    def _draft(self, fwd: _Forward, results: list[RowResult]) -> None:
+        """The MTP module over each row's newly computed positions, fed the token after each; the next
+        draft of every row that sampled is its argmax at the last of them."""
+        items = fwd.items
+        valid = [res.computed for res in results]
+        following = [
+            (s.seq.token_ids[s.start + 1 :] + res.tokens)[: res.computed]
+            for s, res in zip(items, results, strict=True)
+        ]
+        if fwd.shape is not None:
+            Bb, NB, Tb = fwd.shape
+            ids, _, slots = self._rows(items, Tb, valid, following)
+            buf = self._buffer(Tb)
+            self._fill(buf["draft_ids"][:Bb], ids, 0)
+            self._fill(buf["draft_slots"][:Bb], slots, self.cache.scratch_slot)
+            drafts = self._step("draft", Bb, NB, Tb)()
+        else:
+            T = fwd.hidden.shape[1]
+            ids, _, slots = self._rows(items, T, valid, following)
+            dev = self.device
+            batch = self.cache.batch(
+                torch.tensor(slots, device=dev), fwd.tables, fwd.positions, absorb=T <= 2
+            )
+            drafts = self._draft_tokens(fwd.hidden, torch.tensor(ids, device=dev), fwd.positions, batch)
+        sampled = [r for r, res in enumerate(results) if res.item.samples]
+        if sampled:
+            picks = drafts[sampled, [valid[r] - 1 for r in sampled]].tolist()
+            for r, d in zip(sampled, picks, strict=True):
+                results[r].draft = d
+
+    # --- one step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, batch: Batch) -> list[RowResult]:
+        # A model compiled for training would recompile for every batch shape: run it eagerly here.
+        with torch.compiler.set_stance("force_eager"):
+            return self._execute(batch)
+
+    def _execute(self, batch: Batch) -> list[RowResult]:
+        results = []
+        for items in (batch.decode, batch.prefill):
+            if items:  # one group at a time: two groups may share a step function and its output
+                results += self._run(self._forward(items))
+        return results
+
+    def _run(self, fwd: _Forward) -> list[RowResult]:
+        """Sample the rows of a forward that reached their last token; draft their next tokens."""
+        picks = [
+            (r, j) for r, s in enumerate(fwd.items) if s.samples for j in range(s.num_tokens - 1, len(s.fed))
+        ]
+        out, taken = None, {}
+        if picks:
+            h = fwd.hidden[[r for r, _ in picks], [j for _, j in picks]]
+            rows = [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
+            out = sample(self.model.lm_head(h).float(), rows)
+            for k, (r, _) in enumerate(picks):
+                taken.setdefault(r, []).append(k)
+        results = [self._result(s, out, taken.get(r, [])) for r, s in enumerate(fwd.items)]
+        if self.speculative:
+            self._draft(fwd, results)
+        return results
+
+    def _result(self, s: Scheduled, out: SampleOutput | None, ks: list[int]) -> RowResult:
+        """A row's outcome from its sampled positions `ks` (none: a non-final chunk)."""
+        if not ks:
+            return RowResult(s, [], s.num_tokens)
+        if s.draft is None:
+            tokens, computed, accepted = [out.tokens[ks[0]]], s.num_tokens, None
+        else:
+            accepted = out.accepted[ks[0]]
+            tokens = [s.draft, out.tokens[ks[1]]] if accepted else [out.tokens[ks[0]]]
+            computed = 1 + accepted
+        kept = ks[: len(tokens)]
+        if out.logprobs is None:
+            return RowResult(s, tokens, computed, accepted)
+        return RowResult(s, tokens, computed, accepted, None, [out.logprobs[k] for k in kept],
+                         [out.top_logprobs[k] for k in kept])  # fmt: skip
+
+    def _sampling_row(self, s: Scheduled, j: int) -> SamplingRow:
+        """Sampled position j of a row (j = 1: the position after its draft)."""
+        seq = s.seq
+        output = seq.output_ids if j == 0 else [*seq.output_ids, s.draft]
+        banned = ()
+        if len(output) < seq.params.min_tokens:
+            banned = (*(() if seq.params.ignore_eos else self.eos_ids), *seq.params.stop_token_ids)
+        return SamplingRow(
+            seq.params, seq.seed, len(output), seq.prompt_ids, output, banned, s.draft if j == 0 else None
+        )
+
+    # --- memory --------------------------------------------------------------------------------------
+    def _blocks_from_memory(self, per_block: int, cache_layers: int, fp8: bool) -> int:
+        """Cache blocks that fit: on a CPU cpu_cache_gb (no more than max_num_seqs full sequences); on
+        a GPU what gpu_memory_utilization leaves after the weights, the peak activations of the largest
+        eager prefill and the largest captured step (the graphs' pool stays reserved), measured on a
+        scratch cache."""
+        cfg = self.config
+        if self.device.type != "cuda":
+            return min(int(cfg.cpu_cache_gb * 2**30 // per_block), cfg.max_num_seqs * self.max_blocks)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        scratch = PagedLatentCache(
+            cache_layers, self.max_blocks, cfg.block_size, self.model.config.kv_latent_dim, dtype=self.dtype,
+            device=self.device, fp8=fp8,
+        )  # fmt: skip
+        before = torch.cuda.memory_allocated()
+        chunk = min(cfg.max_prefill_chunk, cfg.max_num_batched_tokens, cfg.max_model_len)
+        shapes = {  # (rows, tokens) of the largest forwards
+            "eager prefill": (max(1, cfg.max_num_batched_tokens // chunk), chunk),
+            "decode": (cfg.max_num_seqs, 1 + cfg.speculative_tokens),
+            "captured prefill": (1, min(GRAPH_TOKENS, cfg.max_model_len)),
+        }
+        peaks = {}
+        for name, (rows, T) in shapes.items():
+            torch.cuda.reset_peak_memory_stats()
+            dev, end = self.device, cfg.max_model_len
+            positions = torch.arange(end - T, end, device=dev).expand(rows, T)
+            slots = torch.zeros(rows, T, dtype=torch.long, device=dev)
+            tables = torch.arange(self.max_blocks, device=dev).expand(rows, self.max_blocks)
+            batch = scratch.batch(slots, tables, positions, absorb=T <= 2)
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                h = self._hidden_states(torch.zeros(rows, T, dtype=torch.long, device=dev), positions, batch)
+                self.model.lm_head(h[:, -2:]).float()
+                if self.speculative:
+                    self._draft_tokens(h, torch.zeros_like(positions), positions, batch)
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated() - before
+            del h, batch
+        del scratch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        activations = peaks["eager prefill"] + max(peaks["decode"], peaks["captured prefill"])
+        budget = total * cfg.gpu_memory_utilization - (total - free) - activations
+        log.info("cache budget: %.2f GB after peak activations of %s", budget / 1e9,
+                 ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in peaks.items()))  # fmt: skip
+        return max(int(budget // per_block), 0)

@@ -1,0 +1,276 @@
+"""Sampling parameters of a request, and the batched sampler the engine runs on each step's logits.
+
+`SamplingParams` holds what vLLM and the OpenAI API call them (temperature, top_p, top_k, min_p,
+repetition/presence/frequency penalties, stop strings and token ids, n, seed, logprobs,
+max_tokens). The sampler applies them to a batch of rows, each with its own values, in vLLM's
+order: penalties on the raw logits → temperature → min_p → top_k → top_p → one draw.
+
+Reproducibility: a row's draw is the inverse CDF at one uniform number that depends only on the
+request's seed, the index of the token in its output and a stream number (`uniform`), so a seeded
+request samples the same tokens whatever else shares its batch, and whether or not the engine had
+to preempt and recompute it. Logprobs are the model's own (log-softmax of the raw logits), as
+vLLM reports them by default.
+
+Speculative decoding (`draft` per row): the draft was the draft model's argmax, so the standard
+accept rule min(1, p/q) becomes "accept with probability p(draft)", and a rejected draft is
+replaced by a draw from p with the draft removed; the result is distributed exactly as p. Greedy
+rows accept exactly when the draft is the argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "SamplingParams",
+    "SamplingRow",
+    "SampleOutput",
+    "MAX_LOGPROBS",
+    "uniform",
+    "sample",
+    "params_error",
+]
+
+MAX_LOGPROBS = 20  # top logprobs a row may ask for (OpenAI's limit)
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+class SamplingParams(BaseModel):
+    """How to pick the tokens of one request (vLLM's names and defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(default=1, ge=1, le=128, description="completions to return for the prompt")
+    max_tokens: int | None = Field(default=16, ge=1, description="None: up to the model's context")
+    min_tokens: int = Field(default=0, ge=0, description="tokens before eos or a stop token id may end it")
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1, description="0 or -1: all tokens")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top logprobs per token")
+    skip_special_tokens: bool = True
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        if v is None:
+            return ()
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return () if v is None else v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(t < 0 for t in v):
+            raise ValueError("token ids must be ≥ 0")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SamplingParams:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens {self.min_tokens} exceeds max_tokens {self.max_tokens}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def params_error(err: ValidationError) -> tuple[str, str]:
+    """(field, one-line message) of the first problem in a ValidationError of SamplingParams or a request."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "body"
+    return field, f"{field}: {first['msg']}"
+
+
+# --------------------------------------------------------------------------------------------
+# Per-row randomness
+# --------------------------------------------------------------------------------------------
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, index: int, stream: int = 0) -> float:
+    """A number in [0, 1) that depends only on (seed, index, stream): the draw for output token
+    `index` of a request (stream 0: the token; stream 1: accepting a speculative draft)."""
+    x = _splitmix64((seed & _MASK64) ^ _splitmix64(index * 4 + stream))
+    return (x >> 11) * 2.0**-53
+
+
+# --------------------------------------------------------------------------------------------
+# The batched sampler
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingRow:
+    """One row of logits to sample: its parameters and the state the parameters need."""
+
+    params: SamplingParams
+    seed: int
+    index: int  # the output token this row produces (0 = the first)
+    prompt: Sequence[int]  # prompt token ids (the repetition penalty sees them)
+    output: Sequence[int]  # tokens generated so far, before this row's
+    banned: Sequence[int] = ()  # may not be drawn now (eos and stop ids before min_tokens)
+    draft: int | None = None  # a speculative draft for this position, accepted or replaced here
+
+
+@dataclass
+class SampleOutput:
+    """Per row: the token, whether the row's draft was accepted, and logprobs when asked."""
+
+    tokens: list[int]
+    accepted: list[bool]
+    logprobs: list[float] | None  # of the chosen token, under the model's distribution
+    top_logprobs: list[list[tuple[int, float]]] | None  # the row's `params.logprobs` best
+
+
+def _penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Repetition (prompt and output), presence and frequency (output) penalties, in place, where asked."""
+    which = [i for i, r in enumerate(rows) if r.params.penalized]
+    if not which:
+        return logits
+    device = logits.device
+    idx = torch.tensor(which, device=device)
+    sub = logits[idx]
+    counts = torch.zeros_like(sub)
+    seen = torch.zeros_like(sub, dtype=torch.bool)
+    for j, i in enumerate(which):
+        out = torch.tensor(list(rows[i].output), dtype=torch.long, device=device)
+        counts[j].index_add_(0, out, torch.ones_like(out, dtype=sub.dtype))
+        seen[j, torch.tensor(list(rows[i].prompt), dtype=torch.long, device=device)] = True
+    seen |= counts > 0
+
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(rows[i].params, name) for i in which], device=device).unsqueeze(1)
+
+    rep = column("repetition_penalty")
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)
+    logits[idx] = sub
+    return logits
+
+
+def _filter(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """min_p, top_k and top_p: probs (N, V) with the excluded tokens zeroed, possibly sorted
+    (descending) with the order that maps sorted columns back to token ids."""
+    device = probs.device
+    min_p = torch.tensor([r.params.min_p for r in rows], device=device)
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
+    top_k = [r.params.top_k if r.params.top_k > 0 else probs.shape[1] for r in rows]
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device)
+    if min(top_k) >= probs.shape[1] and bool((top_p >= 1).all()):
+        return probs, None
+    probs, order = probs.sort(-1, descending=True)
+    rank = torch.arange(probs.shape[1], device=device)
+    probs = probs.masked_fill(rank >= torch.tensor(top_k, device=device).unsqueeze(1), 0.0)
+    mass = probs.cumsum(-1)
+    before = (mass - probs) / mass[:, -1:]  # the kept mass ranked above each token, normalized
+    return probs.masked_fill(before >= top_p.unsqueeze(1), 0.0), order
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: per row the first column whose cumulative mass exceeds u·total (N,)."""
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1).to(cdf.dtype), right=True)
+    return idx.squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
+@torch.no_grad()
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
+    """Tokens for logits (N, V), one row per `rows` entry (see the module docstring)."""
+    if logits.shape[0] != len(rows):
+        raise ValueError(f"sample: {logits.shape[0]} rows of logits for {len(rows)} sampling rows")
+    device = logits.device
+    raw = logits.float()
+    want = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
+    logits = _penalize(raw.clone() if any(r.params.penalized for r in rows) else raw, rows)
+    banned = [(i, t) for i, r in enumerate(rows) for t in r.banned]
+    if banned:
+        logits = logits.clone() if logits is raw else logits
+        rows_i, toks = zip(*banned, strict=True)
+        logits[list(rows_i), list(toks)] = float("-inf")
+    tokens = logits.argmax(-1)
+    if all(r.draft is None for r in rows):
+        drafts = torch.full_like(tokens, -1)
+        accepted = torch.zeros_like(tokens, dtype=torch.bool)
+    else:
+        drafts = torch.tensor([-1 if r.draft is None else r.draft for r in rows], device=device)
+        accepted = (drafts >= 0) & (tokens == drafts)
+
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        idx = torch.tensor(sampled, device=device)
+        sub = [rows[i] for i in sampled]
+        temp = torch.tensor([r.params.temperature for r in sub], device=device).unsqueeze(1)
+        probs = (logits[idx] / temp).softmax(-1)
+        probs, order = _filter(probs, sub)
+        probs = probs / probs.sum(-1, keepdim=True)
+        sub_drafts = drafts[idx]
+        col = sub_drafts.clamp(min=0).unsqueeze(1)
+        if order is not None:  # the draft's column in sorted order
+            col = (order == col).int().argmax(-1, keepdim=True)
+        p_draft = probs.gather(1, col).squeeze(1)
+        u_accept = torch.tensor(
+            [uniform(r.seed, r.index, 1) for r in sub], device=device, dtype=torch.float64
+        )
+        accept = (sub_drafts >= 0) & (u_accept < p_draft.double())
+        residual = probs.scatter(1, col, 0.0) if bool((sub_drafts >= 0).any()) else probs
+        residual = torch.where((sub_drafts >= 0).unsqueeze(1), residual, probs)
+        empty = residual.sum(-1) <= 0  # p(draft) = 1: always accepted, nothing left to draw from
+        residual = torch.where(empty.unsqueeze(1), probs, residual)
+        u = torch.tensor([uniform(r.seed, r.index, 0) for r in sub], device=device, dtype=torch.float64)
+        drawn = _draw(residual, u)
+        if order is not None:
+            drawn = order.gather(1, drawn.unsqueeze(1)).squeeze(1)
+        tokens[idx] = torch.where(accept, sub_drafts, drawn)
+        accepted[idx] = accept
+
+    logprobs = top = None
+    if want is not None:
+        lp = raw.log_softmax(-1)
+        logprobs = lp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        if want > 0:
+            values, ids = lp.topk(want, dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+            top = [
+                list(zip(ids[i][: r.params.logprobs or 0], values[i][: r.params.logprobs or 0], strict=True))
+                for i, r in enumerate(rows)
+            ]
+        else:
+            top = [[] for _ in rows]
+    return SampleOutput(tokens.tolist(), accepted.tolist(), logprobs, top)

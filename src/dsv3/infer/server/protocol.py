@@ -1,0 +1,254 @@
+"""The OpenAI API's request bodies (with vLLM's sampling extras) and the JSON the server answers.
+
+Requests are pydantic models that reject unknown fields, so a misspelt parameter is a 400 naming
+it rather than silently ignored. Fields of the OpenAI API that would change the output and that
+dsv3 does not implement (logit_bias, tools, echo, suffix, best_of ≠ n, a JSON response_format)
+are a 400 naming the field too; fields that only label a request (user, metadata) are accepted.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dsv3.infer.engine import CompletionOutput, RequestError, RequestOutput
+from dsv3.infer.sampling import SamplingParams
+from dsv3.infer.tokenizer import TextTokenizer
+
+__all__ = [
+    "CompletionRequest",
+    "ChatRequest",
+    "Unsupported",
+    "sampling_params",
+    "completion_choice",
+    "chat_choice",
+    "usage",
+    "new_id",
+]
+
+
+class Unsupported(RequestError):
+    """An OpenAI field dsv3 does not implement, set to a value that would change the output."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Sampling(BaseModel):
+    """What both endpoints share: sampling, stopping, streaming."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    def _unsupported(self) -> None:
+        if self.logit_bias:
+            raise Unsupported("logit_bias", "is not supported")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        """RequestError for a field set to something dsv3 does not implement."""
+        self._unsupported()
+        if self.echo:
+            raise Unsupported("echo", "is not supported")
+        if self.suffix:
+            raise Unsupported("suffix", "is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise Unsupported("best_of", "must equal n (ranking candidates is not supported)")
+
+    def prompts(self, tokenizer: TextTokenizer) -> list[list[int]]:
+        """Token ids of each prompt: text after the document start, ids as they are."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [tokenizer.encode_prompt(p)]
+        if not p:
+            raise RequestError("prompt", "is empty")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        if all(isinstance(x, str) for x in p):
+            return [tokenizer.encode_prompt(x) for x in p]
+        return [list(x) for x in p]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: the template may read them
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise Unsupported("messages", f"content parts of type {part.get('type')!r} are not supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def check(self) -> None:
+        """RequestError for a field set to something dsv3 does not implement."""
+        self._unsupported()
+        if self.tools:
+            raise Unsupported("tools", "tool calling is not supported")
+        if self.tool_choice not in (None, "none"):
+            raise Unsupported("tool_choice", "tool calling is not supported")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise Unsupported("response_format", "only {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs", "needs logprobs: true")
+
+    def prompts(self, tokenizer: TextTokenizer) -> list[list[int]]:
+        """The chat rendered with the tokenizer's template, as the one prompt."""
+        messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in self.messages]
+        return [tokenizer.encode_chat(messages, self.add_generation_prompt)]
+
+
+_SAMPLING_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "seed",
+    "skip_special_tokens", "include_stop_str_in_output",
+)  # fmt: skip
+
+
+def sampling_params(request: CompletionRequest | ChatRequest) -> SamplingParams:
+    """The request's SamplingParams; RequestError naming the request field at fault."""
+    values = {k: getattr(request, k) for k in _SAMPLING_FIELDS if getattr(request, k) is not None}
+    names = {}  # SamplingParams field → the request's name for it
+    if isinstance(request, ChatRequest):
+        given = request.max_completion_tokens is not None
+        values["max_tokens"] = request.max_completion_tokens if given else request.max_tokens
+        names["max_tokens"] = "max_completion_tokens" if given else "max_tokens"
+        if request.logprobs:
+            values["logprobs"] = request.top_logprobs or 0
+            names["logprobs"] = "top_logprobs"
+    else:
+        values["max_tokens"] = request.max_tokens
+        values["logprobs"] = request.logprobs
+    try:
+        return SamplingParams(**values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "body"
+        raise RequestError(names.get(field, field), first["msg"]) from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token(tokenizer: TextTokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(
+    tokenizer: TextTokenizer, out: CompletionOutput, start: int, text_offset: int
+) -> dict[str, list] | None:
+    """The completions API's logprobs object for tokens [start:] of `out`."""
+    if out.logprobs is None:
+        return None
+    ids = out.token_ids[start : len(out.logprobs)]
+    tokens = [_token(tokenizer, t) for t in ids]
+    offsets = []
+    for t in tokens:
+        offsets.append(text_offset)
+        text_offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": out.logprobs[start:],
+        "top_logprobs": [{_token(tokenizer, i): lp for i, lp in top} for top in out.top_logprobs[start:]],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokenizer: TextTokenizer, out: CompletionOutput, start: int) -> dict[str, list] | None:
+    """The chat API's logprobs object for tokens [start:] of `out`."""
+    if out.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = _token(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token_id, lp, top in zip(
+        out.token_ids[start:], out.logprobs[start:], out.top_logprobs[start:], strict=False
+    ):
+        content.append({**entry(token_id, lp), "top_logprobs": [entry(i, v) for i, v in top]})
+    return {"content": content}
+
+
+def completion_choice(index: int, text: str, out: CompletionOutput, logprobs: dict | None) -> dict:
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,
+    }
+
+
+def chat_choice(index: int, out: CompletionOutput, logprobs: dict | None) -> dict:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": out.text},
+        "logprobs": logprobs,
+        "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,
+    }
+
+
+def created() -> int:
+    return int(time.time())

@@ -1,0 +1,359 @@
+"""The engine's greedy output equals transformers' generate and dsv3's static-batch `generate`, whatever
+the engine does underneath: staggered arrivals, prefix caching, chunked prefill, preemption, FP8, MTP
+speculation. Seeded sampling is reproducible per request whatever shares its batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.infer import generate
+from dsv3.infer.engine import EngineConfig, LLMEngine, RequestError
+from dsv3.infer.llm import LLM
+from dsv3.infer.sampling import SamplingParams
+from dsv3.model.hf import load_hf
+from tests.conftest import base_config, hf_model
+from tests.infer.conftest import scaled_model
+
+N_NEW = 24
+ARRIVALS = (0, 0, 1, 3, 3, 4, 6, 9)  # the step at which prompt i arrives
+SHARED = [11, 22, 33, 44, 55, 66, 77, 88, 99, 10]  # a "system prompt" several requests start with
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(2)
+    rand = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 1, 13, 4, 20)]
+    return rand + [SHARED + [1, 2, 3], SHARED + [4, 5], SHARED + [1, 2, 3, 6]]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """(our model loaded from transformers' weights, prompts, transformers' greedy continuations)."""
+    cfg = base_config(num_nextn_predict_layers=0, max_position_embeddings=128)
+    hf = hf_model(cfg)
+    path = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(path)
+    ours = load_hf(path).eval()
+    prompts = _prompts()
+    refs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)  # fmt: skip
+        refs.append(out[0, len(p) :].tolist())
+    return ours, prompts, refs
+
+
+def run_staggered(engine: LLMEngine, prompts, params, special=None) -> list[list[int]]:
+    """Add prompt i at step ARRIVALS[i] (with `special[i]` instead of `params` if given); step until
+    done; every request's tokens. The cache is empty (no block held) at the end."""
+    outs, step, pending = {}, 0, list(enumerate(prompts))
+    while pending or engine.has_unfinished_requests():
+        while pending and ARRIVALS[pending[0][0]] <= step:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, (special or {}).get(i, params))
+        for out in engine.step():
+            if out.finished:
+                outs[int(out.request_id)] = out.outputs[0].token_ids
+        step += 1
+    assert engine.blocks.num_used == 0  # no leaked block
+    return [outs[i] for i in range(len(prompts))]
+
+
+GREEDY = SamplingParams(max_tokens=N_NEW, temperature=0)
+
+CONFIGS = {
+    "default": {},
+    "small-blocks": {"block_size": 4},
+    "no-prefix-cache": {"block_size": 4, "enable_prefix_caching": False},
+    "chunked-prefill": {"block_size": 4, "max_prefill_chunk": 3, "max_num_batched_tokens": 8},
+    "tiny-cache-preempts": {"block_size": 4, "num_blocks": 12, "max_model_len": 44, "max_num_seqs": 8},
+    "one-at-a-time": {"max_num_seqs": 1},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_equals_transformers_and_generate(references, name):
+    model, prompts, refs = references
+    engine = LLMEngine(model, None, EngineConfig(**CONFIGS[name]))
+    got = run_staggered(engine, prompts, GREEDY)
+    assert got == refs
+    if name == "small-blocks":
+        assert engine.blocks.prefix_hits > 0  # the shared prefix was served from the cache
+        assert all(
+            generate(model, [p], N_NEW)[0].tolist() == r for p, r in zip(prompts[:3], refs, strict=False)
+        )
+    if name == "no-prefix-cache":
+        assert engine.blocks.prefix_hits == 0
+    if name == "tiny-cache-preempts":
+        assert engine.stats.preemptions > 0
+
+
+def test_prefix_hits_give_identical_outputs_and_skip_the_shared_tokens(references):
+    model, prompts, refs = references
+    engine = LLMEngine(model, None, EngineConfig(block_size=4))
+    for i in (5, 6, 7):  # one after the other: each later one finds the shared blocks computed
+        engine.add_request(str(i), prompts[i], GREEDY)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    assert out.outputs[0].token_ids == refs[i]
+                    cached = out.num_cached_tokens
+        # blocks of 4 whose tokens and next token match: 6 shares 10 tokens with 5, 7 shares 13
+        assert cached == {5: 0, 6: 8, 7: 12}[i]
+    assert engine.prefix_hit_rate > 0
+
+
+def test_fp8_cache_generates_the_same_tokens_on_a_decisive_model():
+    model = scaled_model(base_config(num_nextn_predict_layers=0, max_position_embeddings=128), blocks=3.0,
+                         head=5.0)  # fmt: skip
+    prompts = _prompts()
+    exact = run_staggered(LLMEngine(model, None, EngineConfig(block_size=4)), prompts, GREEDY)
+    fp8 = run_staggered(
+        LLMEngine(model, None, EngineConfig(block_size=4, kv_cache_dtype="fp8")), prompts, GREEDY
+    )
+    assert fp8 == exact  # the logit-level bound (2^-4) is tests/infer/test_paged_cache.py's
+
+
+# --- MTP speculative decoding ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtp_model():
+    return scaled_model(base_config(num_nextn_predict_layers=1, max_position_embeddings=128), blocks=5.0)
+
+
+@pytest.mark.parametrize("options", [{}, {"block_size": 4, "num_blocks": 14, "max_model_len": 44}],
+                         ids=["roomy", "tiny-cache"])  # fmt: skip
+def test_speculative_greedy_equals_plain_greedy_and_drafts_are_the_mtp_heads(mtp_model, options):
+    """Speculation never changes greedy output; each draft is the MTP head's argmax computed without a
+    cache (`mtp_logits` over the whole sequence), so its latent cache is right, preemption included."""
+    prompts = _prompts()
+    plain = run_staggered(LLMEngine(mtp_model, None, EngineConfig(**options)), prompts, GREEDY)
+    engine = LLMEngine(mtp_model, None, EngineConfig(speculative_tokens=1, **options))
+    drafts = []
+    step = engine.step
+
+    def recording_step():
+        outs = step()
+        drafts.extend((list(s.token_ids), s.draft) for s in engine.scheduler.running if s.draft is not None)
+        return outs
+
+    engine.step = recording_step
+    assert run_staggered(engine, prompts, GREEDY) == plain
+    assert plain[:3] == [generate(mtp_model, [p], N_NEW)[0].tolist() for p in prompts[:3]]
+    assert engine.stats.spec_drafts > 0
+    sample = drafts[:: max(1, len(drafts) // 12)]
+    with torch.no_grad():
+        for tokens, draft in sample:
+            expected = mtp_model.mtp_logits(torch.tensor([tokens]))[0, 0, len(tokens) - 2].argmax()
+            assert draft == int(expected)
+
+
+def test_accepted_and_rejected_drafts_give_the_same_tokens_and_fewer_steps(mtp_model):
+    """Drafts from an oracle that is right two times in three: every right draft is accepted, every
+    wrong one replaced, the output equals plain greedy and takes fewer steps."""
+    prompts = _prompts()[:4]
+    plain_engine = LLMEngine(mtp_model, None, EngineConfig())
+    refs = run_staggered(plain_engine, prompts, GREEDY)
+    engine = LLMEngine(mtp_model, None, EngineConfig(speculative_tokens=1))
+    by_seq = {}
+    execute, step = engine.runner.execute, engine.step
+    verdicts = []
+
+    def oracle_step():
+        outs = step()
+        for s in engine.scheduler.running:
+            ref = refs[int(s.request_id)]
+            i = s.num_output  # the draft is for this output index
+            if i < len(ref):
+                s.draft = ref[i] if i % 3 else (ref[i] + 1) % 128
+            by_seq[s.seq_id] = s
+        return outs
+
+    def checking_execute(batch):
+        results = execute(batch)
+        for res in results:
+            if res.accepted is not None:
+                ref = refs[int(res.item.seq.request_id)]
+                verdicts.append((res.accepted, res.item.draft == ref[res.item.seq.num_output]))
+        return results
+
+    engine.step, engine.runner.execute = oracle_step, checking_execute
+    assert run_staggered(engine, prompts, GREEDY) == refs
+    assert verdicts and all(accepted == right for accepted, right in verdicts)
+    assert 0 < engine.stats.spec_accepted < engine.stats.spec_drafts
+    assert engine.stats.steps < plain_engine.stats.steps
+
+
+def test_speculation_needs_an_mtp_module(references):
+    with pytest.raises(ValueError, match="no MTP module"):
+        LLMEngine(references[0], None, EngineConfig(speculative_tokens=1))
+
+
+# --- sampling through the engine ---------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(mtp_model):
+    """A seeded request samples the same tokens alone, in a crowd of unseeded requests, one at a time,
+    and when preempted and recomputed; another seed samples others. Speculative sampling likewise."""
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    others = SamplingParams(max_tokens=16, temperature=0.8)  # no seed: the engine draws theirs
+    prompt = _prompts()[0]
+    crowd = _prompts()
+    crowd[3] = prompt  # arrives at step 3
+    for spec in (0, 1):
+        base = run_staggered(
+            LLMEngine(mtp_model, None, EngineConfig(speculative_tokens=spec)), [prompt], params
+        )[0]
+        for options in ({}, {"block_size": 4, "num_blocks": 12, "max_model_len": 44}, {"max_num_seqs": 2}):
+            engine = LLMEngine(mtp_model, None, EngineConfig(speculative_tokens=spec, **options))
+            assert run_staggered(engine, crowd, others, special={3: params})[3] == base
+            if "num_blocks" in options:
+                assert engine.stats.preemptions > 0
+        other_seed = params.model_copy(update={"seed": 8})
+        assert run_staggered(LLMEngine(mtp_model, None, EngineConfig()), [prompt], other_seed)[0] != base
+
+
+def test_n_completions_are_the_seeds_seed_plus_index(mtp_model):
+    prompt = _prompts()[2]
+    llm = LLM.from_model(mtp_model)
+    three = llm.generate([prompt], SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=100))[0]
+    assert [c.index for c in three.outputs] == [0, 1, 2]
+    singles = [llm.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, seed=100 + i))[0]
+               for i in range(3)]  # fmt: skip
+    assert [c.token_ids for c in three.outputs] == [s.outputs[0].token_ids for s in singles]
+    assert len({tuple(c.token_ids) for c in three.outputs}) == 3
+
+
+def test_logprobs_are_the_models_own(references):
+    """Each token's logprob and top logprobs are log-softmax of a full forward (no cache) there."""
+    model, prompts, _ = references
+    llm = LLM.from_model(model)
+    out = llm.generate([prompts[0]], SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=3))[0]
+    c = out.outputs[0]
+    ids = torch.tensor([prompts[0] + c.token_ids])
+    with torch.no_grad():
+        lp = model(ids)[0, len(prompts[0]) - 1 : -1].float().log_softmax(-1)
+    for t, (token, logprob, top) in enumerate(zip(c.token_ids, c.logprobs, c.top_logprobs, strict=True)):
+        assert abs(logprob - float(lp[t, token])) < 1e-4
+        values, ids_ = lp[t].topk(3)
+        assert [i for i, _ in top] == ids_.tolist()
+        assert all(abs(v - float(w)) < 1e-4 for (_, v), w in zip(top, values, strict=True))
+
+
+def test_stop_token_ids_eos_and_max_tokens_end_a_sequence(references):
+    model, prompts, refs = references
+    ref = refs[0]
+    stop = ref[5]
+    first = ref.index(stop)
+    llm = LLM.from_model(model)
+    out = llm.generate([prompts[0]], SamplingParams(max_tokens=N_NEW, temperature=0, stop_token_ids=[stop]))[
+        0
+    ]
+    c = out.outputs[0]
+    assert c.token_ids == ref[: first + 1] and (c.finish_reason, c.stop_reason) == ("stop", stop)
+    ignore = llm.generate([prompts[0]], SamplingParams(max_tokens=N_NEW, temperature=0, min_tokens=first + 1,
+                                                       stop_token_ids=[stop]))[0]  # fmt: skip
+    assert ignore.outputs[0].token_ids[first] != stop  # banned before min_tokens: another token comes
+    eos_llm = LLM.from_model(model, None, EngineConfig())
+    eos_llm.engine.eos_ids = frozenset({stop})
+    eos_llm.engine.runner.eos_ids = (stop,)
+    c = eos_llm.generate([prompts[0]], SamplingParams(max_tokens=N_NEW, temperature=0))[0].outputs[0]
+    assert (c.token_ids, c.finish_reason, c.stop_reason) == (ref[: first + 1], "stop", None)
+    c = eos_llm.generate([prompts[0]], SamplingParams(max_tokens=N_NEW, temperature=0, ignore_eos=True))[0]
+    assert c.outputs[0].token_ids == ref
+    c = llm.generate([prompts[0]], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0]
+    assert (c.token_ids, c.finish_reason) == (ref[:3], "length")
+
+
+def test_abort_releases_blocks_at_once(references):
+    model, prompts, _ = references
+    engine = LLMEngine(model, None, EngineConfig(block_size=4))
+    for i, p in enumerate(prompts[:3]):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=N_NEW, temperature=0))
+    engine.step()
+    engine.step()
+    held = engine.blocks.num_used
+    out = engine.abort_request("2")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert engine.blocks.num_used < held and engine.abort_request("2") is None
+    engine.abort_request("0")
+    engine.abort_request("1")
+    assert engine.blocks.num_used == 0 and not engine.has_unfinished_requests()
+
+
+def test_requests_the_engine_cannot_serve_name_the_field(references):
+    model = references[0]
+    engine = LLMEngine(model, None, EngineConfig(max_model_len=32))
+    cases = [
+        ([], SamplingParams(), "prompt: is empty"),
+        ([1, 500], SamplingParams(), "prompt: holds token ids outside"),
+        (list(range(32)), SamplingParams(), "prompt: 32 tokens leave no room"),
+        ([1, 2], SamplingParams(max_tokens=31), "max_tokens: 31 with a prompt of 2"),
+        ([1, 2], SamplingParams(stop_token_ids=[128]), "stop_token_ids"),
+        ([1, 2], SamplingParams(stop=["x"]), "stop: stop strings need a tokenizer"),
+        ("text", SamplingParams(), "prompt: text needs a tokenizer"),
+    ]
+    for prompt, params, message in cases:
+        with pytest.raises(RequestError, match=message):
+            engine.add_request("x", prompt, params)
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="max_model_len 300 exceeds"):
+        LLMEngine(model, None, EngineConfig(max_model_len=300))
+    with pytest.raises(ValueError, match="num_blocks: 1 blocks"):
+        LLMEngine(model, None, EngineConfig(num_blocks=1))
+
+
+# --- CUDA-graph semantics, emulated on the CPU ----------------------------------------------------------
+
+
+class _ReplayedStep:
+    """What a captured CUDA graph does, in Python: replay reruns the kernels over the same input
+    buffers and writes the same output tensor; the Python around the capture (the runner's record of
+    each shape's hidden states) ran once, at capture."""
+
+    def __init__(self, fn, runner) -> None:
+        self.fn, self.runner = fn, runner
+        self.out = fn()  # the capture: its output is the graph's static output from now on
+
+    def replay(self) -> None:
+        recorded = dict(self.runner._hidden)
+        self.out.copy_(self.fn())
+        self.runner._hidden.clear()
+        self.runner._hidden.update(recorded)
+
+
+def test_graph_semantics_static_outputs_and_fallback(mtp_model, monkeypatch, caplog):
+    """Replayed steps that overwrite their static outputs (as CUDA graphs do) give the same greedy
+    tokens, speculation and chunked prefill included; a capture that fails falls back to eager steps."""
+    import importlib
+
+    runner_module = importlib.import_module("dsv3.infer.engine.model_runner")
+    prompts = _prompts()
+    options = {"speculative_tokens": 1, "block_size": 4, "max_prefill_chunk": 5, "max_num_batched_tokens": 12}
+    plain = run_staggered(LLMEngine(mtp_model, None, EngineConfig(**options)), prompts, GREEDY)
+    engine = LLMEngine(mtp_model, None, EngineConfig(**options))
+    runner = engine.runner
+    captured = []
+
+    def fake_capture(fn, pool):
+        step = _ReplayedStep(fn, runner)
+        captured.append(step)
+        return step, step.out
+
+    monkeypatch.setattr(runner_module, "capture", fake_capture)
+    runner.graphs = True
+    assert run_staggered(engine, prompts, GREEDY) == plain
+    assert len(captured) > 4  # decode and short-prefill shapes, main and draft steps
+
+    def failing_capture(fn, pool):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n(details)")
+
+    monkeypatch.setattr(runner_module, "capture", failing_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    engine = LLMEngine(mtp_model, None, EngineConfig(**options))
+    engine.runner.graphs = True
+    with caplog.at_level("WARNING"):
+        assert run_staggered(engine, prompts, GREEDY) == plain
+    assert "running without CUDA graphs (capture of" in caplog.text and engine.runner.graphs is False
