@@ -12,8 +12,9 @@ weights excluded); then one line of ratios per batch size.
 Systems: `dsv3` (eager decode), `dsv3-graph` (the decode step captured in a CUDA graph once per
 call, capture time included), `hf` (transformers' generate: DynamicCache, SDPA attention, its default
 grouped_mm experts), `hf-static` (transformers' strongest generate: `cache_implementation="static"`,
-which compiles its decode step; GPU only by default). Ratios are given against both. bf16 on CUDA, fp32 on CPU. `same_tokens_as` compares greedy tokens with the
-first system: 1.0 in fp32; in bf16 two implementations' greedy paths may split at a near-tie.
+which compiles its decode step; GPU only by default). Ratios are given against both.
+bf16 on CUDA, fp32 on CPU. `same_tokens_as` compares greedy tokens with the first system: 1.0 in
+fp32; in bf16 two implementations' greedy paths may split at a near-tie.
 """
 
 from __future__ import annotations
