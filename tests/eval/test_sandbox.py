@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv3.config import ConfigError
 from dsv3.eval.sandbox import SandboxLimits, isolation, run_program, run_programs
 
 QUICK = SandboxLimits(timeout_s=3, cpu_s=3, memory_mb=512)
@@ -127,7 +128,7 @@ def test_output_is_capped_and_a_flood_is_stopped_by_the_file_size_limit():
 def test_isolation_when_the_machine_allows_it():
     available, reason = isolation()
     if not available:
-        with pytest.raises(RuntimeError, match="isolation required"):
+        with pytest.raises(ConfigError, match="isolation required"):
             run_program("pass", SandboxLimits(isolate="required"))
         return
     result = run_program(

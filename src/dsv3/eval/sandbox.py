@@ -45,6 +45,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dsv3.config import ConfigError
+
 __all__ = ["SandboxLimits", "ExecResult", "isolation", "run_program", "run_programs"]
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,7 @@ def _isolate(limits: SandboxLimits) -> bool:
     available, reason = isolation()
     if not available:
         if limits.isolate == "required":
-            raise RuntimeError(f"sandbox: isolation required but unavailable here: {reason}")
+            raise ConfigError(f"sandbox: isolation required but unavailable here: {reason}")
         _warn_once(reason)
     return available
 
@@ -194,7 +196,7 @@ def run_program(program: str, limits: SandboxLimits | None = None) -> ExecResult
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if returncode == EXIT_ISOLATION_FAILED and "sandbox: isolation failed" in stderr:
-        raise RuntimeError(stderr.strip().splitlines()[-1])
+        raise ConfigError(stderr.strip().splitlines()[-1])
     status = "timeout" if returncode is None else "passed" if returncode == 0 else "failed"
     return ExecResult(status, returncode, stdout, stderr, seconds, isolate)
 

@@ -5,7 +5,7 @@
     MBPP       lm-evaluation-harness's `mbpp` format, 3-shot (task ids 2, 3, 4 of the prompt split):
                You are an expert Python programmer, and here is your task: {text} Your code should
                pass these tests:\\n\\n{test 1}\\n{test 2}\\n{test 3}\\n[BEGIN]\\n  → code, until "[DONE]"
-               program: test_setup_code + completion + the tests
+               program: completion + test_setup_code + the tests
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def _mbpp_query(doc: dict) -> str:
 
 def mbpp_program(doc: dict, completion: str) -> str:
     tests = "\n".join(doc["test_list"])
-    return f"{doc.get('test_setup_code') or ''}\n{completion}\n{tests}\n"
+    # The setup code builds test inputs, some from classes the solution defines: it goes after it.
+    return f"{completion}\n{doc.get('test_setup_code') or ''}\n{tests}\n"
 
 
 def _mbpp(docs: list[dict], k: int, rng: random.Random, load: Loader) -> list[GenerationItem]:
