@@ -3,6 +3,7 @@ trained dsv3 tokenizer, loadable by dsv3 and by transformers, and a few benchmar
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,26 +16,68 @@ VOCAB = 384
 
 # A few rows in each dataset's cached layout (see dsv3.eval.data), written by the tests that need them.
 MMLU_DEV = [
-    {"id": f"{subject}/{i}", "subject": subject, "question": f"Which planet is number {i + 1} from the Sun?",
-     "choices": ["Mercury", "Venus", "Earth", "Mars"], "answer": i % 4}
-    for subject in ("astronomy", "virology") for i in range(5)
+    {
+        "id": f"{subject}/{i}",
+        "subject": subject,
+        "question": f"Which planet is number {i + 1} from the Sun?",
+        "choices": ["Mercury", "Venus", "Earth", "Mars"],
+        "answer": i % 4,
+    }
+    for subject in ("astronomy", "virology")
+    for i in range(5)
 ]
 MMLU_TEST = [
-    {"id": "astronomy/0", "subject": "astronomy", "question": "What is the Sun?",
-     "choices": ["A planet", "A star", "A moon", "A comet"], "answer": 1},
-    {"id": "astronomy/1", "subject": "astronomy", "question": "How many moons has Mars?",
-     "choices": ["0", "1", "2", "3"], "answer": 2},
-    {"id": "virology/0", "subject": "virology", "question": "What does a virus need to replicate?",
-     "choices": ["Light", "A host cell", "Oxygen", "Salt"], "answer": 1},
+    {
+        "id": "astronomy/0",
+        "subject": "astronomy",
+        "question": "What is the Sun?",
+        "choices": ["A planet", "A star", "A moon", "A comet"],
+        "answer": 1,
+    },
+    {
+        "id": "astronomy/1",
+        "subject": "astronomy",
+        "question": "How many moons has Mars?",
+        "choices": ["0", "1", "2", "3"],
+        "answer": 2,
+    },
+    {
+        "id": "virology/0",
+        "subject": "virology",
+        "question": "What does a virus need to replicate?",
+        "choices": ["Light", "A host cell", "Oxygen", "Salt"],
+        "answer": 1,
+    },
 ]
 HELLASWAG = [
-    {"id": "0", "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3",
-     "source_id": "x"},
-    {"id": "1", "activity_label": "Baking cookies", "ctx_a": "A woman mixes flour and sugar [title] in a bowl.",
-     "ctx_b": "she", "endings": ["puts the dough in the oven.", "drives a car  to work.", "sings a song.",
-                                 "eats the bowl."], "label": "0", "source_id": "y"},
+    {
+        "id": "0",
+        "activity_label": "Roof shingle removal",
+        "ctx_a": "A man is sitting on a roof.",
+        "ctx_b": "he",
+        "endings": [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+        "label": "3",
+        "source_id": "x",
+    },
+    {
+        "id": "1",
+        "activity_label": "Baking cookies",
+        "ctx_a": "A woman mixes flour and sugar [title] in a bowl.",
+        "ctx_b": "she",
+        "endings": [
+            "puts the dough in the oven.",
+            "drives a car  to work.",
+            "sings a song.",
+            "eats the bowl.",
+        ],
+        "label": "0",
+        "source_id": "y",
+    },
 ]
 
 
@@ -58,3 +101,23 @@ def reference_model(tiny_hf_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)
     return model, tokenizer
+
+
+def write_cache(cache: Path, dataset: str, split: str, rows: list[dict]) -> None:
+    """Rows where `load_dataset(dataset, split, cache)` finds them (the package's own are not read)."""
+    from dsv3.eval.data import SOURCES, package_version
+
+    package = SOURCES[dataset].package
+    path = cache / f"{package}-{package_version(package)}" / dataset / f"{split}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+@pytest.fixture
+def fixture_cache(tmp_path) -> Path:
+    """A dataset cache holding the MMLU and HellaSwag rows above."""
+    cache = tmp_path / "cache"
+    write_cache(cache, "mmlu", "dev", MMLU_DEV)
+    write_cache(cache, "mmlu", "test", MMLU_TEST)
+    write_cache(cache, "hellaswag", "validation", HELLASWAG)
+    return cache

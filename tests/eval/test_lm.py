@@ -1,4 +1,4 @@
-"""Log-likelihoods and generations of `CausalLM` equal transformers' computed directly, one sequence at a time."""
+"""`CausalLM`'s log-likelihoods and generations equal transformers' computed one sequence at a time."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from tests.eval.conftest import HELLASWAG, MMLU_DEV, MMLU_TEST
 
 def fixture_loader(dataset: str, split: str) -> list[dict]:
     return {("mmlu", "dev"): MMLU_DEV, ("mmlu", "test"): MMLU_TEST, ("hellaswag", "validation"): HELLASWAG}[
-        (dataset, split)]
+        (dataset, split)
+    ]
 
 
 def choice_requests(shots: int = 2) -> list[LoglikelihoodRequest]:
@@ -30,11 +31,11 @@ def reference_logprob(model, tokenizer, context: str, continuation: str, max_len
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     ctx = tokenizer.encode(context, add_special_tokens=False)
-    cont = tokenizer.encode(context + continuation, add_special_tokens=False)[len(ctx):]
-    ids = ([tokenizer.eos_token_id] + ctx + cont)[-(max_length + 1):]
+    cont = tokenizer.encode(context + continuation, add_special_tokens=False)[len(ctx) :]
+    ids = ([tokenizer.eos_token_id] + ctx + cont)[-(max_length + 1) :]
     with torch.no_grad():
         logits = model(torch.tensor([ids[:-1]])).logits[0].float()
-    logp = logits.log_softmax(-1)[-len(cont):]
+    logp = logits.log_softmax(-1)[-len(cont) :]
     return float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
 
 
@@ -78,10 +79,13 @@ def test_batching_does_not_change_the_numbers(tiny_hf_dir):
 def test_long_contexts_lose_tokens_on_the_left(tiny_hf_dir, reference_model):
     model, tokenizer = reference_model
     lm = load_checkpoint(tiny_hf_dir, device="cpu", max_length=24)
-    request = LoglikelihoodRequest("one two three four five six seven eight nine ten eleven twelve", " thirteen")
+    request = LoglikelihoodRequest(
+        "one two three four five six seven eight nine ten eleven twelve", " thirteen"
+    )
     got = lm.loglikelihood([request])[0].logprob
-    assert got == pytest.approx(reference_logprob(model, tokenizer, request.context, request.continuation, 24),
-                                abs=2e-4)
+    assert got == pytest.approx(
+        reference_logprob(model, tokenizer, request.context, request.continuation, 24), abs=2e-4
+    )
     with pytest.raises(ValueError, match="does not fit"):
         lm.loglikelihood([LoglikelihoodRequest("x", " y" * 40)])
 
@@ -114,7 +118,7 @@ def test_loglikelihood_rolling_over_several_windows(tiny_hf_dir, reference_model
         with torch.no_grad():
             logp = model(torch.tensor([full[max(0, end - 8) : end]])).logits[0].float().log_softmax(-1)
         targets = torch.tensor(full[start + 1 : end + 1])
-        expected += float(logp[-len(targets):].gather(-1, targets[:, None]).sum())
+        expected += float(logp[-len(targets) :].gather(-1, targets[:, None]).sum())
     assert lm.loglikelihood_rolling([text])[0] == pytest.approx(expected, abs=2e-4)
 
 
@@ -125,9 +129,15 @@ def test_greedy_generation_matches_transformers_generate(tiny_hf_dir, reference_
     for prompt, text in zip(prompts, ours, strict=True):
         ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                 eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
-        assert text == tokenizer.decode(out[0, ids.shape[1]:].tolist())
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        assert text == tokenizer.decode(out[0, ids.shape[1] :].tolist())
 
 
 def test_generation_stops_at_stop_strings_and_sampling_follows_the_seed(lm):

@@ -16,9 +16,11 @@ QUICK = SandboxLimits(timeout_s=3, cpu_s=3, memory_mb=512)
 
 def test_a_passing_and_a_failing_program():
     good, bad, crash = run_programs(
-        ["def f(x):\n    return x + 1\nassert f(1) == 2\nprint('ok')",
-         "def f(x):\n    return x\nassert f(1) == 2",
-         "raise ValueError('boom')"],
+        [
+            "def f(x):\n    return x + 1\nassert f(1) == 2\nprint('ok')",
+            "def f(x):\n    return x\nassert f(1) == 2",
+            "raise ValueError('boom')",
+        ],
         QUICK,
     )
     assert good.passed and good.stdout == "ok\n"
@@ -27,7 +29,11 @@ def test_a_passing_and_a_failing_program():
 
 
 def test_exit_before_the_tests_is_a_failure():
-    for program in ("import sys\nsys.exit(0)\nassert False", "exit(0)\nassert False", "import os\nos._exit(0)"):
+    for program in (
+        "import sys\nsys.exit(0)\nassert False",
+        "exit(0)\nassert False",
+        "import os\nos._exit(0)",
+    ):
         assert run_program(program, QUICK).status == "failed", program
 
 

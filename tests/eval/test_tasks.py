@@ -19,18 +19,21 @@ from dsv3.eval.tasks.gsm8k import EXEMPLARS, check, extract_flexible, extract_st
 DOC = {"question": "How many?", "answer": "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"}
 
 
-@pytest.mark.parametrize("completion, strict, flexible, strict_ok, flexible_ok", [
-    (" She has 3 + 4 = 7 apples. The answer is 7.", "7", "7.", True, True),
-    (" 3 + 4 = 7. The answer is 7", "[invalid]", "7", False, True),  # strict wants a character after it
-    (" The answer is 7.\n\nQ: next", "7", "7.", True, True),
-    (" The answer is $7.", "[invalid]", "$7.", False, True),
-    (" I think it is 8, no wait, 7", "[invalid]", "7", False, True),
-    (" The answer is 1,007.", "1,007", "1,007.", False, False),
-    (" the answer is 7.", "[invalid]", "7.", False, True),  # lm-eval's strict match is case-sensitive
-    (" The answer is 7. Then 12 more.", "7.", "12", True, False),
-    (" The answer is -3.", "-3", "-3.", False, False),
-    ("", "[invalid]", "[invalid]", False, False),
-])
+@pytest.mark.parametrize(
+    "completion, strict, flexible, strict_ok, flexible_ok",
+    [
+        (" She has 3 + 4 = 7 apples. The answer is 7.", "7", "7.", True, True),
+        (" 3 + 4 = 7. The answer is 7", "[invalid]", "7", False, True),  # strict wants a character after it
+        (" The answer is 7.\n\nQ: next", "7", "7.", True, True),
+        (" The answer is $7.", "[invalid]", "$7.", False, True),
+        (" I think it is 8, no wait, 7", "[invalid]", "7", False, True),
+        (" The answer is 1,007.", "1,007", "1,007.", False, False),
+        (" the answer is 7.", "[invalid]", "7.", False, True),  # lm-eval's strict match is case-sensitive
+        (" The answer is 7. Then 12 more.", "7.", "12", True, False),
+        (" The answer is -3.", "-3", "-3.", False, False),
+        ("", "[invalid]", "[invalid]", False, False),
+    ],
+)
 def test_gsm8k_answer_extraction(completion, strict, flexible, strict_ok, flexible_ok):
     assert extract_strict(completion) == strict
     assert extract_flexible(completion) == flexible
@@ -61,20 +64,33 @@ def test_gsm8k_prompt_is_eight_shot():
 def test_mbpp_exemplars_are_lm_evals():
     """lm-eval's mbpp/utils.py loads a metric from the Hub at import: read its literal list instead."""
     tree = ast.parse((Path(lm_eval.__file__).parent / "tasks/mbpp/utils.py").read_text())
-    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "list_fewshot_samples")
+    function = next(
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "list_fewshot_samples"
+    )
     samples = ast.literal_eval(next(n for n in ast.walk(function) if isinstance(n, ast.Return)).value)
-    theirs = [{"text": s["text"], "code": s["code"].replace("\r\n", "\n"), "test_list": s["test_list"]}
-              for s in samples]
+    theirs = [
+        {"text": s["text"], "code": s["code"].replace("\r\n", "\n"), "test_list": s["test_list"]}
+        for s in samples
+    ]
     assert theirs == list(MBPP_EXEMPLARS)
 
 
 def test_hellaswag_cleanup_and_mmlu_format():
     assert hellaswag_text(" A man [title] is  here [step] now ") == "A man. is here now"
-    rows = [{"id": "x/0", "subject": "high_school_physics", "question": " What? ", "choices": list("1234"),
-             "answer": 2}]
+    rows = [
+        {
+            "id": "x/0",
+            "subject": "high_school_physics",
+            "question": " What? ",
+            "choices": list("1234"),
+            "answer": 2,
+        }
+    ]
     item = TASKS["mmlu"].build(rows, 0, random.Random(0), lambda d, s: [])[0]
-    assert item.context == ("The following are multiple choice questions (with answers) about high school physics."
-                            "\n\nWhat?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
+    assert item.context == (
+        "The following are multiple choice questions (with answers) about high school physics."
+        "\n\nWhat?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
+    )
     assert item.choices == (" A", " B", " C", " D") and item.gold == 2
 
 
@@ -87,7 +103,7 @@ def test_few_shot_draws_follow_the_seed_and_skip_the_item():
     for item in one:
         assert item.context.count("Question:") == 4
         assert item.context.count(f"Question: q{item.id}\n") == 1  # never its own example
-    with pytest.raises(ConfigError, match="only 6 few-shot examples"):
+    with pytest.raises(ConfigError, match="only 5 few-shot examples to draw from besides the item"):
         build(pool[:1], 6, random.Random(0), lambda d, s: pool)
 
 

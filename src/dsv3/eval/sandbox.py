@@ -27,6 +27,7 @@ evaluation or the machine. Run evaluations of untrusted models inside a VM or co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -119,7 +120,11 @@ def isolation() -> tuple[bool, str]:
         return False, f"namespaces need Linux, not {sys.platform}"
     with tempfile.TemporaryDirectory(prefix="dsv3-sandbox-") as workdir:
         done = subprocess.run(
-            _command("--probe"), cwd=workdir, env=_environment(workdir), capture_output=True, text=True,
+            _command("--probe"),
+            cwd=workdir,
+            env=_environment(workdir),
+            capture_output=True,
+            text=True,
             timeout=60,
         )
     try:
@@ -154,10 +159,8 @@ def _read(f, limit: int) -> str:
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run_program(program: str, limits: SandboxLimits | None = None) -> ExecResult:
@@ -181,8 +184,13 @@ def run_program(program: str, limits: SandboxLimits | None = None) -> ExecResult
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             start = time.perf_counter()
             proc = subprocess.Popen(
-                _command(json.dumps(config)), cwd=workdir, env=_environment(workdir),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                _command(json.dumps(config)),
+                cwd=workdir,
+                env=_environment(workdir),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
             )
             try:
                 returncode: int | None = proc.wait(timeout=limits.timeout_s)

@@ -29,11 +29,20 @@ def score_choices(
     for item in items:
         logprobs = [next(results).logprob for _ in item.choices]
         pred, pred_norm = choice_predictions(logprobs, item.choices)
-        samples.append({
-            "task": task.name, "id": item.id, "gold": item.gold, "pred": pred, "pred_norm": pred_norm,
-            "acc": float(pred == item.gold), "acc_norm": float(pred_norm == item.gold),
-            "logprobs": logprobs, "choices": list(item.choices), "context": item.context,
-        })
+        samples.append(
+            {
+                "task": task.name,
+                "id": item.id,
+                "gold": item.gold,
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "acc": float(pred == item.gold),
+                "acc_norm": float(pred_norm == item.gold),
+                "logprobs": logprobs,
+                "choices": list(item.choices),
+                "context": item.context,
+            }
+        )
     metrics = {name: mean_stderr([s[name] for s in samples]) for name in ("acc", "acc_norm")}
     return metrics, samples
 
@@ -49,8 +58,16 @@ def score_math(
         for name, values in per_item.items():
             values.append(sum(c[name] for c in checks) / len(checks))
         for j, (out, check) in enumerate(zip(outs, checks, strict=True)):
-            samples.append({"task": task.name, "id": item.id, "sample": j, "completion": out, **check,
-                            "prompt": item.prompt})
+            samples.append(
+                {
+                    "task": task.name,
+                    "id": item.id,
+                    "sample": j,
+                    "completion": out,
+                    **check,
+                    "prompt": item.prompt,
+                }
+            )
     return {name: mean_stderr(values) for name, values in per_item.items()}, samples
 
 
@@ -65,18 +82,34 @@ def score_code(
 ) -> tuple[Metrics, list[dict]]:
     """Run every completion's program in the sandbox; pass@k for each k ≤ completions per item."""
     assert task.program is not None
-    programs = [task.program(item.doc, out) for item, outs in zip(items, completions, strict=True) for out in outs]
+    programs = [
+        task.program(item.doc, out) for item, outs in zip(items, completions, strict=True) for out in outs
+    ]
     results = iter(run_programs(programs, limits, workers, progress))
     samples, passed = [], []
     for item, outs in zip(items, completions, strict=True):
         runs = [next(results) for _ in outs]
         passed.append(sum(r.passed for r in runs))
         for j, (out, run) in enumerate(zip(outs, runs, strict=True)):
-            samples.append({"task": task.name, "id": item.id, "sample": j, "completion": out,
-                            "passed": run.passed, "result": run.summary(), "seconds": round(run.seconds, 3),
-                            "isolated": run.isolated, "prompt": item.prompt})
+            samples.append(
+                {
+                    "task": task.name,
+                    "id": item.id,
+                    "sample": j,
+                    "completion": out,
+                    "passed": run.passed,
+                    "result": run.summary(),
+                    "seconds": round(run.seconds, 3),
+                    "isolated": run.isolated,
+                    "prompt": item.prompt,
+                }
+            )
     n = min((len(outs) for outs in completions), default=0)
-    metrics = {f"pass@{k}": mean_stderr([pass_at_k(len(outs), c, k) for outs, c in zip(completions, passed,
-                                                                                      strict=True)])
-               for k in ks if k <= n}
+    metrics = {
+        f"pass@{k}": mean_stderr(
+            [pass_at_k(len(outs), c, k) for outs, c in zip(completions, passed, strict=True)]
+        )
+        for k in ks
+        if k <= n
+    }
     return metrics, samples

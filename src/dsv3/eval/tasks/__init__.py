@@ -10,7 +10,9 @@ from dsv3.eval.tasks.gsm8k import GSM8K
 
 __all__ = ["TASKS", "get_tasks", "Task", "ChoiceItem", "GenerationItem", "Item", "Loader"]
 
-TASKS: dict[str, Task] = {t.name: t for t in (MMLU, HELLASWAG, ARC_EASY, ARC_CHALLENGE, GSM8K, HUMANEVAL, MBPP)}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (MMLU, HELLASWAG, ARC_EASY, ARC_CHALLENGE, GSM8K, HUMANEVAL, MBPP)
+}
 
 
 def get_tasks(names: str | list[str]) -> list[Task]:

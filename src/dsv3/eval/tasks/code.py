@@ -1,11 +1,11 @@
 """Code tasks, scored by running the completion against the dataset's tests in the sandbox.
 
-    HumanEval  {signature and docstring}                     → body, until a new top-level statement
-               program: prompt + completion + test + check(entry_point)
-    MBPP       lm-evaluation-harness's `mbpp` format, 3-shot (task ids 2, 3, 4 of the prompt split):
-               You are an expert Python programmer, and here is your task: {text} Your code should
-               pass these tests:\\n\\n{test 1}\\n{test 2}\\n{test 3}\\n[BEGIN]\\n  → code, until "[DONE]"
-               program: completion + test_setup_code + the tests
+HumanEval  {signature and docstring}                     → body, until a new top-level statement
+           program: prompt + completion + test + check(entry_point)
+MBPP       lm-evaluation-harness's `mbpp` format, 3-shot (task ids 2, 3, 4 of the prompt split):
+           You are an expert Python programmer, and here is your task: {text} Your code should
+           pass these tests:\\n\\n{test 1}\\n{test 2}\\n{test 3}\\n[BEGIN]\\n  → code, until "[DONE]"
+           program: completion + test_setup_code + the tests
 """
 
 from __future__ import annotations
@@ -27,31 +27,47 @@ def _humaneval(docs: list[dict], k: int, rng: random.Random, load: Loader) -> li
 
 # MBPP's prompt split, task ids 2-4: the few-shot examples of the original paper and of lm-eval.
 MBPP_EXEMPLARS: tuple[dict, ...] = (
-    {"text": "Write a function to find the similar elements from the given two tuple lists.",
-     "code": "def similar_elements(test_tup1, test_tup2):\n  res = tuple(set(test_tup1) & set(test_tup2))\n"
-             "  return (res) ",
-     "test_list": ["assert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)",
-                   "assert similar_elements((1, 2, 3, 4),(5, 4, 3, 7)) == (3, 4)",
-                   "assert similar_elements((11, 12, 14, 13),(17, 15, 14, 13)) == (13, 14)"]},
-    {"text": "Write a python function to identify non-prime numbers.",
-     "code": "import math\ndef is_not_prime(n):\n    result = False\n    for i in range(2,int(math.sqrt(n)) + 1):\n"
-             "        if n % i == 0:\n            result = True\n    return result",
-     "test_list": ["assert is_not_prime(2) == False", "assert is_not_prime(10) == True",
-                   "assert is_not_prime(35) == True"]},
-    {"text": "Write a function to find the largest integers from a given list of numbers using heap queue "
-             "algorithm.",
-     "code": "import heapq as hq\ndef heap_queue_largest(nums,n):\n  largest_nums = hq.nlargest(n, nums)\n"
-             "  return largest_nums",
-     "test_list": ["assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],3)==[85, 75, 65] ",
-                   "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],2)==[85, 75] ",
-                   "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],5)==[85, 75, 65, 58, 35]"]},
+    {
+        "text": "Write a function to find the similar elements from the given two tuple lists.",
+        "code": "def similar_elements(test_tup1, test_tup2):\n"
+        "  res = tuple(set(test_tup1) & set(test_tup2))\n  return (res) ",
+        "test_list": [
+            "assert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)",
+            "assert similar_elements((1, 2, 3, 4),(5, 4, 3, 7)) == (3, 4)",
+            "assert similar_elements((11, 12, 14, 13),(17, 15, 14, 13)) == (13, 14)",
+        ],
+    },
+    {
+        "text": "Write a python function to identify non-prime numbers.",
+        "code": "import math\ndef is_not_prime(n):\n    result = False\n"
+        "    for i in range(2,int(math.sqrt(n)) + 1):\n        if n % i == 0:\n            result = True\n"
+        "    return result",
+        "test_list": [
+            "assert is_not_prime(2) == False",
+            "assert is_not_prime(10) == True",
+            "assert is_not_prime(35) == True",
+        ],
+    },
+    {
+        "text": "Write a function to find the largest integers from a given list of numbers using heap queue "
+        "algorithm.",
+        "code": "import heapq as hq\ndef heap_queue_largest(nums,n):\n  largest_nums = hq.nlargest(n, nums)\n"
+        "  return largest_nums",
+        "test_list": [
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],3)==[85, 75, 65] ",
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],2)==[85, 75] ",
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],5)==[85, 75, 65, 58, 35]",
+        ],
+    },
 )
 
 
 def _mbpp_query(doc: dict) -> str:
     tests = "\n".join(doc["test_list"])
-    return (f"You are an expert Python programmer, and here is your task: {doc['text']} "
-            f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
+    return (
+        f"You are an expert Python programmer, and here is your task: {doc['text']} "
+        f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+    )
 
 
 def mbpp_program(doc: dict, completion: str) -> str:
@@ -66,11 +82,30 @@ def _mbpp(docs: list[dict], k: int, rng: random.Random, load: Loader) -> list[Ge
 
 
 HUMANEVAL = Task(
-    "humaneval", "code", "humaneval", "test", 0, 0, _humaneval, "none (0-shot)",
-    stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"), max_new_tokens=512,
-    program=humaneval_program, reference=lambda doc: doc["canonical_solution"],
+    "humaneval",
+    "code",
+    "humaneval",
+    "test",
+    0,
+    0,
+    _humaneval,
+    "none (0-shot)",
+    stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
+    max_new_tokens=512,
+    program=humaneval_program,
+    reference=lambda doc: doc["canonical_solution"],
 )
 MBPP = Task(
-    "mbpp", "code", "mbpp", "test", 3, len(MBPP_EXEMPLARS), _mbpp, "prompt split task ids 2-4, first k",
-    stop=("[DONE]",), max_new_tokens=512, program=mbpp_program, reference=lambda doc: doc["code"],
+    "mbpp",
+    "code",
+    "mbpp",
+    "test",
+    3,
+    len(MBPP_EXEMPLARS),
+    _mbpp,
+    "prompt split task ids 2-4, first k",
+    stop=("[DONE]",),
+    max_new_tokens=512,
+    program=mbpp_program,
+    reference=lambda doc: doc["code"],
 )
