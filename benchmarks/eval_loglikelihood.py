@@ -57,7 +57,9 @@ def _lm_eval_scorer(directory: Path, device: str, dtype: torch.dtype, batch_size
     hflm = HFLM(pretrained=str(directory), device=device, dtype=dtype, batch_size=batch_size)
 
     def score(requests: list[LoglikelihoodRequest]) -> list[float]:
-        instances = [Instance("loglikelihood", {}, (r.context, r.continuation), i) for i, r in enumerate(requests)]
+        instances = [
+            Instance("loglikelihood", {}, (r.context, r.continuation), i) for i, r in enumerate(requests)
+        ]
         return [logprob for logprob, _ in hflm.loglikelihood(instances, disable_tqdm=True)]
 
     return score
@@ -78,7 +80,9 @@ def main() -> None:
         batching = dict(batch_size=args.batch_size, batch_tokens=args.batch_size * 512)
         scorers = {
             "dsv3": lambda: _causal(load_checkpoint(directory, device=args.device, dtype=dtype, **batching)),
-            "dsv3-hf": lambda: _causal(load_transformers(directory, device=args.device, dtype=dtype, **batching)),
+            "dsv3-hf": lambda: _causal(
+                load_transformers(directory, device=args.device, dtype=dtype, **batching)
+            ),
             "lm-eval": lambda: _lm_eval_scorer(directory, args.device, dtype, args.batch_size),
         }
         for name in args.systems.split(","):
@@ -92,12 +96,24 @@ def main() -> None:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             it = iter(logprobs)
-            correct = [choice_predictions([next(it) for _ in i.choices], i.choices)[1] == i.gold for i in items]
-            print(json.dumps({
-                "system": name, "preset": args.preset, "device": args.device, "items": len(items),
-                "requests": len(requests), "seconds": round(seconds, 3),
-                "requests_per_s": round(len(requests) / seconds, 1), "acc_norm": sum(correct) / len(correct),
-            }), flush=True)
+            correct = [
+                choice_predictions([next(it) for _ in i.choices], i.choices)[1] == i.gold for i in items
+            ]
+            print(
+                json.dumps(
+                    {
+                        "system": name,
+                        "preset": args.preset,
+                        "device": args.device,
+                        "items": len(items),
+                        "requests": len(requests),
+                        "seconds": round(seconds, 3),
+                        "requests_per_s": round(len(requests) / seconds, 1),
+                        "acc_norm": sum(correct) / len(correct),
+                    }
+                ),
+                flush=True,
+            )
             del score
 
 

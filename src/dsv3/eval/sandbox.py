@@ -216,7 +216,8 @@ def run_programs(
     progress: Callable[[int], None] | None = None,
 ) -> list[ExecResult]:
     """Run programs concurrently (`workers` at a time, default: one per CPU), results in order."""
-    workers = workers or os.cpu_count() or 1
+    if workers is None:  # the CPUs this process may run on (a container may see more than it has)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     def one(program: str) -> ExecResult:
         result = run_program(program, limits)
