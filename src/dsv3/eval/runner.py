@@ -119,12 +119,8 @@ def _given(
     known = {item.id for item in items}
     unknown = [i for i in given if i not in known]
     if unknown:
-        raise ConfigError(
-            f"{source}: {task.name} has no item {unknown[0]!r} (in this selection)"
-            if len(unknown) == 1
-            else f"{source}: {len(unknown)} {task.name} ids not in the "
-            f"dataset (in this selection), e.g. {unknown[0]!r}"
-        )
+        more = f" (nor {len(unknown) - 1} other ids)" if len(unknown) > 1 else ""
+        raise ConfigError(f"{source}: {task.name} has no item {unknown[0]!r}{more} in this selection")
     kept = [item for item in items if item.id in given]
     if len(kept) < len(items):
         log.warning(
