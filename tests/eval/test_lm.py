@@ -140,6 +140,30 @@ def test_greedy_generation_matches_transformers_generate(tiny_hf_dir, reference_
         assert text == tokenizer.decode(out[0, ids.shape[1] :].tolist())
 
 
+def test_generation_in_rounds_stops_where_one_long_generation_would_be_cut(tiny_hf_dir, reference_model):
+    model, tokenizer = reference_model
+    ids = torch.tensor(
+        [[tokenizer.eos_token_id] + tokenizer.encode("def add(a, b):\n", add_special_tokens=False)]
+    )
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    full = tokenizer.decode(out[0, ids.shape[1] :].tolist())
+    stop = full[len(full) // 2 : len(full) // 2 + 2]  # first seen after several 2-token rounds
+    lm = load_checkpoint(tiny_hf_dir, device="cpu", first_round=2)
+    requests = [
+        GenerationRequest("def add(a, b):\n", 20, stop=(stop,)),
+        GenerationRequest("def add(a, b):\n", 20),
+    ]
+    assert lm.generate(requests) == [cut_at_stop(full, [stop]), full]
+
+
 def test_generation_stops_at_stop_strings_and_sampling_follows_the_seed(lm):
     requests = [GenerationRequest("x = ", 10, stop=("\n",), temperature=1.0)] * 3
     first, again = lm.generate(requests, seed=3), lm.generate(requests, seed=3)

@@ -18,7 +18,8 @@ Log-softmax is taken in float32, only at the scored positions. A context too lon
 loses tokens from its left.
 
 Generation: prompts are batched by length, left-truncated to leave room for max_new_tokens, and
-stop strings are applied after decoding.
+generated in rounds of growing length (32 tokens, then 64, ...) so that rows stop soon after their
+first stop string or EOS; stop strings are applied to the decoded text.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class CausalLM:
         device: torch.device | str = "cpu",
         batch_tokens: int = 16384,
         batch_size: int = 64,
+        first_round: int = 32,
     ) -> None:
         if max_length < 2 or batch_tokens < max_length or batch_size < 1:
             raise ValueError(
@@ -148,7 +150,7 @@ class CausalLM:
             )
         self.name, self.forward, self.generate_tokens, self.codec = name, forward, generate_tokens, codec
         self.max_length, self.device = max_length, torch.device(device)
-        self.batch_tokens, self.batch_size = batch_tokens, batch_size
+        self.batch_tokens, self.batch_size, self.first_round = batch_tokens, batch_size, first_round
 
     # --- log-likelihoods ---------------------------------------------------------------------
 
@@ -272,6 +274,34 @@ class CausalLM:
         ids = self.codec.prefix + self.codec.encode(request.prompt)
         return ids[-room:]
 
+    def _generate_batch(
+        self,
+        prompts: list[list[int]],
+        stops: list[tuple[str, ...]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator,
+    ) -> list[str]:
+        """Generate in rounds of growing length (first_round, twice that, ...), each continuing the rows
+        that have emitted neither EOS nor a stop string: a completion that stops early does not pay
+        for max_new_tokens decode steps, and a row is prefilled O(log max_new_tokens) times."""
+        out: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        size = self.first_round if any(stops) else max_new_tokens
+        while active:
+            n = min(size, max_new_tokens - len(out[active[0]]))  # active rows have generated alike
+            rows = [(prompts[i] + out[i])[-(self.max_length - n) :] for i in active]
+            new = self.generate_tokens(rows, n, temperature, top_p, generator)
+            for i, tokens in zip(list(active), new, strict=True):
+                out[i] += tokens
+                text = self.codec.decode(out[i])
+                # fewer tokens than asked: the row emitted EOS
+                if len(tokens) < n or len(out[i]) >= max_new_tokens or cut_at_stop(text, stops[i]) != text:
+                    active.remove(i)
+            size *= 2
+        return [cut_at_stop(self.codec.decode(tokens), stop) for tokens, stop in zip(out, stops, strict=True)]
+
     def generate(
         self, requests: Sequence[GenerationRequest], seed: int = 0, progress: Progress = None
     ) -> list[str]:
@@ -286,11 +316,16 @@ class CausalLM:
             members.sort(key=lambda i: -len(prompts[i]))
             for first in range(0, len(members), self.batch_size):
                 batch = members[first : first + self.batch_size]
-                new = self.generate_tokens(
-                    [prompts[i] for i in batch], max_new_tokens, temperature, top_p, generator
+                texts = self._generate_batch(
+                    [prompts[i] for i in batch],
+                    [requests[i].stop for i in batch],
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    generator,
                 )
-                for i, tokens in zip(batch, new, strict=True):
-                    out[i] = cut_at_stop(self.codec.decode(tokens), requests[i].stop)
+                for i, text in zip(batch, texts, strict=True):
+                    out[i] = text
                 if progress:
                     progress(len(batch))
         return out  # type: ignore[return-value]
