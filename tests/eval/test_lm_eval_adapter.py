@@ -116,3 +116,14 @@ def test_generation_kwargs_translation():
 def test_model_args_need_one_model():
     with pytest.raises(ValueError, match="checkpoint=DIR"):
         DSV3LM()
+
+
+def test_without_lm_eval_the_import_says_what_to_install(monkeypatch):
+    import importlib
+    import sys
+
+    import dsv3.eval.lm_eval_adapter as adapter
+
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)  # as if lm-eval were not installed
+    with pytest.raises(ImportError, match=r"pip install 'dsv3\[lm-eval\]'"):
+        importlib.reload(adapter)
