@@ -122,39 +122,29 @@ def test_loglikelihood_rolling_over_several_windows(tiny_hf_dir, reference_model
     assert lm.loglikelihood_rolling([text])[0] == pytest.approx(expected, abs=2e-4)
 
 
-def test_greedy_generation_matches_transformers_generate(tiny_hf_dir, reference_model):
-    model, tokenizer = reference_model
-    prompts = ["def add(a, b):\n", "import sys\n\nclass Parser:\n    "]
-    ours = load_checkpoint(tiny_hf_dir, device="cpu").generate([GenerationRequest(p, 12) for p in prompts])
-    for prompt, text in zip(prompts, ours, strict=True):
-        ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)])
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=12,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=tokenizer.eos_token_id,
-            )
-        assert text == tokenizer.decode(out[0, ids.shape[1] :].tolist())
-
-
-def test_generation_in_rounds_stops_where_one_long_generation_would_be_cut(tiny_hf_dir, reference_model):
-    model, tokenizer = reference_model
-    ids = torch.tensor(
-        [[tokenizer.eos_token_id] + tokenizer.encode("def add(a, b):\n", add_special_tokens=False)]
-    )
+def reference_generation(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """transformers' greedy generate after EOS + prompt, decoded (no stop at EOS)."""
+    ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)])
     with torch.no_grad():
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=20,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=None,
             pad_token_id=tokenizer.eos_token_id,
         )
-    full = tokenizer.decode(out[0, ids.shape[1] :].tolist())
+    return tokenizer.decode(out[0, ids.shape[1] :].tolist())
+
+
+def test_greedy_generation_matches_transformers_generate(tiny_hf_dir, reference_model):
+    prompts = ["def add(a, b):\n", "import sys\n\nclass Parser:\n    "]
+    ours = load_checkpoint(tiny_hf_dir, device="cpu").generate([GenerationRequest(p, 12) for p in prompts])
+    assert ours == [reference_generation(*reference_model, p, 12) for p in prompts]
+
+
+def test_generation_in_rounds_stops_where_one_long_generation_would_be_cut(tiny_hf_dir, reference_model):
+    full = reference_generation(*reference_model, "def add(a, b):\n", 20)
     stop = full[len(full) // 2 : len(full) // 2 + 2]  # first seen after several 2-token rounds
     lm = load_checkpoint(tiny_hf_dir, device="cpu", first_round=2)
     requests = [
