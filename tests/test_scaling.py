@@ -395,3 +395,39 @@ def test_docs_scaling_md_is_what_dsv3_plan_generates(capsys):
     assert generated == markdown_report(plans)
     for name in preset_names():
         assert f"| {name} |" in generated
+
+
+def test_node_limited_routing_reaches_at_most_max_nodes_per_token():
+    """DeepSeek-V3 limits nodes through expert groups: when each group lies on one node, a token's experts
+    (from topk_group groups) lie on at most topk_group nodes. Checked on the router's own choices."""
+    from dsv3.model.moe import route
+    from dsv3.scaling.layout import expert_nodes
+    from tests.conftest import base_config
+
+    # 16 experts in 4 groups, on 8 expert-parallel ranks of 2-GPU nodes: each node holds one group.
+    model = base_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    layout = ParallelConfig(gpus=8, dp_shard=8, ep=8, max_nodes_per_token=2)
+    batch = TrainConfig(global_batch_size=8, micro_batch_size=1)
+    assert layout_problems(model, batch, layout, ranks_per_node=2) == []
+    node = torch.tensor(expert_nodes(16, layout, ranks_per_node=2, first_rank=0))
+    assert node.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    gen = torch.Generator().manual_seed(0)
+    _, _, chosen = route(torch.randn(4096, 16, generator=gen), 0.3 * torch.randn(16, generator=gen), 4, 4, 2)
+    reached = torch.tensor([len(set(row)) for row in node[chosen].tolist()])
+    assert reached.max() == 2  # some tokens use two nodes, none more
+    # Refused when routing could break the limit: more groups per token, or groups across nodes.
+    wide = " ".join(layout_problems(model.model_copy(update={"topk_group": 3}), batch, layout, 2))
+    assert "topk_group=3 lets a token reach 3 of the 4 nodes" in wide
+    straddling = base_config(n_routed_experts=16, n_group=2, topk_group=1, num_experts_per_tok=4)
+    assert "expert group 0 straddles two" in " ".join(layout_problems(straddling, batch, layout, 2))
+    assert layout_problems(straddling, batch, layout, ranks_per_node=8) == []  # one node: nothing to limit
+
+
+def test_old_schedule_name_and_experts_beyond_the_fsdp_ranks_are_one_line_errors():
+    from dsv3.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match="'dualpipe' is now 'DualPipeV'"):
+        load_run_config("deepseek-v3", ["parallel.pp_schedule=dualpipe"])
+    with pytest.raises(ConfigError, match=r"ep \(4\) must divide dp_shard \(2\)"):
+        load_run_config("small", ["parallel.gpus=4", "parallel.dp_replicate=2", "parallel.dp_shard=2",
+                                  "parallel.ep=4"])

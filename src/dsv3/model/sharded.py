@@ -8,6 +8,7 @@ assembles each from every rank's shard), so a sharded checkpoint serves like a H
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def read_sharded(directory: Path, names: list[str]) -> Iterator[tuple[str, torch
             raise CheckpointError(f"{directory}/{SHARDED_DIR}: no tensor {name}")
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         try:
-            dcp.load({MODEL_KEY: {name: tensor}}, checkpoint_id=str(directory / SHARDED_DIR), no_dist=True)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({MODEL_KEY: {name: tensor}}, checkpoint_id=str(directory / SHARDED_DIR),
+                         no_dist=True)
         except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{directory}/{SHARDED_DIR}: cannot read {name} ({e})") from None
         yield name, tensor

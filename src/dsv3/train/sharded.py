@@ -18,6 +18,7 @@ layout too (`load_full_checkpoint`).
 from __future__ import annotations
 
 import logging
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -85,8 +86,10 @@ def load_sharded_checkpoint(
     model_state, optim_state = get_state_dict(model, optimizer, options=_FLAT)
     state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
     try:
-        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR), process_group=group,
-                 no_dist=group is None)
+        with warnings.catch_warnings():  # one process loading on purpose: no "assuming the intent" warning
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR), process_group=group,
+                     no_dist=group is None)
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{directory}/{SHARDED_DIR}: cannot load into this layout ({e})") from None
     set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIM_KEY],

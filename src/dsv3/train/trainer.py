@@ -14,6 +14,7 @@ reproduces the uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -407,6 +408,11 @@ class Trainer:
             if self.last_eval is None:  # resumed a finished run: report where it stands
                 self._emit(self.evaluate())
             self.saver.wait()
+        except BaseException:
+            if not self.distributed:  # an interrupted run still publishes the save already under way
+                with contextlib.suppress(Exception):
+                    self.saver.wait()
+            raise
         finally:
             if self.metrics is not None:
                 self.metrics.close()
