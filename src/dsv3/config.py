@@ -339,9 +339,9 @@ class ParallelConfig(_Strict):
     pp: int = Field(default=1, gt=0, description="pipeline-parallel ranks")
     ep: int = Field(default=1, gt=0, description="expert-parallel degree, carved out of the dp_shard ranks")
     pp_schedule: Literal["1F1B", "interleaved1F1B", "ZBVZeroBubble", "DualPipeV"] = "1F1B"
-    reshard_after_forward: bool = Field(
-        default=True, description="FSDP2: free gathered weights after forward (ZeRO-3); false keeps them "
-        "for backward (ZeRO-2-like: less communication, more memory)",
+    reshard_after_forward: bool | None = Field(
+        default=None, description="FSDP2: true frees gathered weights after forward (ZeRO-3); false keeps "
+        "them for backward (ZeRO-2-like: less communication, more memory); default: true, false with pp > 1",
     )
     cpu_offload: bool = Field(default=False, description="FSDP2: keep sharded weights, gradients and "
                               "optimizer state in CPU memory")

@@ -17,6 +17,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from dsv3.config import ParallelConfig
 from dsv3.model.moe import MoE
 from dsv3.parallel.mesh import Meshes
+from dsv3.scaling.layout import reshards_after_forward
 
 __all__ = ["apply_fsdp"]
 
@@ -30,15 +31,16 @@ def apply_fsdp(
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
         "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
     }
+    reshard = reshards_after_forward(cfg)
     for block in blocks:
         if isinstance(block.mlp, MoE) and cfg.ep > 1:
-            experts = fully_shard(block.mlp.experts, mesh=meshes.expert_fsdp,
-                                  reshard_after_forward=cfg.reshard_after_forward, **common)
+            experts = fully_shard(block.mlp.experts, mesh=meshes.expert_fsdp, reshard_after_forward=reshard,
+                                  **common)
             experts.set_gradient_divide_factor(float(cfg.dp))
-            mesh = meshes.expert_fsdp
-            if mesh.device_type == "cpu" and mesh.size() > 1:  # gloo has no pre-scaled sum (PREMUL_SUM)
+            # gloo has no pre-scaled sum (NCCL's PREMUL_SUM): reduce-scatter a plain sum, scale apart
+            if meshes.expert_fsdp.device_type == "cpu" and meshes.experts["efsdp"].size() > 1:
                 experts.set_force_sum_reduction_for_comms(True)
-        fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=cfg.reshard_after_forward, **common)
+        fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=reshard, **common)
     for root in roots:
         # The root's weights (embedding, head) are needed again right away in backward: keep them.
         fully_shard(root, mesh=meshes.fsdp, reshard_after_forward=False, **common)

@@ -59,7 +59,8 @@ def apply_ac(roots: list[nn.Module]) -> None:
 
 def apply_compile(blocks: list[nn.Module], fullgraph: bool) -> None:
     """torch.compile each block in place (parameter names unchanged). Expert parallelism's split sizes
-    come from the host, so its blocks compile with graph breaks around the all-to-all."""
+    come from the host and tensor parallelism reduces a gradient in a hook: their blocks compile with
+    graph breaks."""
     for block in blocks:
         block.compile(fullgraph=fullgraph)
 
@@ -110,11 +111,12 @@ def parallelize(
     if tc.activation_checkpointing:
         apply_ac(roots)
     if tc.compile:
-        apply_compile(blocks, fullgraph=p.ep == 1)
+        apply_compile(blocks, fullgraph=p.ep == 1 and p.tp == 1)
     if p.dp > 1:
         apply_fsdp(roots, blocks, meshes, p, param_dtype)
-        if p.pp == 1:  # the trainer calls forward_with_losses, not forward: gather the root there too
+        if p.pp == 1:  # the trainer and generation call these, not forward: gather the root there too
             register_fsdp_forward_method(model, "forward_with_losses")
+            register_fsdp_forward_method(model, "hidden_states")
     for root in roots:  # through the FSDP roots, so FSDP re-points its shards at the new storage
         root.to_empty(device="cpu" if p.cpu_offload else device)
     init_parameters(parts, norms, tc.seed)

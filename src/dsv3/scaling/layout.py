@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dsv3.config import ModelConfig, ParallelConfig, TrainConfig
 
-__all__ = ["stage_units", "rank_stages", "expert_nodes", "layout_problems"]
+__all__ = ["stage_units", "rank_stages", "reshards_after_forward", "expert_nodes", "layout_problems"]
 
 V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
 
@@ -71,6 +71,15 @@ def _node_limit_problem(model: ModelConfig, parallel: ParallelConfig, ranks_per_
             return (f"{where}: model.topk_group={model.topk_group} lets a token reach {model.topk_group} of "
                     f"the {len(set(nodes))} nodes: set topk_group <= {limit}")
     return None
+
+
+def reshards_after_forward(parallel: ParallelConfig) -> bool:
+    """FSDP's choice: the config's; by default yes, except in a pipeline: its schedules run several
+    micro-batches' forwards before their backwards (the V schedules also split each backward in two), so
+    a stage keeps its gathered weights until the step's end, when the schedule reduces and reshards."""
+    if parallel.reshard_after_forward is None:
+        return parallel.pp == 1
+    return parallel.reshard_after_forward
 
 
 def _min_micro_batches(parallel: ParallelConfig, n_micro: int) -> str | None:
@@ -130,6 +139,11 @@ def layout_problems(
             problems.append(
                 f"parallel.pp={p.pp} with {p.pp_schedule}: the {model.num_nextn_predict_layers} MTP depths "
                 "would span stages; they must all sit on the last stage (use fewer stages)"
+            )
+        if p.reshard_after_forward and p.pp_schedule in V_SCHEDULES:
+            problems.append(
+                f"parallel.reshard_after_forward=true with {p.pp_schedule}: its split backward computes "
+                "weight gradients after later forwards, on weights FSDP would have freed; leave it unset"
             )
         if model.tie_word_embeddings:
             problems.append("parallel.pp > 1 with model.tie_word_embeddings: the embedding and the head sit "

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dsv3.config import ModelConfig, ParallelConfig, TrainConfig
-from dsv3.scaling.layout import rank_stages, stage_units
+from dsv3.scaling.layout import rank_stages, reshards_after_forward, stage_units
 from dsv3.scaling.params import LayerParams, layer_params, mtp_block_params
 
 __all__ = [
@@ -229,9 +229,16 @@ def estimate_memory(
         params = sum(prof.units[u].local(tp) for u in units)
         params += (prof.embedding.local(tp) if first else 0) + (prof.head.local(tp) if last else 0)
         local = params / dp_shard
-        if dp_shard > 1:  # FSDP2: bf16 gathered copies of the current and the prefetched unit
-            weights = MASTER_BYTES * local + 2 * COMPUTE_BYTES * gathered
-            grads = GRAD_BYTES * (local + gathered)
+        if dp_shard > 1:
+            # FSDP2 holds bf16 gathered copies of the current and the prefetched unit, or of every unit
+            # of the rank when they are kept from forward to backward; in a pipeline, gradients
+            # accumulate unsharded over the step's micro-batches until the schedule reduces them.
+            rank_gathered = sum(prof.units[u].gathered(tp, ep) for u in units)
+            rank_gathered += (prof.embedding.gathered(tp, ep) if first else 0)
+            rank_gathered += (prof.head.gathered(tp, ep) if last else 0)
+            kept = 2 * gathered if reshards_after_forward(layout) else rank_gathered
+            weights = MASTER_BYTES * local + COMPUTE_BYTES * kept
+            grads = GRAD_BYTES * (local + (rank_gathered if layout.pp > 1 else gathered))
         else:  # one replica: autocast keeps a bf16 copy of every weight used in the forward
             weights, grads = (MASTER_BYTES + COMPUTE_BYTES) * local, GRAD_BYTES * local
         held = _in_flight(layout, rank, n_micro)

@@ -50,10 +50,8 @@ class DistributedSteps:
         n = len(micro_batches)
         parts = torch.zeros(4, device=self.device)
         load = self._zero_load()
-        for i, batch in enumerate(micro_batches):
+        for batch in micro_batches:  # FSDP reduce-scatters each one's gradients: they stay sharded
             batch = batch.to(self.device, non_blocking=True)
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last one
-                model.set_requires_gradient_sync(i == n - 1)
             with self.autocast:
                 out = model.forward_with_losses(batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda,
                                                 balance_alpha=tc.balance_alpha, return_logits=False)
