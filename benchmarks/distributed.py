@@ -10,6 +10,7 @@ compare: weak scaling, target ≥ 90 % of one GPU).
     python benchmarks/distributed.py run    OUT single # 1 GPU, `small` preset, 200 steps
     python benchmarks/distributed.py run    OUT fsdp   # 2 GPUs, FSDP2 (dp_shard=2)
     python benchmarks/distributed.py run    OUT ep     # 2 GPUs, FSDP2 + expert parallel (ep=2)
+    python benchmarks/distributed.py run    OUT fsdp-offload     # 2 GPUs, FSDP2 with CPU offload, 20 steps
     python benchmarks/distributed.py run    OUT save-1gpu-sync   # then -async, save-2gpu-sync, -async:
     python benchmarks/distributed.py report OUT        # JSON lines: curves, scaling, memory, stalls
 
@@ -22,7 +23,8 @@ Peak memory per GPU is `torch.cuda.max_memory_allocated` of the busiest rank aga
 `dsv3.scaling.memory_per_gpu` (what `dsv3 plan` and `select-config` print), target ±15 %. A
 checkpoint's stall is the time the training loop stood still for it (the trainer's `save` records):
 synchronous (written, checksummed, published) against background (`train.async_checkpoint`: only the
-copy to host memory), target ≤ 10 %.
+copy to host memory), target ≤ 10 %, compared on each run's first save. Checkpoints are deleted after
+each run unless --keep-checkpoints (the `small` preset's are 15 GB).
 """
 
 from __future__ import annotations
@@ -50,10 +52,14 @@ RUNS: dict[str, tuple[int, list[str], int, int, bool]] = {
     "single": (1, [], 200, 0, False),
     "fsdp": (2, ["parallel.dp_shard=2"], 200, 0, False),
     "ep": (2, ["parallel.dp_shard=2", "parallel.ep=2"], 200, 0, False),
-    "save-1gpu-sync": (1, [], 30, 10, False),
-    "save-1gpu-async": (1, [], 30, 10, True),
-    "save-2gpu-sync": (2, ["parallel.dp_shard=2"], 30, 10, False),
-    "save-2gpu-async": (2, ["parallel.dp_shard=2"], 30, 10, True),
+    # FSDP2's CPU offload (GPU only): weights, gradients and AdamW state in host memory
+    "fsdp-offload": (2, ["parallel.dp_shard=2", "parallel.cpu_offload=true"], 20, 0, False),
+    # saves at 100 and 200: the first one's stall is the clean measurement (the second may also wait for
+    # a background write of the first that is still going)
+    "save-1gpu-sync": (1, [], 200, 100, False),
+    "save-1gpu-async": (1, [], 200, 100, True),
+    "save-2gpu-sync": (2, ["parallel.dp_shard=2"], 200, 100, False),
+    "save-2gpu-async": (2, ["parallel.dp_shard=2"], 200, 100, True),
 }
 TOY_MODEL = [
     "model.vocab_size=256", "model.hidden_size=64", "model.intermediate_size=128",
@@ -100,7 +106,7 @@ def run_config(out: Path, name: str, toy: bool) -> tuple[int, list[str]]:
     return n, overrides
 
 
-def run(out: Path, name: str, toy: bool, compile_: bool) -> dict:
+def run(out: Path, name: str, toy: bool, compile_: bool, keep: bool = False) -> dict:
     """One training run through the CLI; its summary line."""
     n, overrides = run_config(out, name, toy)
     if compile_:
@@ -115,7 +121,11 @@ def run(out: Path, name: str, toy: bool, compile_: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"}
     subprocess.run([*launcher, "-m", "dsv3", "train", "--config", str(config)], check=True, env=env,
                    stdout=subprocess.DEVNULL if toy else None)
-    return summarize(out, name)
+    summary = summarize(out, name)
+    if not keep:  # the small preset's checkpoints are 15 GB each (weights and AdamW state in fp32)
+        for step in (out / name).glob("step_*"):
+            shutil.rmtree(step)
+    return summary
 
 
 def _records(out: Path, name: str) -> list[dict]:
@@ -169,9 +179,9 @@ def report(out: Path) -> list[dict]:
         sync, background = f"save-{gpus}-sync", f"save-{gpus}-async"
         if _records(out, sync) and _records(out, background):
             a, b = summarize(out, sync)["save_stall_s"], summarize(out, background)["save_stall_s"]
-            ratio = statistics.mean(b) / statistics.mean(a) if a and b else None
+            ratio = b[0] / a[0] if a and b and a[0] else None
             lines.append({"compare": f"checkpoint stall, {gpus}: background vs synchronous", "sync_s": a,
-                          "async_s": b, "ratio": ratio})
+                          "async_s": b, "first_save_ratio": ratio})
     return lines
 
 
@@ -182,6 +192,7 @@ def main() -> None:
     p.add_argument("name", nargs="?", choices=list(RUNS), help="run: which one")
     p.add_argument("--toy", action="store_true", help="toy size on CPU ranks (gloo): checks the script")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks in every run")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (15 GB each)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "data":
@@ -189,11 +200,10 @@ def main() -> None:
     elif args.what == "run":
         if args.name is None:
             p.error("run: name one of " + ", ".join(RUNS))
-        print(json.dumps(run(args.out, args.name, args.toy, args.compile)), flush=True)
+        print(json.dumps(run(args.out, args.name, args.toy, args.compile, args.keep_checkpoints)), flush=True)
     else:
-        if args.what == "all":
-            for name in RUNS:
-                print(json.dumps(run(args.out, name, args.toy, args.compile)), flush=True)
+        for name in [n for n in RUNS if not (args.toy and n == "fsdp-offload")] if args.what == "all" else []:
+            print(json.dumps(run(args.out, name, args.toy, args.compile, args.keep_checkpoints)), flush=True)
         for line in report(args.out):
             print(json.dumps(line), flush=True)
 

@@ -184,7 +184,8 @@ def reference(tmp_path_factory, shards) -> dict:
     train(cfg, on_record=records.append)
     return {"losses": [r["loss"] for r in records if r["kind"] == "train"],
             "val": [r["val_loss"] for r in records if r["kind"] == "eval"],
-            "n_params": len(list(Transformer(cfg.model).parameters()))}
+            "n_params": len(list(Transformer(cfg.model).parameters())),
+            "step_6": str(Path(cfg.train.output_dir) / "step_000006")}
 
 
 def _assert_same_training(name: str, got: dict, reference: dict) -> None:
@@ -214,21 +215,23 @@ def four_ranks(tmp_path_factory, shards) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer) -> dict:
-    """One group of 2 ranks: every 2-rank layout, the experts' gradients, and the resume of the 4-rank
-    FSDP checkpoint with expert parallelism."""
+def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dict:
+    """One group of 2 ranks: every 2-rank layout, the resume of the 4-rank FSDP checkpoint and of the
+    single-process one with expert parallelism, and a sample."""
     tmp = tmp_path_factory.mktemp("two")
     s = [str(p) for p in shards]
     jobs = [(train_job, {"out": str(tmp / name), "shards": s, "overrides": list(o)})
             for name, o in LAYOUTS_2.items()]
     jobs.append((train_job, {"out": str(four_ranks["saved_dir"]), "shards": s, "resume": "auto",
                              "overrides": ["parallel.dp_shard=2", "parallel.ep=2"]}))
+    jobs.append((train_job, {"out": str(tmp / "from_one"), "shards": s, "resume": reference["step_6"],
+                             "overrides": ["parallel.dp_shard=2", "parallel.ep=2"]}))
     jobs.append((sample_job, {"out": str(tmp / "sample"), "shards": s,
                               "overrides": [*SAMPLING, f"data.tokenizer={tokenizer}", "parallel.dp_shard=2",
                                             "parallel.ep=2"]}))
     results = run_on_ranks(2, jobs, tmp / "results")
-    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-2],
-            "sample": results[-1]}
+    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-3],
+            "from_one": results[-2], "sample": results[-1]}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
@@ -259,6 +262,11 @@ def test_resume_on_another_world_size_and_layout_reproduces_the_losses(two_ranks
     # 4 FSDP ranks saved at step 6; 2 ranks with expert parallelism go on from there
     assert resumed["losses"] == pytest.approx(reference["losses"][6:], rel=TOLERANCE)
     assert resumed["val"][-1] == pytest.approx(reference["val"][-1], rel=TOLERANCE)
+
+
+def test_a_single_process_checkpoint_resumes_sharded(two_ranks, reference):
+    # step 6 of the one-process run (Hugging Face layout) goes on over 2 ranks with expert parallelism
+    assert two_ranks["from_one"]["losses"] == pytest.approx(reference["losses"][6:], rel=TOLERANCE)
 
 
 def test_sharded_model_samples_the_single_process_text(two_ranks, shards, tokenizer, tmp_path):

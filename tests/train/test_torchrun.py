@@ -88,32 +88,14 @@ def test_a_rank_that_raises_ends_the_job_with_its_message(tmp_path, corpus_shard
 
 
 # Both ranks write their shards of the step-12 checkpoint; rank 0 then stalls before the manifest.
-STALLING = r"""
-import sys, time
-from pathlib import Path
-from dsv3.cli import main
-from dsv3.train import checkpoint
-
-marker = Path(sys.argv[1])
-publish = checkpoint.write_manifest
-
-def stalling_write_manifest(directory, step):
-    if step == 12:
-        marker.write_text(str(directory))
-        time.sleep(120)
-    publish(directory, step)
-
-checkpoint.write_manifest = stalling_write_manifest
-sys.exit(main(sys.argv[2:]))
-"""
+STALLING = Path(__file__).with_name("stalling_save.py")
 
 
 def test_kill_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path, corpus_shards):
     out = tmp_path / "run"
     cfg = micro_run(out, *corpus_shards, "parallel.gpus=2", "parallel.dp_shard=2", "train.sample_tokens=0")
-    script, marker = tmp_path / "stalling.py", tmp_path / "stalled"
-    script.write_text(STALLING)
-    proc = _torchrun(2, str(script), str(marker), "train", "--config", _config_file(tmp_path, cfg),
+    marker = tmp_path / "stalled"
+    proc = _torchrun(2, str(STALLING), str(marker), "train", "--config", _config_file(tmp_path, cfg),
                      start_new_session=True)
     try:
         deadline = time.monotonic() + 240

@@ -267,3 +267,14 @@ def test_a_multi_device_layout_without_torchrun_is_one_line(tmp_path, corpus_sha
     cfg = micro_run(tmp_path / "run", *corpus_shards, "parallel.gpus=2", "parallel.dp_shard=2")
     with pytest.raises(ConfigError, match="needs 2 processes: launch with torchrun --nproc-per-node 2"):
         Trainer(cfg)
+
+
+def test_cpu_offload_without_a_gpu_is_one_line(tmp_path, corpus_shards, monkeypatch):
+    cfg = micro_run(tmp_path / "run", *corpus_shards, "parallel.cpu_offload=true")
+    with pytest.raises(ConfigError, match="cpu_offload needs FSDP"):
+        Trainer(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before joining a process group
+    cfg = micro_run(tmp_path / "run", *corpus_shards, "parallel.cpu_offload=true", "parallel.gpus=2",
+                    "parallel.dp_shard=2")
+    with pytest.raises(ConfigError, match="cpu_offload keeps GPU state in host memory: needs train.device"):
+        Trainer(cfg)

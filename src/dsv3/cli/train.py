@@ -106,9 +106,10 @@ def run_train(args: argparse.Namespace) -> int:
     if rank > 0:  # rank 0 speaks for the job; the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     cfg = load_run_config(args.config, args.set)
+    # Under torchrun, `record` hands an unexpected error's traceback to it, which names the failing rank.
+    run = record(train) if "TORCHELASTIC_ERROR_FILE" in os.environ else train
     try:
-        # `record` hands an unexpected error's traceback to torchrun, which names the rank that failed
-        result = record(train)(cfg, resume=args.resume, on_record=lambda r: print_record(r, cfg.train.steps))
+        result = run(cfg, resume=args.resume, on_record=lambda r: print_record(r, cfg.train.steps))
     except (ConfigError, TrainingDiverged) as e:
         who = f"rank {rank}: " if world > 1 else ""
         err_console.print(f"[red]error:[/red] {who}{escape(str(e))}", highlight=False, soft_wrap=True)

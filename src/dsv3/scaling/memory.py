@@ -237,8 +237,10 @@ def estimate_memory(
             rank_gathered += (prof.embedding.gathered(tp, ep) if first else 0)
             rank_gathered += (prof.head.gathered(tp, ep) if last else 0)
             kept = 2 * gathered if reshards_after_forward(layout) else rank_gathered
-            weights = MASTER_BYTES * local + COMPUTE_BYTES * kept
-            grads = GRAD_BYTES * (local + (rank_gathered if layout.pp > 1 else gathered))
+            unsharded_grads = rank_gathered if layout.pp > 1 else gathered
+            on_gpu = 0 if layout.cpu_offload else local  # offload: shards and AdamW state in host memory
+            weights = MASTER_BYTES * on_gpu + COMPUTE_BYTES * kept
+            grads = GRAD_BYTES * (on_gpu + unsharded_grads)
         else:  # one replica: autocast keeps a bf16 copy of every weight used in the forward
             weights, grads = (MASTER_BYTES + COMPUTE_BYTES) * local, GRAD_BYTES * local
         held = _in_flight(layout, rank, n_micro)
@@ -255,7 +257,7 @@ def estimate_memory(
         est = MemoryEstimate(
             weights=int(weights),
             gradients=int(grads),
-            optimizer=int(OPTIM_BYTES * local),
+            optimizer=0 if layout.cpu_offload else int(OPTIM_BYTES * local),
             activations=int(full * tokens),
             activations_recompute=int(kept * tokens),
             recompute=recompute,

@@ -111,13 +111,12 @@ def load_full_checkpoint(
         moments = load_file(str(directory / ckpt.OPTIMIZER))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{directory}: unreadable trainer tensors: {e}") from None
-    options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    options = StateDictOptions(full_state_dict=True)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)  # {"state": {name: {...}}}
     for key, value in moments.items():  # `<parameter name>/<state key>`
         name, _, state_key = key.rpartition("/")
-        flat = f"state.{name}.{state_key}"
-        if name in full and flat in optim_state:
-            optim_state[flat] = value
+        if name in optim_state["state"]:
+            optim_state["state"][name][state_key] = value
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     _restore_rng(directory)
     return read_trainer_state(directory)

@@ -103,6 +103,8 @@ class Trainer:
         self.out = Path(self.tc.output_dir)
         self.device = _pick_device(self.tc.device)
         self.world, self.distributed = world, world > 1
+        if cfg.parallel.cpu_offload and self.device.type != "cuda":
+            raise ConfigError("parallel.cpu_offload keeps GPU state in host memory: needs train.device cuda")
         if self.distributed:
             self.device = init_distributed(self.device.type)
             meshes = build_meshes(cfg.parallel, self.device.type)
