@@ -20,6 +20,7 @@ from dsv3.model.transformer import cross_entropy
 from dsv3.parallel import ParallelModel, clip_grad_norm_, forward_only
 from dsv3.train.evaluate import router_entropy
 from dsv3.train.metrics import peak_memory
+from dsv3.train.step import micro_batch
 
 __all__ = ["DistributedSteps"]
 
@@ -36,7 +37,7 @@ class DistributedSteps:
         n_stages = p.pp * p.stages_per_rank
         self.holds_first = not par.pipelined or any(s == 0 for s, _ in par.stages)
         self.holds_last = not par.pipelined or any(s == n_stages - 1 for s, _ in par.stages)
-        # One copy of each number: the ranks of one data-parallel replica at tp rank 0 that hold the loss.
+        # The ranks whose loss counts: each data-parallel rank once (tp rank 0, holding the last stage).
         self.reports = self.holds_last and self.meshes.tp_rank == 0
         self.local_moe = par.local_moe()
         self.n_experts = cfg.model.n_routed_experts
@@ -51,17 +52,7 @@ class DistributedSteps:
         parts = torch.zeros(4, device=self.device)
         load = self._zero_load()
         for batch in micro_batches:  # FSDP reduce-scatters each one's gradients: they stay sharded
-            batch = batch.to(self.device, non_blocking=True)
-            with self.autocast:
-                out = model.forward_with_losses(batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda,
-                                                balance_alpha=tc.balance_alpha, return_logits=False)
-            (out.loss / n).backward()
-            zero = out.lm_loss.new_zeros(())
-            parts += torch.stack([
-                out.loss.detach(), out.lm_loss.detach(),
-                zero if out.mtp_loss is None else out.mtp_loss.detach(),
-                zero if out.balance_loss is None else out.balance_loss.detach(),
-            ]) / n
+            parts += micro_batch(model, batch.to(self.device, non_blocking=True), tc, n, self.autocast)
             for index, moe in self.local_moe:
                 load[index] += moe.tokens_per_expert
         return parts, load

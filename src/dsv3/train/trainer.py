@@ -44,6 +44,7 @@ from dsv3.train.plots import plot_run
 from dsv3.train.saver import CheckpointWriter
 from dsv3.train.sharded import load_full_checkpoint, load_sharded_checkpoint
 from dsv3.train.sinks import MetricsLogger, truncate_metrics
+from dsv3.train.step import micro_batch
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "train"]
 
@@ -297,18 +298,7 @@ class Trainer:
         load = None
         for _ in range(self.n_micro):
             batch = self.data.next_batch(tc.micro_batch_size).to(self.device, non_blocking=True)
-            with self.autocast:
-                out = self.model.forward_with_losses(
-                    batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda, balance_alpha=tc.balance_alpha,
-                    return_logits=False,
-                )
-            (out.loss / self.n_micro).backward()
-            zero = out.lm_loss.new_zeros(())
-            parts += torch.stack([
-                out.loss.detach(), out.lm_loss.detach(),
-                zero if out.mtp_loss is None else out.mtp_loss.detach(),
-                zero if out.balance_loss is None else out.balance_loss.detach(),
-            ]) / self.n_micro
+            parts += micro_batch(self.model, batch, tc, self.n_micro, self.autocast)
             step_load = self.model.expert_load()
             load = step_load if load is None else load + step_load
         return parts, load
