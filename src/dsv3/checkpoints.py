@@ -2,7 +2,10 @@
 
 A checkpoint is a directory `step_NNNNNN/` holding a Hugging Face model (config.json, *.safetensors),
 the tokenizer, `trainer/` state, and last a `manifest.json` with every file's size and sha256: a
-directory without a readable manifest is a save that was cut off and is never used. A run's
+directory without a readable manifest is a save that was cut off and is never used. A distributed run
+writes the weights and optimizer state sharded instead (`dcp/`, torch.distributed.checkpoint, one file
+per rank) beside the same config.json, tokenizer, trainer state and manifest; `is_sharded` tells them
+apart, and everything else here treats both alike. A run's
 output_dir holds several; `resolve_checkpoint(path, which)` turns a checkpoint or a run directory
 into one checkpoint for every command (generate and eval take the best by validation loss,
 convert and resume the last).
@@ -26,6 +29,8 @@ __all__ = [
     "MANIFEST",
     "TRAINER_STATE",
     "RUN_CONFIG",
+    "SHARDED_DIR",
+    "is_sharded",
     "checkpoint_name",
     "write_manifest",
     "verify_checkpoint",
@@ -42,6 +47,7 @@ PREFIX = "step_"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer/state.json"
 RUN_CONFIG = "trainer/run_config.json"
+SHARDED_DIR = "dcp"  # torch.distributed.checkpoint: .metadata + one __<rank>_0.distcp per rank
 FORMAT_VERSION = 1
 
 Which = Literal["best", "last"]
@@ -49,6 +55,11 @@ Which = Literal["best", "last"]
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be read or written, in one line naming the file and the tensor."""
+
+
+def is_sharded(directory: Path) -> bool:
+    """Whether a checkpoint holds its tensors as torch.distributed.checkpoint shards (a distributed run's)."""
+    return (Path(directory) / SHARDED_DIR / ".metadata").is_file()
 
 
 def checkpoint_name(step: int) -> str:

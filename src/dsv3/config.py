@@ -22,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "DataConfig",
     "TrainConfig",
+    "PP_SCHEDULES",
     "ParallelConfig",
     "RunConfig",
     "PRESETS_DIR",
@@ -291,6 +292,10 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(default=8, gt=0)
     save_every: int = Field(default=500, gt=0)
     keep_last: int = Field(default=2, gt=0)
+    async_checkpoint: bool = Field(
+        default=False, description="write checkpoints in the background: training stalls only while the "
+        "state is copied to host memory",
+    )
     log_every: int = Field(default=10, gt=0)
     max_bad_steps: int = Field(default=5, gt=0, description="stop after this many non-finite steps in a row")
     output_dir: str = "runs/default"
@@ -318,17 +323,41 @@ class TrainConfig(_Strict):
         return self.steps * self.tokens_per_step
 
 
-class ParallelConfig(_Strict):
-    """How a run is laid out over GPUs. The model stays free of it; plans in `parallel/` apply it."""
+PP_SCHEDULES = ("1F1B", "interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
 
-    gpus: int = Field(default=1, gt=0, description="total GPUs = dp_replicate * dp_shard * tp * pp")
-    dp_replicate: int = Field(default=1, gt=0)
+
+class ParallelConfig(_Strict):
+    """How a run is laid out over GPUs: torchrun's world is dp_replicate × dp_shard × tp × pp ranks.
+
+    The model stays free of it; `dsv3.parallel` builds one device mesh from it and applies the plans.
+    """
+
+    gpus: int = Field(default=1, gt=0, description="world size = dp_replicate * dp_shard * tp * pp")
+    dp_replicate: int = Field(default=1, gt=0, description="replicas of the FSDP shards (HSDP)")
     dp_shard: int = Field(default=1, gt=0, description="FSDP2 sharding degree")
-    tp: int = Field(default=1, gt=0)
-    pp: int = Field(default=1, gt=0)
-    ep: int = Field(default=1, gt=0, description="expert-parallel degree, carved out of the dp ranks")
-    pp_schedule: Literal["1F1B", "interleaved1F1B", "dualpipe"] = "1F1B"
+    tp: int = Field(default=1, gt=0, description="tensor-parallel degree (attention and dense FFNs)")
+    pp: int = Field(default=1, gt=0, description="pipeline-parallel ranks")
+    ep: int = Field(default=1, gt=0, description="expert-parallel degree, carved out of the dp_shard ranks")
+    pp_schedule: Literal["1F1B", "interleaved1F1B", "ZBVZeroBubble", "DualPipeV"] = "1F1B"
+    reshard_after_forward: bool | None = Field(
+        default=None, description="FSDP2: true frees gathered weights after forward (ZeRO-3); false keeps "
+        "them for backward (ZeRO-2-like: less communication, more memory); default: true, false with pp > 1",
+    )
+    cpu_offload: bool = Field(default=False, description="FSDP2: keep sharded weights, gradients and "
+                              "optimizer state in CPU memory")
+    max_nodes_per_token: int | None = Field(
+        default=None, gt=0, description="node-limited routing: each token's experts lie on at most this many "
+        "nodes (DeepSeek-V3: 4); needs expert groups that map onto nodes",
+    )
     gpu_memory_gb: float = Field(default=80.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_schedule_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("pp_schedule") == "dualpipe":
+            raise ValueError("pp_schedule: 'dualpipe' is now 'DualPipeV' (torch.distributed.pipelining's "
+                             f"name); expected one of {', '.join(PP_SCHEDULES)}")
+        return data
 
     @model_validator(mode="after")
     def _check_layout(self) -> ParallelConfig:
@@ -337,10 +366,22 @@ class ParallelConfig(_Strict):
             raise ValueError(
                 f"dp_replicate*dp_shard*tp*pp = {product} but gpus = {self.gpus}"
             )
-        dp = self.dp_replicate * self.dp_shard
-        if dp % self.ep:
-            raise ValueError(f"ep ({self.ep}) must divide the data-parallel ranks ({dp})")
+        if self.dp_shard % self.ep:
+            raise ValueError(
+                f"ep ({self.ep}) must divide dp_shard ({self.dp_shard}): experts are split over ep of the "
+                "FSDP ranks and sharded over the rest"
+            )
         return self
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: each reads its own share of the global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pp rank holds: 2 for the interleaved and V-shaped schedules."""
+        return 1 if self.pp == 1 or self.pp_schedule == "1F1B" else 2
 
 
 class RunConfig(_Strict):

@@ -14,39 +14,20 @@ from dsv3.train import checkpoint as ckpt
 from dsv3.train.trainer import train
 from tests.conftest import micro_run
 
-# Runs the trainer in a child process whose second checkpoint save stalls after the model and
-# trainer files are written and before the manifest: the kill lands inside the write.
-CHILD = r"""
-import json, sys, time
-from pathlib import Path
-from dsv3.config import RunConfig
-from dsv3.train import checkpoint
-from dsv3.train.trainer import train
-
-cfg = RunConfig.model_validate_json(Path(sys.argv[1]).read_text())
-marker = Path(sys.argv[2])
-write_manifest = checkpoint.write_manifest
-
-def stalling_write_manifest(directory, step):
-    if step == 12:
-        marker.write_text(str(directory))
-        time.sleep(120)
-    write_manifest(directory, step)
-
-checkpoint.write_manifest = stalling_write_manifest
-train(cfg)
-"""
+# The trainer in a child process whose second checkpoint save stalls after the model and trainer files
+# are written and before the manifest: the kill lands inside the write.
+STALLING = Path(__file__).with_name("stalling_save.py")
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, corpus_shards):
     train_dir, valid_dir = corpus_shards
     out = tmp_path / "run"
     cfg = micro_run(out, train_dir, valid_dir, "train.sample_tokens=0")
-    cfg_file = tmp_path / "run.json"
+    cfg_file = tmp_path / "run.json"  # JSON is YAML
     cfg_file.write_text(cfg.model_dump_json())
     marker = tmp_path / "stalled"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(cfg_file), str(marker)],
+        [sys.executable, str(STALLING), str(marker), "train", "--config", str(cfg_file)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

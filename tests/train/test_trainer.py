@@ -26,17 +26,22 @@ def _records(path, kinds=("train", "eval")):
     return [(r["kind"], r["step"], {k: r.get(k) for k in EXACT_KEYS}) for r in rows if r["kind"] in kinds]
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, corpus_shards):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, corpus_shards, background):
     train_dir, valid_dir = corpus_shards
-    full = train(micro_run(tmp_path / "full", train_dir, valid_dir))
+    mode = f"train.async_checkpoint={background}"
+    full = train(micro_run(tmp_path / "full", train_dir, valid_dir, mode))
 
     def interrupt(record):  # after the step-6 checkpoint, mid-way to the next one
         if record["kind"] == "train" and record["step"] == 9:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(micro_run(tmp_path / "cut", train_dir, valid_dir), on_record=interrupt)
-    resumed = train(micro_run(tmp_path / "cut", train_dir, valid_dir), resume="auto")
+        train(micro_run(tmp_path / "cut", train_dir, valid_dir, mode), on_record=interrupt)
+    resumed = train(micro_run(tmp_path / "cut", train_dir, valid_dir, mode), resume="auto")
+    saves = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in saves if r["kind"] == "save"]
+    assert [r["step"] for r in saves] == [6, 12] and all(r["background"] is background for r in saves)
 
     expected, got = _records(tmp_path / "full"), _records(tmp_path / "cut")
     assert len(expected) == 12 + 2 and got == expected  # float equality: bit-identical
@@ -252,13 +257,24 @@ def test_wandb_without_the_package_is_one_line(tmp_path, capsys, corpus_shards):
     assert "pip install 'dsv3[wandb]'" in err
 
 
-def test_multi_process_launch_is_refused(tmp_path, corpus_shards, monkeypatch):
+def test_a_launch_that_does_not_match_the_layout_is_one_line(tmp_path, corpus_shards, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="WORLD_SIZE=2: dsv3 train runs one process on one device"):
+    with pytest.raises(ConfigError, match=r"dp_replicate\*dp_shard\*tp\*pp = 1 .* has WORLD_SIZE=2"):
         Trainer(micro_run(tmp_path / "run", *corpus_shards))
 
 
-def test_a_multi_device_layout_is_refused_not_ignored(tmp_path, corpus_shards):
+def test_a_multi_device_layout_without_torchrun_is_one_line(tmp_path, corpus_shards):
     cfg = micro_run(tmp_path / "run", *corpus_shards, "parallel.gpus=2", "parallel.dp_shard=2")
-    with pytest.raises(ConfigError, match=r"parallel: gpus=2, dp_shard=2 asks for more than one device"):
+    with pytest.raises(ConfigError, match="needs 2 processes: launch with torchrun --nproc-per-node 2"):
+        Trainer(cfg)
+
+
+def test_cpu_offload_without_a_gpu_is_one_line(tmp_path, corpus_shards, monkeypatch):
+    cfg = micro_run(tmp_path / "run", *corpus_shards, "parallel.cpu_offload=true")
+    with pytest.raises(ConfigError, match="cpu_offload needs FSDP"):
+        Trainer(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before joining a process group
+    cfg = micro_run(tmp_path / "run", *corpus_shards, "parallel.cpu_offload=true", "parallel.gpus=2",
+                    "parallel.dp_shard=2")
+    with pytest.raises(ConfigError, match="cpu_offload keeps GPU state in host memory: needs train.device"):
         Trainer(cfg)

@@ -17,7 +17,8 @@ against config.json, FP8 blocks dequantized, cast to --dtype, resharded at
   --from-hf  a published or third-party checkpoint (FP8 or not, rope_scaling or
              rope_parameters) -> a directory dsv3 trains and serves from
   --to-hf    a training checkpoint (a step_* dir, or a run's output_dir: see --which)
-             -> a clean directory for transformers/vLLM, no trainer state"""
+             -> a clean directory for transformers/vLLM, no trainer state; the sharded
+             checkpoint of a distributed run is consolidated, one tensor at a time"""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="SRC", help="a Hugging Face checkpoint directory")
     src.add_argument("--to-hf", metavar="SRC", help="a dsv3 checkpoint (step_* dir) or a run output_dir")

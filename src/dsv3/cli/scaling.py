@@ -140,8 +140,9 @@ def run_select_config(args: argparse.Namespace) -> int:
             console.print(line, highlight=False, soft_wrap=True)
     if fitting:
         best = fitting[0].name
-        console.print(f"Largest that fits: [bold]{best}[/bold] (estimated memory and time; "
-                      "see the README's Status for the layouts `dsv3 train` runs today).", soft_wrap=True)
+        console.print(f"Largest that fits: [bold]{best}[/bold] (estimated memory and time). Every layout "
+                      "listed is one `torchrun --nproc-per-node N -m dsv3 train` runs: put it in the run "
+                      "config's parallel: section (docs/distributed.md).", soft_wrap=True)
     return 0 if fitting else 1
 
 

@@ -1,15 +1,21 @@
-"""train: shards → checkpoints (dsv3.train), with the progress lines the trainer's records become."""
+"""train: shards → checkpoints (dsv3.train), with the progress lines the trainer's records become.
+
+Under torchrun every rank runs this command; rank 0 prints the progress and the summary, and any
+rank that fails prints its own one-line error (or hands its traceback to torchrun), which ends the job.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from dsv3.cli.base import command, console, err_console
-from dsv3.config import load_run_config
+from dsv3.config import ConfigError, load_run_config
 from dsv3.scaling import human_count
 
 
@@ -54,8 +60,9 @@ def print_record(r: dict[str, Any], total_steps: int) -> None:
     kind = r["kind"]
     if kind == "run":
         resumed = f", resumed from {r['resumed_from']}" if r["resumed_from"] else ""
+        where = f"{r['layout']} ({r['device']} on rank 0)" if r.get("layout") else r["device"]
         console.print(
-            f"[bold]{r['name']}[/bold] on {r['device']}{resumed}: {r['params'] / 1e6:.2f}M parameters "
+            f"[bold]{r['name']}[/bold] on {where}{resumed}: {r['params'] / 1e6:.2f}M parameters "
             f"({r['active_params'] / 1e6:.2f}M active), {r['tokens_per_step']:,} tokens/step, "
             f"{r['train_windows']:,} train / {r['valid_windows']:,} valid windows, "
             f"KV cache {r['kv_cache_bytes_per_token']:,} B/token (MHA would need "
@@ -86,19 +93,29 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     "train", order=40, arguments=_train_arguments,
     summary=(
         "train a model on token shards: checkpoints, resume, evaluation, metrics and plots in "
-        "train.output_dir"
+        "train.output_dir; under torchrun, the layout in parallel:"
     ),
-    example="dsv3 train --config configs/train/demo.yaml --resume auto --set train.steps=400",
+    example="torchrun --nproc-per-node 8 -m dsv3 train --config configs/1b.yaml --resume auto",
 )
 def run_train(args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from dsv3.train.trainer import TrainingDiverged, train
 
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank > 0:  # rank 0 speaks for the job; the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
     cfg = load_run_config(args.config, args.set)
+    # Under torchrun, `record` hands an unexpected error's traceback to it, which names the failing rank.
+    run = record(train) if "TORCHELASTIC_ERROR_FILE" in os.environ else train
     try:
-        result = train(cfg, resume=args.resume, on_record=lambda r: print_record(r, cfg.train.steps))
-    except TrainingDiverged as e:
-        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return 1
+        result = run(cfg, resume=args.resume, on_record=lambda r: print_record(r, cfg.train.steps))
+    except (ConfigError, TrainingDiverged) as e:
+        who = f"rank {rank}: " if world > 1 else ""
+        err_console.print(f"[red]error:[/red] {who}{escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2 if isinstance(e, ConfigError) else 1
+    if rank > 0:
+        return 0
     table = Table(title=f"{cfg.name}: step {result.step}", title_justify="left", show_edge=False,
                   show_header=False)
     table.add_column("")
@@ -115,7 +132,8 @@ def run_train(args: argparse.Namespace) -> int:
     table.add_row("tensorboard", f"tensorboard --logdir {result.output_dir}")
     mem = result.peak_memory_gb
     gpu = f", GPU {mem['peak_gpu_mem_gb']:.2f} GB" if "peak_gpu_mem_gb" in mem else ""
-    table.add_row("peak memory", f"RSS {mem['peak_rss_gb']:.2f} GB{gpu}")
+    per = " (largest rank)" if world > 1 else ""
+    table.add_row("peak memory" + per, f"RSS {mem['peak_rss_gb']:.2f} GB{gpu}")
     table.add_row("KV cache per token (bf16)", f"{result.kv_cache_bytes_per_token:,} bytes")
     table.add_row("wall time", f"{result.wall_s:.0f} s")
     console.print(table)

@@ -32,11 +32,13 @@ def sample_text(
     temperature: float = 0.8,
     top_p: float = 0.95,
     seed: int = 0,
+    cuda_graph: bool | None = None,
 ) -> str:
     """Continue `prompt` with the latent-cache decoder; the continuation, decoded.
 
     Sampling draws from its own generator seeded with `seed`: the training run's RNG is untouched
-    and the same seed gives the same text.
+    and the same seed gives the same text. `cuda_graph` as in `generate` (False for a sharded model,
+    whose every step talks to other ranks).
     """
     _, eos, _ = special_token_ids(tokenizer)
     device = next(model.parameters()).device
@@ -46,7 +48,7 @@ def sample_text(
     try:
         out = generate(
             model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_p=top_p,
-            eos_token_id=eos, generator=torch.Generator(device).manual_seed(seed),
+            eos_token_id=eos, generator=torch.Generator(device).manual_seed(seed), cuda_graph=cuda_graph,
         )
     finally:
         model.train(was_training)

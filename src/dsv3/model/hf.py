@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from dsv3.checkpoints import CheckpointError
+from dsv3.checkpoints import CheckpointError, is_sharded
 from dsv3.config import ModelConfig, load_yaml, validate_config
 from dsv3.model.fp8 import FP8_BLOCK, dequantize_fp8
 from dsv3.model.safetensors_dir import INDEX_FILE, SINGLE_FILE, parse_size, write_safetensors_dir
+from dsv3.model.sharded import read_sharded
 from dsv3.model.transformer import Transformer
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "hf_tensor_table",
     "read_hf_config",
     "read_hf_tensors",
+    "hf_config_json",
     "load_hf",
     "save_hf",
     "convert_hf",
@@ -171,9 +173,13 @@ def read_hf_tensors(path: str | Path, table: dict[str, HFTensor]) -> Iterator[tu
     """Yield (HF name, tensor) for every checkpoint tensor, FP8 dequantized to float32.
 
     Checks each name against `table` and each shape before yielding; raises CheckpointError for an
-    unexpected, misshapen or missing tensor, naming it and its file.
+    unexpected, misshapen or missing tensor, naming it and its file. A sharded training checkpoint
+    (`dsv3.checkpoints.is_sharded`) is read through `dsv3.model.sharded`, one stacked tensor at a time.
     """
     path = Path(path)
+    if is_sharded(path):
+        yield from _read_sharded_as_hf(path, table)
+        return
     weight_map = _checkpoint_files(path)
     cfg_extras = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     block = tuple(cfg_extras.get("weight_block_size", FP8_BLOCK))
@@ -226,8 +232,25 @@ def read_hf_tensors(path: str | Path, table: dict[str, HFTensor]) -> Iterator[tu
         raise CheckpointError(f"{path}: missing tensor {missing[0]}{more}")
 
 
+def _read_sharded_as_hf(path: Path, table: dict[str, HFTensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors of a sharded checkpoint: each of our tensors read once, split into its HF names."""
+    by_key: dict[str, list[str]] = {}
+    for name, spec in table.items():
+        by_key.setdefault(spec.key, []).append(name)
+    for key, t in read_sharded(path, list(by_key)):
+        for name in by_key[key]:
+            spec = table[name]
+            part = t[spec.index]
+            if tuple(part.shape) != spec.shape:
+                raise CheckpointError(f"{path}: tensor {key} gives {name} of shape {tuple(part.shape)}, "
+                                      f"expected {spec.shape}")
+            yield name, part
+
+
 def _without_absent_mtp(path: Path, cfg: ModelConfig) -> ModelConfig:
     """transformers' save_pretrained drops the MTP layers: then the model has none."""
+    if is_sharded(path):
+        return cfg  # written by dsv3 from the model itself: MTP tensors are there when configured
     if cfg.num_nextn_predict_layers and not any(_is_mtp(n, cfg) for n in _checkpoint_files(path)):
         log.warning(
             "%s: no MTP tensors in the checkpoint; loading without MTP (num_nextn_predict_layers=0)", path
@@ -280,7 +303,7 @@ def load_hf(
 # --------------------------------------------------------------------------------------------
 
 
-def _hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+def hf_config_json(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     if cfg.moe_layer_freq != 1:
         log.warning(
             "moe_layer_freq=%d: transformers' DeepseekV3 ignores it (MoE in every layer past the dense ones)",
@@ -311,7 +334,7 @@ def save_hf(
             yield name, t.float() if keep_fp32 else t.to(dtype)
 
     write_safetensors_dir(
-        tensors(), Path(path), _hf_config(model.config, dtype), parse_size(max_shard_size), overwrite
+        tensors(), Path(path), hf_config_json(model.config, dtype), parse_size(max_shard_size), overwrite
     )
 
 
@@ -358,6 +381,6 @@ def convert_hf(
     cfg = cfg.model_copy(update={"hf_extras": extras})
     companions = [src / name for name in COMPANION_FILES if (src / name).is_file()]
     write_safetensors_dir(
-        tensors(), Path(dst), _hf_config(cfg, dtype), parse_size(max_shard_size), overwrite, companions
+        tensors(), Path(dst), hf_config_json(cfg, dtype), parse_size(max_shard_size), overwrite, companions
     )
     return cfg, written

@@ -10,11 +10,17 @@ layout transformers uses in memory (hf.py splits them into the published per-exp
 Tokens are sorted by expert and run through `torch.nn.functional.grouped_mm` with device-side
 offsets: no Python loop over experts and no host sync on the forward path.
 
+Where the expert weights live is the `Experts.dispatcher`'s business: the default runs every expert
+in this process; `dsv3.parallel` swaps in one that sends each row to the expert-parallel rank holding
+its expert (all-to-all) and brings the results back, so the model never sees a process group.
+
 Each MoE layer keeps `tokens_per_expert` of its last forward, so the trainer can apply the
 auxiliary-loss-free balancing update (`MoE.update_bias`, b_i += γ·sign(mean load − load_i)).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +29,10 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.moe_ops import expert_matmul, gather_rows, router_logits, sort_by_expert, weighted_sum
 
-__all__ = ["MLP", "route", "sequence_balance_loss", "Gate", "Experts", "MoE"]
+__all__ = [
+    "MLP", "route", "sequence_balance_loss", "expert_ffn", "ExpertDispatcher", "LocalDispatcher", "Gate",
+    "Experts", "MoE",
+]
 
 
 class MLP(nn.Module):
@@ -127,6 +136,28 @@ class Gate(nn.Module):
         return self
 
 
+def expert_ffn(
+    xs: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """Rows sorted by expert (M, d), each expert's end offset (E,) → SwiGLU through its weights (M, d)."""
+    gate, up = expert_matmul(xs, gate_up_proj, ends).chunk(2, dim=-1)  # (M, I) each
+    return expert_matmul(F.silu(gate) * up, down_proj, ends)
+
+
+class ExpertDispatcher(Protocol):
+    """Brings rows sorted by expert, xs (M, d) with end offsets `ends` (E,), to their experts' weights
+    and returns each row's output (M, d) in the same order."""
+
+    def __call__(self, xs: torch.Tensor, ends: torch.Tensor, experts: Experts) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """Every expert lives in this process: run the rows through the stacked weights directly."""
+
+    def __call__(self, xs: torch.Tensor, ends: torch.Tensor, experts: Experts) -> torch.Tensor:
+        return expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj)
+
+
 class Experts(nn.Module):
     """The routed experts, stacked: gate_up_proj (E, 2I, d) = [gate; up] per expert, down_proj (E, d, I)."""
 
@@ -135,6 +166,7 @@ class Experts(nn.Module):
         E, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
+        self.dispatcher: ExpertDispatcher = LocalDispatcher()
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, ends: torch.Tensor
@@ -143,8 +175,7 @@ class Experts(nn.Module):
         N, k = weights.shape
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         xs = gather_rows(x, order // k, inverse, k)  # (N·k, d) sorted by expert
-        gate, up = expert_matmul(xs, self.gate_up_proj, ends).chunk(2, dim=-1)  # (N·k, I) each
-        ys = expert_matmul(F.silu(gate) * up, self.down_proj, ends)  # (N·k, d)
+        ys = self.dispatcher(xs, ends, self)  # (N·k, d)
         ys = gather_rows(ys, inverse, order, 1).view(N, k, -1)  # back to (token, slot)
         return weighted_sum(weights, ys)
 

@@ -40,7 +40,10 @@ from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
 
-__all__ = ["Block", "MTP", "ModelOutput", "Transformer", "INIT_STD", "IGNORE_INDEX"]
+__all__ = [
+    "Block", "MTP", "ModelOutput", "Transformer", "INIT_STD", "IGNORE_INDEX", "initial_value",
+    "cross_entropy", "shift_left",
+]
 
 INIT_STD = 0.006  # DeepSeek-V3 §4.2: every learnable matrix ~ N(0, 0.006²)
 IGNORE_INDEX = -100
@@ -114,7 +117,19 @@ class ModelOutput:
     logits: torch.Tensor | None  # (B, T, vocab) of the main head
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def initial_value(
+    name: str, shape: Sequence[int], seed: int, norm: bool, std: float = INIT_STD
+) -> torch.Tensor:
+    """DeepSeek-V3's initial value of parameter `name` (float32, CPU): ones for a norm, else N(0, std²)
+    drawn from a generator seeded by (seed, name), so it depends on nothing else: not the device, the
+    construction order, or how the parameter is later sharded."""
+    if norm:
+        return torch.ones(tuple(shape))
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(tuple(shape), dtype=torch.float32).normal_(0.0, std, generator=gen)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy in float32; 0 (not NaN) when every target is ignored, with no host sync."""
     total = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -122,7 +137,7 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def _shift_left(x: torch.Tensor, d: int, fill: int) -> torch.Tensor:
+def shift_left(x: torch.Tensor, d: int, fill: int) -> torch.Tensor:
     """x[:, t + d] at position t, `fill` past the end (B, T)."""
     return F.pad(x[:, d:], (0, min(d, x.shape[1])), value=fill)
 
@@ -198,14 +213,14 @@ class Transformer(nn.Module):
     def _head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) and their mean cross-entropy against targets (B, T)."""
         logits = self.lm_head(h)
-        return logits, _cross_entropy(logits, targets)
+        return logits, cross_entropy(logits, targets)
 
     def _mtp_states(
         self, h: torch.Tensor, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], balance: bool
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Yield each depth's normed hidden state (B, T, d) and balance loss, depth 1 first."""
         for depth, layer in enumerate(self.mtp, start=1):
-            emb = self.model.embed_tokens(_shift_left(input_ids, depth, 0))
+            emb = self.model.embed_tokens(shift_left(input_ids, depth, 0))
             h, aux = self._run(layer, h, emb, *rope, balance)
             yield h, aux
 
@@ -226,7 +241,7 @@ class Transformer(nn.Module):
         if mtp_lambda > 0 and len(self.mtp):
             losses = []
             for depth, (h_d, a) in enumerate(self._mtp_states(h, input_ids, rope, balance), start=1):
-                losses.append(self._head_loss(h_d, _shift_left(labels, depth, IGNORE_INDEX))[1])
+                losses.append(self._head_loss(h_d, shift_left(labels, depth, IGNORE_INDEX))[1])
                 aux = _add(aux, a)
             mtp_losses = torch.stack(losses)
             mtp_loss = mtp_lambda * mtp_losses.mean()
@@ -281,16 +296,16 @@ class Transformer(nn.Module):
         """
         if self.lm_head.weight.is_meta:
             return
-        norms = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        norms = self.norm_weights()
         for name, p in self.named_parameters():
-            if id(p) in norms:
-                p.fill_(1.0)
-                continue
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+            p.copy_(initial_value(name, p.shape, seed, id(p) in norms, std))
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
         self.init_buffers()
+
+    def norm_weights(self) -> set[int]:
+        """ids of the RMSNorm scales (initialised to ones, never decayed)."""
+        return {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
 
     @torch.no_grad()
     def init_buffers(self) -> None:

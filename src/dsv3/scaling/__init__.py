@@ -7,6 +7,7 @@ choice of a layout, `report` the tables.
 """
 
 from dsv3.scaling.hardware import PEAK_BF16_TFLOPS, device_peak_flops, peak_tflops
+from dsv3.scaling.layout import layout_problems, rank_stages, stage_units
 from dsv3.scaling.memory import (
     HEADROOM,
     GiB,
@@ -73,6 +74,9 @@ __all__ = [
     "plan_run",
     "training_hours",
     "select_configs",
+    "layout_problems",
+    "rank_stages",
+    "stage_units",
     "plan_sections",
     "markdown_report",
     "human_count",

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dsv3.config import ModelConfig, ParallelConfig, TrainConfig
+from dsv3.scaling.layout import rank_stages, reshards_after_forward, stage_units
 from dsv3.scaling.params import LayerParams, layer_params, mtp_block_params
 
 __all__ = [
@@ -74,45 +75,44 @@ def kv_cache_bytes_per_token(cfg: ModelConfig) -> KVCacheBytes:
     )
 
 
-def _layer_activation_bytes(cfg: ModelConfig, moe: bool) -> int:
+@dataclass(frozen=True)
+class _Acts:
+    """Activation bytes per token: the part tensor parallelism splits (heads, FFN widths) and the rest."""
+
+    split: int
+    replicated: int
+
+    def per_rank(self, tp: int) -> float:
+        return self.split / tp + self.replicated
+
+
+def _layer_activation_bytes(cfg: ModelConfig, moe: bool) -> _Acts:
     """Bytes per token that autograd keeps for one block's backward, without recomputation.
 
     Adapted from Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
     Models", sec. 4.1) to MLA + SwiGLU/MoE with a flash attention kernel (no s x s scores kept, no
     dropout): we list each tensor a backward needs. bf16 except the fp32 router scores and softmax stats.
+    Tensor parallelism splits the per-head tensors and the dense/shared FFN widths; the norms, latents
+    and routed experts stay whole on every tp rank (no sequence parallelism).
     """
     d, h = cfg.hidden_size, cfg.num_attention_heads
     q_path = 2 * cfg.q_lora_rank if cfg.q_lora_rank else 0  # q_a output and its norm's output
-    attn = (
-        2 * d  # input_layernorm input and output
-        + q_path
-        + cfg.kv_latent_dim + cfg.kv_lora_rank  # kv_a output, kv_a_layernorm output
-        + 2 * h * cfg.qk_head_dim + h * cfg.v_head_dim  # q, k, v kept by the attention kernel
-        + h * cfg.v_head_dim  # attention output, o_proj input
-    )
+    attn_whole = 2 * d + q_path + cfg.kv_latent_dim + cfg.kv_lora_rank  # norm in/out, q_a, kv_a latents
+    attn_heads = 2 * h * cfg.qk_head_dim + 2 * h * cfg.v_head_dim  # q, k, v; attention output
     norm = 2 * d  # post_attention_layernorm input and output
     if not moe:
         # SwiGLU keeps gate and up outputs, silu(gate), and the product fed to down_proj.
-        return ACT_BYTES * (attn + norm + 4 * cfg.intermediate_size) + 4 * h
+        return _Acts(ACT_BYTES * (attn_heads + 4 * cfg.intermediate_size) + 4 * h,
+                     ACT_BYTES * (attn_whole + norm))
     routed = cfg.num_experts_per_tok * (2 * d + 4 * cfg.moe_intermediate_size)  # per copy: in, SwiGLU, out
     shared = 4 * cfg.n_shared_experts * cfg.moe_intermediate_size
-    return ACT_BYTES * (attn + norm + routed + shared) + 4 * h + 4 * cfg.n_routed_experts
-
-
-def _output_activation_bytes(cfg: ModelConfig, recompute: bool) -> int:
-    """Bytes per token after the last block: final norm and logits, then each MTP depth."""
-    d = cfg.hidden_size
-    head = ACT_BYTES * 2 * d + LOGIT_BYTES * cfg.vocab_size
-    mtp_moe = cfg.is_moe_layer(cfg.num_hidden_layers)
-    block = ACT_BYTES * 2 * d if recompute else _layer_activation_bytes(cfg, mtp_moe)
-    # enorm/hnorm inputs and outputs, the concatenation fed to eh_proj, then the block and the head.
-    mtp = ACT_BYTES * 6 * d + block + head
-    return head + cfg.num_nextn_predict_layers * mtp
+    return _Acts(ACT_BYTES * (attn_heads + shared) + 4 * h,
+                 ACT_BYTES * (attn_whole + norm + routed) + 4 * cfg.n_routed_experts)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU on the heaviest pipeline stage for one layout (see `memory_per_gpu`)."""
+    """Bytes per GPU on the heaviest pipeline rank for one layout (see `memory_per_gpu`)."""
 
     weights: int
     gradients: int
@@ -120,7 +120,7 @@ class MemoryEstimate:
     activations: int  # without recomputation
     activations_recompute: int  # full recomputation of every block
     recompute: bool  # which of the two the layout uses
-    stage: int
+    stage: int  # the pipeline rank reported
     micro_batches_in_flight: float
 
     @property
@@ -142,13 +142,13 @@ class _Unit:
 
     matrices: int  # split by tp
     replicated: int  # norms and router, not split by tp
-    experts: int = 0  # routed experts, split by ep (then FSDP) and by tp
+    experts: int = 0  # routed experts, split by ep (then FSDP), whole on every tp rank
 
     def local(self, tp: int) -> float:
-        return (self.matrices + self.experts) / tp + self.replicated
+        return self.matrices / tp + self.replicated + self.experts
 
     def gathered(self, tp: int, ep: int) -> float:
-        return self.matrices / tp + self.replicated + self.experts / (tp * ep)
+        return self.matrices / tp + self.replicated + self.experts / ep
 
 
 def _block_unit(lp: LayerParams, extra_matrices: int = 0, extra_norms: int = 0) -> _Unit:
@@ -158,52 +158,54 @@ def _block_unit(lp: LayerParams, extra_matrices: int = 0, extra_norms: int = 0) 
 
 @dataclass(frozen=True)
 class MemoryProfile:
-    """Per-unit sizes of one config, computed once so that a layout search is plain arithmetic."""
+    """Per-unit sizes of one config, computed once so that a layout search is plain arithmetic.
 
-    blocks: list[_Unit]
-    acts: list[int]  # per block: activation bytes per token without recomputation
+    Units are the pipeline's: the decoder blocks, then the MTP depths (`dsv3.scaling.layout`)."""
+
+    units: list[_Unit]
+    n_blocks: int  # units[:n_blocks] are the decoder blocks, the rest the MTP depths
+    acts: list[_Acts]  # per unit, without recomputation (an MTP depth includes its head's logits)
+    acts_recompute: list[_Acts]  # per unit, what recomputation keeps (a block's input; MTP: its head too)
+    rebuilt: list[_Acts]  # per unit, the block activations recomputation rebuilds at once
     embedding: _Unit  # on the first stage
-    outputs: list[_Unit]  # final norm + head, then each MTP depth: on the last stage
-    d: int
-    out_act: int
-    out_act_recompute: int
+    head: _Unit  # final norm + output head, on the last stage
+    head_act: _Acts
 
 
 def memory_profile(cfg: ModelConfig) -> MemoryProfile:
-    """The sizes `estimate_memory` needs, per FSDP unit and per block."""
-    d = cfg.hidden_size
+    """The sizes `estimate_memory` needs, per pipeline unit."""
+    d, V = cfg.hidden_size, cfg.vocab_size
     moe = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
-    head = _Unit(0 if cfg.tie_word_embeddings else cfg.vocab_size * d, d)
-    mtp = _block_unit(mtp_block_params(cfg), extra_matrices=2 * d * d, extra_norms=3 * d)
+    head_act = _Acts(0, ACT_BYTES * 2 * d + LOGIT_BYTES * V)  # final norm in/out, logits
+    mtp_block = _layer_activation_bytes(cfg, cfg.is_moe_layer(cfg.num_hidden_layers))
+    # enorm/hnorm inputs and outputs and the concatenation fed to eh_proj, then the block and the head.
+    mtp_around = ACT_BYTES * 6 * d + head_act.replicated
+    n_mtp = cfg.num_nextn_predict_layers
+    blocks = [_layer_activation_bytes(cfg, m) for m in moe]
     return MemoryProfile(
-        blocks=[_block_unit(layer_params(cfg, m)) for m in moe],
-        acts=[_layer_activation_bytes(cfg, m) for m in moe],
-        embedding=_Unit(cfg.vocab_size * d, 0),
-        outputs=[head] + [mtp] * cfg.num_nextn_predict_layers,
-        d=d,
-        out_act=_output_activation_bytes(cfg, recompute=False),
-        out_act_recompute=_output_activation_bytes(cfg, recompute=True),
+        units=[_block_unit(layer_params(cfg, m)) for m in moe]
+        + [_block_unit(mtp_block_params(cfg), extra_matrices=2 * d * d, extra_norms=3 * d)] * n_mtp,
+        n_blocks=len(moe),
+        acts=blocks + [_Acts(mtp_block.split, mtp_block.replicated + mtp_around)] * n_mtp,
+        acts_recompute=[_Acts(0, ACT_BYTES * d)] * len(moe)
+        + [_Acts(0, ACT_BYTES * 2 * d + mtp_around)] * n_mtp,
+        rebuilt=blocks + [mtp_block] * n_mtp,
+        embedding=_Unit(V * d, 0),
+        head=_Unit(0 if cfg.tie_word_embeddings else V * d, d),
+        head_act=head_act,
     )
 
 
-def _stage_bounds(n_layers: int, pp: int) -> list[range]:
-    """Contiguous, as-even-as-possible split of the blocks; the first stages take the remainder."""
-    base, extra = divmod(n_layers, pp)
-    bounds, start = [], 0
-    for s in range(pp):
-        size = base + (1 if s < extra else 0)
-        bounds.append(range(start, start + size))
-        start += size
-    return bounds
-
-
-def _in_flight(schedule: str, pp: int, stage: int, n_micro: int) -> float:
-    """Micro-batches whose activations a stage holds at the peak of the pipeline schedule."""
+def _in_flight(parallel: ParallelConfig, rank: int, n_micro: int) -> float:
+    """Micro-batches whose activations (of all the rank's stages together) a pp rank holds at its peak."""
+    pp, schedule = parallel.pp, parallel.pp_schedule
     if pp == 1:
         return 1.0
-    if schedule == "dualpipe":  # DeepSeek-V3 report, Table 2: PP+1 micro-batches on every rank
-        return float(min(pp + 1, n_micro))
-    held = float(min(pp - stage, n_micro))  # 1F1B: stage s warms up with pp - s forwards
+    if schedule == "DualPipeV":  # DualPipe's README: PP+1 chunk activations, a chunk half a rank's layers
+        return min(pp + 0.5, float(n_micro))
+    if schedule == "ZBVZeroBubble":  # ZB-V keeps 1F1B's peak: pp micro-batches of a rank's layers
+        return float(min(pp, n_micro))
+    held = float(min(pp - rank, n_micro))  # 1F1B: rank r warms up with pp - r forwards
     if schedule == "interleaved1F1B":  # Korthikanti et al. 2022, with 2 virtual stages per rank
         held *= 1 + (pp - 1) / (2 * pp)
     return held
@@ -214,37 +216,52 @@ def estimate_memory(
     recompute: bool,
 ) -> MemoryEstimate:
     """Peak bytes per GPU for one layout from a precomputed profile: the fast path of layout searches."""
-    dp_shard, tp, pp, ep, schedule = layout.dp_shard, layout.tp, layout.pp, layout.ep, layout.pp_schedule
+    dp_shard, tp, ep = layout.dp_shard, layout.tp, layout.ep
     tokens = micro_batch * seq_len
-    units = [*prof.blocks, prof.embedding, *prof.outputs]
-    gathered = max(u.gathered(tp, ep) for u in units)  # the largest unit FSDP all-gathers at once
-    copies = 2 if schedule == "dualpipe" and pp > 1 else 1  # DualPipe keeps two stages per rank
+    n_stages = layout.pp * layout.stages_per_rank
+    bounds = stage_units(len(prof.units), n_stages)
+    gathered = max(u.gathered(tp, ep) for u in [*prof.units, prof.embedding, prof.head])  # largest FSDP unit
     best: MemoryEstimate | None = None
-    for s, layers in enumerate(_stage_bounds(len(prof.blocks), pp)):
-        last = s == pp - 1
-        stage_units = [prof.blocks[i] for i in layers] + ([prof.embedding] if s == 0 else [])
-        stage_units += prof.outputs if last else []
-        params = sum(u.local(tp) for u in stage_units)
-        local = copies * params / dp_shard
-        if dp_shard > 1:  # FSDP2: bf16 gathered copies of the current and the prefetched layer
-            weights = MASTER_BYTES * local + 2 * COMPUTE_BYTES * gathered
-            grads = GRAD_BYTES * (local + gathered)
+    for rank in range(layout.pp):
+        stages = rank_stages(rank, layout)
+        units = [u for s in stages for u in bounds[s]]
+        first, last = 0 in stages, n_stages - 1 in stages
+        params = sum(prof.units[u].local(tp) for u in units)
+        params += (prof.embedding.local(tp) if first else 0) + (prof.head.local(tp) if last else 0)
+        local = params / dp_shard
+        if dp_shard > 1:
+            # FSDP2 holds bf16 gathered copies of the current and the prefetched unit, or of every unit
+            # of the rank when they are kept from forward to backward; in a pipeline, gradients
+            # accumulate unsharded over the step's micro-batches until the schedule reduces them.
+            rank_gathered = sum(prof.units[u].gathered(tp, ep) for u in units)
+            rank_gathered += (prof.embedding.gathered(tp, ep) if first else 0)
+            rank_gathered += (prof.head.gathered(tp, ep) if last else 0)
+            kept = 2 * gathered if reshards_after_forward(layout) else rank_gathered
+            unsharded_grads = rank_gathered if layout.pp > 1 else gathered
+            on_gpu = 0 if layout.cpu_offload else local  # offload: shards and AdamW state in host memory
+            weights = MASTER_BYTES * on_gpu + COMPUTE_BYTES * kept
+            grads = GRAD_BYTES * (on_gpu + unsharded_grads)
         else:  # one replica: autocast keeps a bf16 copy of every weight used in the forward
             weights, grads = (MASTER_BYTES + COMPUTE_BYTES) * local, GRAD_BYTES * local
-        held = _in_flight(schedule, pp, s, n_micro)
-        stage_acts = [prof.acts[i] for i in layers]
-        full = held * sum(stage_acts) + (prof.out_act if last else 0)
+        held = _in_flight(layout, rank, n_micro)
+        # The warm-up forwards pile up in the blocks; the last stage's outputs (head, MTP) go into
+        # backward as soon as their loss is computed, one micro-batch at a time.
+        blocks, outputs = [u for u in units if u < prof.n_blocks], [u for u in units if u >= prof.n_blocks]
+        head = prof.head_act.per_rank(tp) if last else 0.0
+        full = held * sum(prof.acts[u].per_rank(tp) for u in blocks)
+        full += sum(prof.acts[u].per_rank(tp) for u in outputs) + head
         # Recomputation keeps each block's input and rebuilds one block at a time during backward.
-        kept = held * len(stage_acts) * ACT_BYTES * prof.d + max(stage_acts, default=0)
-        kept += prof.out_act_recompute if last else 0
+        rebuilt = max((prof.rebuilt[u].per_rank(tp) for u in units), default=0.0)
+        kept = held * sum(prof.acts_recompute[u].per_rank(tp) for u in blocks) + rebuilt
+        kept += sum(prof.acts_recompute[u].per_rank(tp) for u in outputs) + head
         est = MemoryEstimate(
             weights=int(weights),
             gradients=int(grads),
-            optimizer=int(OPTIM_BYTES * local),
-            activations=int(full * tokens / tp),  # tp assumes sequence parallelism for the norms
-            activations_recompute=int(kept * tokens / tp),
+            optimizer=0 if layout.cpu_offload else int(OPTIM_BYTES * local),
+            activations=int(full * tokens),
+            activations_recompute=int(kept * tokens),
             recompute=recompute,
-            stage=s,
+            stage=rank,
             micro_batches_in_flight=held,
         )
         if best is None or est.total > best.total:
@@ -258,12 +275,11 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
 
     AdamW under FSDP2 mixed precision: fp32 master weights, fp32 gradients and fp32 m, v, all sharded
     over dp_shard (16 bytes per parameter), plus bf16 compute copies. Routed experts are split over ep
-    (then FSDP over the rest of dp_shard), matrices over tp, blocks over pp stages (the heaviest stage
-    is reported; the first holds the embedding, the last the head and MTP). Activations are those of
-    recomputation when `train.activation_checkpointing` is on.
+    (then FSDP over the rest of dp_shard), attention and dense FFN matrices over tp, blocks over the
+    pipeline stages as the trainer cuts them (`dsv3.scaling.layout`; the heaviest pp rank is reported).
+    Activations are those of recomputation when `train.activation_checkpointing` is on.
     """
-    dp = parallel.dp_replicate * parallel.dp_shard
-    n_micro = max(1, train.global_batch_size // (train.micro_batch_size * dp))
+    n_micro = max(1, train.global_batch_size // (train.micro_batch_size * parallel.dp))
     return estimate_memory(
         memory_profile(cfg), parallel, seq_len=train.seq_len, micro_batch=train.micro_batch_size,
         n_micro=n_micro,

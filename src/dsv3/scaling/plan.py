@@ -9,6 +9,7 @@ from typing import Any
 
 from dsv3.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from dsv3.scaling.hardware import DEFAULT_GPU, PEAK_BF16_TFLOPS
+from dsv3.scaling.layout import layout_problems
 from dsv3.scaling.memory import (
     HEADROOM,
     GiB,
@@ -111,6 +112,7 @@ class Plan:
     micro_batch_size: int
     suggested_lr: float
     suggested_batch_tokens: float
+    problems: list[str]  # why `dsv3 train` cannot run this layout (empty: it can)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +126,7 @@ class Plan:
                 "fits": self.memory.fits(self.parallel.gpu_memory_gb),
             },
             "parallel": self.parallel.model_dump(),
+            "layout_problems": self.problems,
             "micro_batch_size": self.micro_batch_size,
             "chinchilla": self.chinchilla.as_dict(),
             "suggested": {"lr": self.suggested_lr, "batch_tokens": self.suggested_batch_tokens},
@@ -148,6 +151,7 @@ def plan_run(
         micro_batch_size=run.train.micro_batch_size,
         suggested_lr=lr,
         suggested_batch_tokens=batch,
+        problems=layout_problems(run.model, run.train, run.parallel),
     )
 
 
@@ -192,27 +196,32 @@ def _pow2_divisors(n: int, limit: int) -> list[int]:
 
 
 def _layouts(cfg: ModelConfig, train: TrainConfig, gpus: int, gpus_per_node: int):
-    """Candidate layouts, simplest first: fewest pipeline stages, then tensor ranks, larger micro-batches.
+    """Candidate layouts `dsv3 train` runs (`layout_problems` is empty), simplest first: fewest pipeline
+    stages, then tensor ranks, larger micro-batches.
 
     FSDP shards over every data-parallel rank (dp_shard = dp). Experts go over the node's GPUs first
     (all-to-all on NVLink, and FSDP no longer gathers whole expert sets), wider only when memory asks.
+    Tensor parallelism runs with FSDP alone (ep = pp = 1).
     """
     mbs_options = [m for m in range(train.micro_batch_size, 0, -1) if train.micro_batch_size % m == 0]
     for pp in [p for p in range(1, gpus + 1) if gpus % p == 0 and p <= cfg.num_hidden_layers]:
         for tp in _pow2_divisors(gpus // pp, gpus_per_node):
-            if cfg.num_attention_heads % tp:
+            if tp > 1 and pp > 1:
                 continue
             dp = gpus // (pp * tp)
             eps = [e for e in _pow2_divisors(dp, cfg.n_routed_experts) if cfg.n_routed_experts % e == 0]
-            in_node = max(e for e in eps if e <= max(1, gpus_per_node // tp))
+            in_node = max(e for e in eps if e <= gpus_per_node)
             for mbs in mbs_options:
                 if train.global_batch_size % (mbs * dp):
                     continue
                 n_micro = train.global_batch_size // (mbs * dp)
                 if pp > 1 and n_micro < pp:  # fewer micro-batches than stages: mostly bubble
                     continue
-                for ep in (e for e in eps if e >= in_node):
-                    yield ParallelConfig(gpus=gpus, dp_shard=dp, tp=tp, pp=pp, ep=ep), mbs, n_micro
+                at_mbs = train.model_copy(update={"micro_batch_size": mbs})
+                for ep in [1] if tp > 1 else [e for e in eps if e >= in_node]:
+                    layout = ParallelConfig(gpus=gpus, dp_shard=dp, tp=tp, pp=pp, ep=ep)
+                    if not layout_problems(cfg, at_mbs, layout, gpus_per_node):
+                        yield layout, mbs, n_micro
 
 
 def _judge(

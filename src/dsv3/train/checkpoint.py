@@ -52,6 +52,12 @@ from dsv3.model.hf import load_hf, read_hf_config, save_hf
 
 __all__ = [
     "save_checkpoint",
+    "write_trainer_files",
+    "fresh_temp",
+    "publish_checkpoint",
+    "check_architecture",
+    "capture_rng",
+    "optimizer_tensors",
     "load_model",
     "restore_training_state",
     "resolve_resume",
@@ -180,38 +186,70 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict,
-    run_config: RunConfig,
-    tokenizer: Path | None = None,
-) -> Path:
-    """Write `output_dir/step_<step>/` atomically and return it."""
+def write_trainer_files(
+    directory: Path, step: int, trainer_state: dict, run_config: RunConfig, tokenizer: Path | None,
+    rng: tuple[dict[str, torch.Tensor], dict],
+) -> None:
+    """The files besides the tensors: trainer state (with the RNG), run config, tokenizer."""
+    rng_tensors, rng_meta = rng
+    (directory / RNG).parent.mkdir(parents=True, exist_ok=True)
+    save_file(rng_tensors, str(directory / RNG))
+    state = {**trainer_state, "step": step, "rng": rng_meta, "format_version": FORMAT_VERSION}
+    (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
+    (directory / RUN_CONFIG).write_text(run_config.model_dump_json(indent=1), encoding="utf-8")
+    if tokenizer is not None:
+        copy_tokenizer(Path(tokenizer), directory)
+
+
+def fresh_temp(output_dir: Path, step: int) -> tuple[Path, Path]:
+    """(final path, temp path, not yet created) for the checkpoint of `step`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / checkpoint_name(step)
     tmp = temp_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
+    return final, tmp
+
+
+def publish_checkpoint(tmp: Path, final: Path, step: int) -> Path:
+    """Checksum every file into the manifest, then rename the temp directory into place."""
+    write_manifest(tmp, step)
+    publish_dir(tmp, final)  # the same step saved again (a rerun) swaps in, never leaving a gap
+    return final
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict,
+    run_config: RunConfig,
+    tokenizer: Path | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+    rng: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> Path:
+    """Write `output_dir/step_<step>/` atomically and return it. A background save passes host copies:
+    `model` on the CPU, `optimizer_state` (from `optimizer_tensors`) and `rng` captured when it began."""
+    final, tmp = fresh_temp(output_dir, step)
     t0 = time.perf_counter()
     save_hf(model, tmp)
     (tmp / OPTIMIZER).parent.mkdir(parents=True, exist_ok=True)
-    save_file(optimizer_tensors(model, optimizer), str(tmp / OPTIMIZER))
-    rng_tensors, rng_meta = capture_rng()
-    save_file(rng_tensors, str(tmp / RNG))
-    state = {**trainer_state, "step": step, "rng": rng_meta, "format_version": FORMAT_VERSION}
-    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
-    (tmp / RUN_CONFIG).write_text(run_config.model_dump_json(indent=1), encoding="utf-8")
-    if tokenizer is not None:
-        copy_tokenizer(Path(tokenizer), tmp)
-    write_manifest(tmp, step)
-    publish_dir(tmp, final)  # the same step saved again (a rerun) swaps in, never leaving a gap
+    save_file(optimizer_tensors(model, optimizer) if optimizer_state is None else optimizer_state,
+              str(tmp / OPTIMIZER))
+    write_trainer_files(tmp, step, trainer_state, run_config, tokenizer, rng or capture_rng())
+    publish_checkpoint(tmp, final, step)
     log.info("saved checkpoint %s (%.1f s)", final, time.perf_counter() - t0)
     return final
+
+
+def check_architecture(directory: Path, model_config: ModelConfig) -> None:
+    """Refuse a checkpoint of another architecture than `model_config`, naming the fields that differ."""
+    diffs = model_differences(read_hf_config(directory), model_config)
+    if diffs:
+        raise CheckpointError(f"{directory}: a different model than the run config: " + "; ".join(diffs[:4]))
 
 
 def model_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
@@ -228,9 +266,7 @@ def load_model(directory: Path, model_config: ModelConfig, device: torch.device 
     """
     directory = Path(directory)
     verify_checkpoint(directory, checksums=True)
-    diffs = model_differences(read_hf_config(directory), model_config)
-    if diffs:
-        raise CheckpointError(f"{directory}: a different model than the run config: " + "; ".join(diffs[:4]))
+    check_architecture(directory, model_config)
     return load_hf(directory, dtype=torch.float32, device=device)
 
 

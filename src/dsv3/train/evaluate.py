@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from dsv3.config import ConfigError
 
-__all__ = ["validation_loss", "unigram_loss", "router_entropy"]
+__all__ = ["validation_loss", "unigram_loss", "RouterEntropy", "router_entropy"]
 
 
 @torch.no_grad()
@@ -49,33 +50,43 @@ def unigram_loss(train_counts: np.ndarray, batches: list[torch.Tensor]) -> float
     return float(-log_p[labels].mean())
 
 
+@dataclass
+class RouterEntropy:
+    """Per MoE layer, the summed normalized router-score entropy of the tokens seen, and their count."""
+
+    sums: list[float]
+    counts: list[int]
+    paused: bool = False  # tokens seen while paused are not counted (padding in a distributed eval)
+
+    def values(self) -> list[float | None]:
+        """Mean entropy per layer, None for a layer that saw no token."""
+        return [s / c if c else None for s, c in zip(self.sums, self.counts, strict=True)]
+
+
 @contextlib.contextmanager
-def router_entropy(model: nn.Module) -> Iterator[list[float | None]]:
-    """Collect, per MoE layer, the mean entropy of the normalized router scores over the tokens seen
-    while the context is open, divided by log(experts): 1 = undecided router, 0 = one expert.
-    None for a layer that saw no token (the MTP layers when only the LM loss is evaluated)."""
-    sums: list[float] = []
-    counts: list[int] = []
+def router_entropy(moe_layers: list[nn.Module]) -> Iterator[RouterEntropy]:
+    """Collect, per MoE layer, the entropy of the normalized router scores over the tokens seen while
+    the context is open, divided by log(experts): 1 = undecided router, 0 = one expert. A layer that
+    saw no token (the MTP layers when only the LM loss is evaluated) reads None in `values()`."""
+    acc = RouterEntropy([0.0] * len(moe_layers), [0] * len(moe_layers))
     handles = []
 
     def hook(index: int):
         def fn(module: nn.Module, args, output) -> None:
+            if acc.paused:
+                return
             scores = output[0].float()  # (N, E) sigmoid scores
             p = scores / scores.sum(-1, keepdim=True)
             ent = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(scores.shape[-1])
-            sums[index] += ent.sum().item()
-            counts[index] += ent.numel()
+            acc.sums[index] += ent.sum().item()
+            acc.counts[index] += ent.numel()
 
         return fn
 
-    result: list[float | None] = []
-    for i, moe in enumerate(model.moe_layers()):
-        sums.append(0.0)
-        counts.append(0)
+    for i, moe in enumerate(moe_layers):
         handles.append(moe.gate.register_forward_hook(hook(i)))
     try:
-        yield result
+        yield acc
     finally:
         for h in handles:
             h.remove()
-        result.extend(s / c if c else None for s, c in zip(sums, counts, strict=True))

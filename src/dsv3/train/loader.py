@@ -158,6 +158,13 @@ class TrainData:
     def next_batch(self, batch_size: int) -> torch.Tensor:
         return self.train.batch(self.sampler.take(batch_size))
 
+    def next_share(self, global_batch: int, rank: int, ranks: int) -> torch.Tensor:
+        """Data-parallel rank `rank`'s contiguous share of the next `global_batch` windows: every rank
+        draws the same indices and reads only its own (global_batch / ranks, seq_len + 1)."""
+        indices = self.sampler.take(global_batch)
+        per_rank = global_batch // ranks
+        return self.train.batch(indices[rank * per_rank : (rank + 1) * per_rank])
+
     def valid_batches(self, batch_size: int, n_batches: int) -> list[torch.Tensor]:
         """The first n_batches·batch_size validation windows, in order: the same set every evaluation."""
         n = min(len(self.valid), batch_size * n_batches)

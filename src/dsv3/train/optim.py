@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dsv3.config import TrainConfig
 
@@ -23,16 +24,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay weight matrices (and stacked expert weights); never norms, biases or frozen buffers.
 
     A 1-D tensor is a norm scale or a bias: decaying it pulls it toward 0, which for an RMSNorm
-    scale means shrinking the signal, not regularising it.
+    scale means shrinking the signal, not regularising it. Sharded (DTensor) parameters that sit beside
+    plain ones (tensor parallelism without FSDP) get groups of their own: the multi-tensor kernels
+    take one kind per call.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(True, False): [], (False, False): []}
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        groups.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
+    if not groups[True, False] and not groups[False, False]:  # all sharded: the two usual groups
+        groups = {(decay, False): groups.pop((decay, True), []) for decay in (True, False)}
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        for (decay, _), params in groups.items()
     ]
 
 
@@ -40,9 +45,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over `param_groups`; the fused kernel on CUDA, the multi-tensor one elsewhere."""
     on_cuda = next(model.parameters()).is_cuda
     groups = param_groups(model, cfg.weight_decay)
-    n_decay = sum(p.numel() for p in groups[0]["params"])
-    n_plain = sum(p.numel() for p in groups[1]["params"])
-    log.debug("AdamW: %d parameters with weight decay, %d without", n_decay, n_plain)
+    log.debug("AdamW: parameters per group (weight decay): %s",
+              [(sum(p.numel() for p in g["params"]), g["weight_decay"]) for g in groups])
     return torch.optim.AdamW(
         groups,
         lr=lr_at(0, cfg),

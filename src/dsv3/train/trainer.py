@@ -1,13 +1,20 @@
-"""The training loop: one process, one device, a plain model; parallel plans can wrap it later.
+"""The training loop, in one process or over torchrun's ranks.
 
 Per optimizer step: `global_batch_size / micro_batch_size` micro-batches are run and backpropagated
 (bf16 autocast on GPU, fp32 on CPU), the gradients are clipped, the step is skipped if the loss or
 the gradient norm is not finite, AdamW steps, and each MoE layer's routing bias moves by γ toward
 an even load (DeepSeek-V3's auxiliary-loss-free balancing, no gradient involved).
+
+Launched by torchrun (WORLD_SIZE > 1), the model is laid out as `parallel:` says (`dsv3.parallel`),
+each data-parallel rank takes its share of every global batch, and `DistributedSteps` makes the
+step's collective parts; rank 0 alone logs, evaluates into records, samples, plots and publishes
+checkpoints (sharded, `dsv3.train.sharded`). One process keeps today's path exactly: a resumed run
+reproduces the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,19 +26,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from dsv3 import scaling
-from dsv3.checkpoints import best_checkpoint, list_checkpoints
+from dsv3.checkpoints import best_checkpoint, is_sharded, list_checkpoints, verify_checkpoint
 from dsv3.config import ConfigError, RunConfig
 from dsv3.infer.text import sample_text
 from dsv3.io import write_json_atomic
+from dsv3.parallel import build_meshes, check_world_size, init_distributed, parallelize, world_size
 from dsv3.train import checkpoint as ckpt
+from dsv3.train.distributed import DistributedSteps
 from dsv3.train.evaluate import router_entropy, unigram_loss, validation_loss
 from dsv3.train.loader import build_data
 from dsv3.train.metrics import expert_load_stats, peak_memory
 from dsv3.train.optim import build_optimizer, lr_at, set_lr
 from dsv3.train.plots import plot_run
+from dsv3.train.saver import CheckpointWriter
+from dsv3.train.sharded import load_full_checkpoint, load_sharded_checkpoint
 from dsv3.train.sinks import MetricsLogger, truncate_metrics
+from dsv3.train.step import micro_batch
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "train"]
 
@@ -69,23 +82,13 @@ def _pick_device(want: str) -> torch.device:
     return torch.device(want)
 
 
-def _check_single_device(cfg: RunConfig) -> None:
-    """The trainer runs one process on one device: refuse a layout it would otherwise ignore."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(
-            f"launched with WORLD_SIZE={world}: dsv3 train runs one process on one device for now "
-            "(distributed training is in progress, see the README's Status); launch it without torchrun"
-        )
-    p = cfg.parallel
-    asked = {k: getattr(p, k) for k in ("gpus", "dp_replicate", "dp_shard", "tp", "pp", "ep")}
-    if any(v > 1 for v in asked.values()):
-        layout = ", ".join(f"{k}={v}" for k, v in asked.items() if v > 1)
-        raise ConfigError(
-            f"parallel: {layout} asks for more than one device; dsv3 train runs one process on one device "
-            "for now (distributed training is in progress, see the README's Status): set parallel.gpus=1 "
-            "and leave dp_replicate, dp_shard, tp, pp and ep at 1"
-        )
+def _check_layout(cfg: RunConfig, world: int) -> None:
+    """The launch matches `parallel:`, and the layout is one this trainer runs (one line naming the keys)."""
+    check_world_size(cfg.parallel, world)
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else None
+    problems = scaling.layout_problems(cfg.model, cfg.train, cfg.parallel, ranks_per_node)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 class Trainer:
@@ -94,16 +97,24 @@ class Trainer:
     def __init__(
         self, cfg: RunConfig, resume: str | None = None, on_record: Callable[[Record], None] | None = None
     ) -> None:
-        _check_single_device(cfg)
         self.cfg, self.tc = cfg, cfg.train
+        world = world_size()
+        _check_layout(cfg, world)
         self.on_record = on_record or (lambda r: None)
         self.out = Path(self.tc.output_dir)
         self.device = _pick_device(self.tc.device)
+        self.world, self.distributed = world, world > 1
+        if cfg.parallel.cpu_offload and self.device.type != "cuda":
+            raise ConfigError("parallel.cpu_offload keeps GPU state in host memory: needs train.device cuda")
+        if self.distributed:
+            self.device = init_distributed(self.device.type)
+            meshes = build_meshes(cfg.parallel, self.device.type)
+        self.rank = dist.get_rank() if self.distributed else 0
         use_bf16 = self.tc.dtype == "bfloat16" or (self.tc.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         )
-        self.n_micro = self.tc.global_batch_size // self.tc.micro_batch_size
+        self.n_micro = self.tc.global_batch_size // (self.tc.micro_batch_size * cfg.parallel.dp)  # per rank
         self.data = build_data(cfg.data, self.tc.seq_len, self.tc.seed)
         self.tokenizer_path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
         self.tokenizer = self._load_tokenizer()
@@ -117,38 +128,52 @@ class Trainer:
                     "pass --resume auto to continue, or choose another train.output_dir"
                 )
         torch.manual_seed(self.tc.seed)
-        self.model = self._build_model()
+        self.steps: DistributedSteps | None = None
+        if self.distributed:
+            par = parallelize(cfg, meshes, self.device, torch.bfloat16 if use_bf16 else None, self.n_micro)
+            self.model = par.parts
+            self.steps = DistributedSteps(cfg, par, self.device, self.autocast)
+        else:
+            self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.tc)
         self.step = 0
         self.bad_steps = 0
         self.last_eval: Record | None = None
+        group = dist.new_group(backend="gloo") if self.distributed else None  # checkpoint I/O only
+        self.saver = CheckpointWriter(self.out, self.tc.keep_last, self.tc.async_checkpoint, group)
         if self.resume_from is not None:
-            state = ckpt.restore_training_state(self.resume_from, self.model, self.optimizer)
+            state = self._restore(self.resume_from, group)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             self.data.sampler.load_state_dict(state["sampler"])
             log.info("resumed from %s at step %d", self.resume_from, self.step)
-        ckpt.remove_stale_temps(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.resume_from is not None:
-            truncate_metrics(self.out, self.step)
-        write_json_atomic(self.out / "run_config.json", cfg.model_dump(mode="json"), indent=1, sort_keys=True)
-        self.metrics = MetricsLogger(
-            self.out, self.tc, cfg.name, cfg.model_dump(mode="json"),
-            resumed_at=self.step + 1 if self.resume_from is not None else None,
-        )
+        self.metrics: MetricsLogger | None = None
+        if self.rank == 0:
+            ckpt.remove_stale_temps(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                truncate_metrics(self.out, self.step)
+            write_json_atomic(self.out / "run_config.json", cfg.model_dump(mode="json"), indent=1,
+                              sort_keys=True)
+            self.metrics = MetricsLogger(
+                self.out, self.tc, cfg.name, cfg.model_dump(mode="json"),
+                resumed_at=self.step + 1 if self.resume_from is not None else None,
+            )
 
         self.valid_batches = self.data.valid_batches(self.tc.micro_batch_size, self.tc.eval_batches)
-        counts = self.data.train.token_counts(cfg.model.vocab_size)
-        self.unigram = unigram_loss(counts, self.valid_batches)
+        self.unigram = 0.0
+        if self.rank == 0:  # a statistic of the data for the records: one rank reads it
+            counts = self.data.train.token_counts(cfg.model.vocab_size)
+            self.unigram = unigram_loss(counts, self.valid_batches)
         flops = scaling.training_flops_per_token(cfg.model, self.tc.seq_len)
         self.flops_per_token = flops.total if self.tc.mtp_lambda > 0 else flops.without_mtp
-        self.peak_flops = scaling.device_peak_flops(self.device)
+        peak = scaling.device_peak_flops(self.device)  # None on a CPU
+        self.peak_flops = None if peak is None else peak * world
 
     # --- setup ---------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
         from dsv3.model import Transformer
 
-        if self.resume_from is not None:
+        if self.resume_from is not None and not is_sharded(self.resume_from):
             model = ckpt.load_model(self.resume_from, self.cfg.model, self.device)
         else:
             model = Transformer(self.cfg.model, seed=self.tc.seed).to(self.device)
@@ -157,6 +182,17 @@ class Trainer:
             model.compile_blocks()
         model.train()
         return model
+
+    def _restore(self, directory: Path, group: dist.ProcessGroup | None) -> dict:
+        """Weights (unless `_build_model` loaded them), optimizer and RNG state; the trainer state."""
+        if not is_sharded(directory):
+            if self.distributed:
+                return load_full_checkpoint(directory, self.model, self.optimizer, self.cfg)
+            return ckpt.restore_training_state(directory, self.model, self.optimizer)
+        if self.rank == 0:  # one reader checks every byte against the manifest
+            verify_checkpoint(directory, checksums=True)
+        ckpt.check_architecture(directory, self.cfg.model)
+        return load_sharded_checkpoint(directory, self.model, self.optimizer, group)
 
     def _load_tokenizer(self):
         if self.tokenizer_path is None:
@@ -171,10 +207,16 @@ class Trainer:
             )
         return tok
 
+    def _moe_names(self) -> list[str]:
+        if self.steps is not None:
+            return self.steps.par.moe_names
+        moe_ids = {id(m) for m in self.model.moe_layers()}
+        return [n for n, m in self.model.named_modules() if id(m) in moe_ids]
+
     def _run_record(self) -> Record:
         counts = scaling.count_params(self.cfg.model)
         kv = scaling.kv_cache_bytes_per_token(self.cfg.model)
-        moe_ids = {id(m) for m in self.model.moe_layers()}
+        p = self.cfg.parallel
         return {
             "kind": "run",
             "step": self.step,
@@ -185,7 +227,9 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "kv_cache_bytes_per_token": kv.mla_bf16,
             "kv_cache_bytes_per_token_mha": kv.mha_bf16,
-            "moe_layers": [n for n, m in self.model.named_modules() if id(m) in moe_ids],
+            "moe_layers": self._moe_names(),
+            "world_size": p.gpus if self.distributed else 1,
+            "layout": scaling.describe_layout(p) if self.distributed else None,
             "train_windows": len(self.data.train),
             "valid_windows": len(self.data.valid),
             "tokens_per_step": self.tc.tokens_per_step,
@@ -194,8 +238,9 @@ class Trainer:
         }
 
     def _emit(self, record: Record) -> None:
-        self.metrics.log(record)
-        self.on_record(record)
+        if self.metrics is not None:  # rank 0
+            self.metrics.log(record)
+            self.on_record(record)
 
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> Record:
@@ -203,30 +248,22 @@ class Trainer:
         tc = self.tc
         lr = lr_at(self.step, tc)
         set_lr(self.optimizer, lr)
-        parts = torch.zeros(4, device=self.device)  # loss, lm, mtp, balance (means over micro-batches)
-        load = None
-        for _ in range(self.n_micro):
-            batch = self.data.next_batch(tc.micro_batch_size).to(self.device, non_blocking=True)
-            with self.autocast:
-                out = self.model.forward_with_losses(
-                    batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda, balance_alpha=tc.balance_alpha,
-                    return_logits=False,
-                )
-            (out.loss / self.n_micro).backward()
-            zero = out.lm_loss.new_zeros(())
-            parts += torch.stack([
-                out.loss.detach(), out.lm_loss.detach(),
-                zero if out.mtp_loss is None else out.mtp_loss.detach(),
-                zero if out.balance_loss is None else out.balance_loss.detach(),
-            ]) / self.n_micro
-            step_load = self.model.expert_load()
-            load = step_load if load is None else load + step_load
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.steps is not None:
+            dp_rank, dp = self.steps.meshes.dp_rank, self.cfg.parallel.dp
+            share = self.data.next_share(tc.global_batch_size, dp_rank, dp)
+            micro_batches = list(share.split(tc.micro_batch_size))
+            parts, load = self.steps.reduce(*self.steps.forward_backward(micro_batches))
+            grad_norm = self.steps.clip(max_norm)
+        else:
+            parts, load = self._forward_backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         finite = bool(torch.isfinite(parts[0]) & torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
-            if tc.bias_update_speed > 0:
+            if tc.bias_update_speed > 0 and self.steps is not None:
+                self.steps.update_bias(tc.bias_update_speed, load)
+            elif tc.bias_update_speed > 0:
                 for moe, layer_load in zip(self.model.moe_layers(), load, strict=True):
                     moe.update_bias(tc.bias_update_speed, layer_load)
             self.bad_steps = 0
@@ -247,15 +284,35 @@ class Trainer:
             "tokens": self.step * tc.tokens_per_step,
         }
         if load is not None and load.numel():
-            biases = torch.stack([m.gate.e_score_correction_bias for m in self.model.moe_layers()])
+            if self.steps is not None:
+                biases = self.steps.biases()
+            else:
+                biases = torch.stack([m.gate.e_score_correction_bias for m in self.model.moe_layers()])
             record.update(expert_load_stats(load.cpu(), biases.cpu()))
         return record
+
+    def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One process: the step's micro-batches forward and backward; (loss parts (4,), load (n_moe, E))."""
+        tc = self.tc
+        parts = torch.zeros(4, device=self.device)  # loss, lm, mtp, balance (means over micro-batches)
+        load = None
+        for _ in range(self.n_micro):
+            batch = self.data.next_batch(tc.micro_batch_size).to(self.device, non_blocking=True)
+            parts += micro_batch(self.model, batch, tc, self.n_micro, self.autocast)
+            step_load = self.model.expert_load()
+            load = step_load if load is None else load + step_load
+        return parts, load
 
     # --- evaluation and checkpoints -------------------------------------------------------------
     def evaluate(self) -> Record:
         # Hooks inside compiled blocks would force recompiles: no router entropy under torch.compile.
-        with nullcontext([]) if self.tc.compile else router_entropy(self.model) as entropy:
-            val = validation_loss(self.model, self.valid_batches, self.device, self.autocast)
+        if self.steps is not None:
+            val, entropy = self.steps.validation(self.valid_batches, entropy=not self.tc.compile)
+        else:
+            moes = list(self.model.moe_layers())
+            with nullcontext(None) if self.tc.compile else router_entropy(moes) as acc:
+                val = validation_loss(self.model, self.valid_batches, self.device, self.autocast)
+            entropy = [] if acc is None else acc.values()
         record: Record = {
             "kind": "eval",
             "step": self.step,
@@ -272,12 +329,18 @@ class Trainer:
         return record
 
     def _sample(self) -> str | None:
+        """A continuation of the sample prompt. Distributed, every rank decodes the same tokens through
+        its shards (FSDP, experts); a pipeline or tensor-parallel layout does not sample."""
         if self.tokenizer is None or self.tc.sample_tokens == 0:
             return None
+        p = self.cfg.parallel
+        if self.distributed and (p.pp > 1 or p.tp > 1):
+            return None
         prompt = self.tc.sample_prompt or ""
-        return prompt + sample_text(
-            self.model, self.tokenizer, prompt, self.tc.sample_tokens, seed=self.tc.seed + self.step
-        )
+        with self.autocast if self.distributed else nullcontext():
+            text = sample_text(self.model, self.tokenizer, prompt, self.tc.sample_tokens,
+                               seed=self.tc.seed + self.step, cuda_graph=False if self.distributed else None)
+        return prompt + text
 
     def save(self) -> Path:
         evaluated_now = self.last_eval is not None and self.last_eval["step"] == self.step
@@ -288,13 +351,16 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "val_loss": self.last_eval["val_loss"] if evaluated_now else None,
         }
-        path = ckpt.save_checkpoint(
-            self.out, self.step, model=self.model, optimizer=self.optimizer, trainer_state=state,
-            run_config=self.cfg, tokenizer=self.tokenizer_path,
+        path, stall = self.saver.save(
+            self.step, model=self.model, optimizer=self.optimizer, trainer_state=state, run_config=self.cfg,
+            tokenizer=self.tokenizer_path,
         )
-        for removed in ckpt.prune_checkpoints(self.out, self.tc.keep_last):
-            log.info("removed old checkpoint %s", removed)
+        self._emit({"kind": "save", "step": self.step, "path": str(path), "stall_s": stall,
+                    "background": self.tc.async_checkpoint})
         return path
+
+    def _peak_memory(self) -> dict[str, float]:
+        return self.steps.peak_memory() if self.steps is not None else peak_memory(self.device)
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -319,10 +385,11 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (self.step - step_log) * tc.tokens_per_step / max(now - t_log, 1e-9)
                     record["tokens_per_s"] = rate
+                    record["tokens_per_s_per_gpu"] = rate / self.world
                     record["mfu"] = rate * self.flops_per_token / self.peak_flops if self.peak_flops else None
                     record["elapsed_s"] = now - t_start
                     record["eta_s"] = (tc.steps - self.step) * tc.tokens_per_step / max(rate, 1e-9)
-                    record.update(peak_memory(self.device))
+                    record.update(self._peak_memory())
                     self._emit(record)
                     t_log, step_log = now, self.step
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
@@ -332,16 +399,24 @@ class Trainer:
                     t_log = time.perf_counter()  # keep checkpoint time out of tokens/s
             if self.last_eval is None:  # resumed a finished run: report where it stands
                 self._emit(self.evaluate())
+            self.saver.wait()
+        except BaseException:
+            if not self.distributed:  # an interrupted run still publishes the save already under way
+                with contextlib.suppress(Exception):
+                    self.saver.wait()
+            raise
         finally:
-            self.metrics.close()
-        plots = plot_run(self.out)
-        best = best_checkpoint(self.out)
+            if self.metrics is not None:
+                self.metrics.close()
+        memory = self._peak_memory()
+        plots = plot_run(self.out) if self.rank == 0 else []
+        best = best_checkpoint(self.out) if self.rank == 0 else None
         ev = self.last_eval or {}
         return TrainResult(
             output_dir=self.out, step=self.step, val_loss=ev.get("val_loss"), val_ppl=ev.get("val_ppl"),
             unigram_loss=self.unigram, unigram_ppl=math.exp(self.unigram), last_checkpoint=last_ckpt,
             best_checkpoint=best, plots=plots, sample=ev.get("sample"), wall_s=time.perf_counter() - t_start,
-            peak_memory_gb=peak_memory(self.device),
+            peak_memory_gb=memory,
             kv_cache_bytes_per_token=scaling.kv_cache_bytes_per_token(self.cfg.model).mla_bf16,
         )
 
@@ -349,5 +424,9 @@ class Trainer:
 def train(
     cfg: RunConfig, resume: str | None = None, on_record: Callable[[Record], None] | None = None
 ) -> TrainResult:
-    """Train `cfg` (from scratch, or from `resume`: a checkpoint directory or "auto")."""
-    return Trainer(cfg, resume=resume, on_record=on_record).fit()
+    """Train `cfg` (from scratch, or from `resume`: a checkpoint directory or "auto"). Under torchrun
+    every rank calls it; rank 0's result names the checkpoints and plots."""
+    result = Trainer(cfg, resume=resume, on_record=on_record).fit()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result

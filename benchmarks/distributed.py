@@ -1,0 +1,212 @@
+"""Distributed training on 2 GPUs against 1: loss curves, weak scaling, memory, checkpoint stalls.
+
+Every run is the real command, `torchrun --nproc-per-node N -m dsv3 train --config run.yaml` (one GPU:
+`python -m dsv3 train`), on the same data, and every GPU gets the same micro-batch: one GPU runs the
+global batch as 2 micro-batches, 2 GPUs as 1 micro-batch each. So the 3 runs see the same samples per
+step (their loss curves must match) and the same per-GPU work per forward (their tokens/s per GPU
+compare: weak scaling, target ≥ 90 % of one GPU).
+
+    python benchmarks/distributed.py data   OUT        # byte-level shards of the Python stdlib (no download)
+    python benchmarks/distributed.py run    OUT single # 1 GPU, `small` preset, 200 steps
+    python benchmarks/distributed.py run    OUT fsdp   # 2 GPUs, FSDP2 (dp_shard=2)
+    python benchmarks/distributed.py run    OUT ep     # 2 GPUs, FSDP2 + expert parallel (ep=2)
+    python benchmarks/distributed.py run    OUT fsdp-offload     # 2 GPUs, FSDP2 with CPU offload, 20 steps
+    python benchmarks/distributed.py run    OUT save-1gpu-sync   # then -async, save-2gpu-sync, -async:
+    python benchmarks/distributed.py report OUT        # JSON lines: curves, scaling, memory, stalls
+
+Each `run` takes a few minutes on H200s (well under 10) and prints one JSON line; `report` reads the
+runs' metrics.jsonl files and prints one JSON line per comparison. `--toy` runs the same commands at
+toy size on CPU ranks (gloo), to check the script without GPUs: `python benchmarks/distributed.py all
+OUT --toy` does every step.
+
+Peak memory per GPU is `torch.cuda.max_memory_allocated` of the busiest rank against
+`dsv3.scaling.memory_per_gpu` (what `dsv3 plan` and `select-config` print), target ±15 %. A
+checkpoint's stall is the time the training loop stood still for it (the trainer's `save` records):
+synchronous (written, checksummed, published) against background (`train.async_checkpoint`: only the
+copy to host memory), target ≤ 10 %, compared on each run's first save. Checkpoints are deleted after
+each run unless --keep-checkpoints (the `small` preset's are 15 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from dsv3.config import load_run_config
+from dsv3.data.shards import IndexedDatasetWriter
+from dsv3.scaling import memory_per_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (processes, parallel layout, steps, save_every, async)
+RUNS: dict[str, tuple[int, list[str], int, int, bool]] = {
+    "single": (1, [], 200, 0, False),
+    "fsdp": (2, ["parallel.dp_shard=2"], 200, 0, False),
+    "ep": (2, ["parallel.dp_shard=2", "parallel.ep=2"], 200, 0, False),
+    # FSDP2's CPU offload (GPU only): weights, gradients and AdamW state in host memory
+    "fsdp-offload": (2, ["parallel.dp_shard=2", "parallel.cpu_offload=true"], 20, 0, False),
+    # saves at 100 and 200: the first one's stall is the clean measurement (the second may also wait for
+    # a background write of the first that is still going)
+    "save-1gpu-sync": (1, [], 200, 100, False),
+    "save-1gpu-async": (1, [], 200, 100, True),
+    "save-2gpu-sync": (2, ["parallel.dp_shard=2"], 200, 100, False),
+    "save-2gpu-async": (2, ["parallel.dp_shard=2"], 200, 100, True),
+}
+TOY_MODEL = [
+    "model.vocab_size=256", "model.hidden_size=64", "model.intermediate_size=128",
+    "model.moe_intermediate_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+    "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
+    "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.n_routed_experts=8",
+    "model.num_experts_per_tok=2", "model.n_group=4", "model.topk_group=2",
+]
+
+
+def make_data(out: Path, toy: bool) -> Path:
+    """Byte-level token shards (ids 0-255, EOS = 0 after each file) of the Python standard library."""
+    data = out / "data"
+    if (data / "shard_00000.idx").is_file():
+        return data
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    if toy:
+        files = files[:200]
+    with IndexedDatasetWriter(data / "shard_00000", np.uint16) as w:
+        for f in files:
+            text = f.read_bytes().replace(b"\x00", b"")
+            w.add_document(np.frombuffer(text + b"\x00", dtype=np.uint8).astype(np.uint16))
+    return data
+
+
+def run_config(out: Path, name: str, toy: bool) -> tuple[int, list[str]]:
+    """(processes, --set overrides) of one run."""
+    n, layout, steps, save_every, background = RUNS[name]
+    data = make_data(out, toy)
+    per_gpu = 2 if toy else 8  # sequences per micro-batch on every GPU
+    overrides = [
+        f"data.train=[{data}]", "data.valid=[]", "data.valid_fraction=0.02",
+        f"train.output_dir={out / name}", f"train.steps={steps if not toy else min(steps, 20)}",
+        f"train.global_batch_size={2 * per_gpu}", f"train.micro_batch_size={per_gpu}",
+        "train.warmup_steps=20", "train.log_every=10" if not toy else "train.log_every=2",
+        "train.eval_every=100", "train.eval_batches=4", "train.tensorboard=false",
+        f"train.save_every={save_every or 10**6}", "train.keep_last=1",
+        f"train.async_checkpoint={background}",
+        f"parallel.gpus={n}", *layout,
+    ]
+    if toy:  # later keys win
+        overrides += [*TOY_MODEL, "train.seq_len=64", "train.device=cpu", "train.eval_every=10",
+                      f"train.save_every={5 if save_every else 10**6}"]
+    return n, overrides
+
+
+def run(out: Path, name: str, toy: bool, compile_: bool, keep: bool = False) -> dict:
+    """One training run through the CLI; its summary line."""
+    n, overrides = run_config(out, name, toy)
+    if compile_:
+        overrides.append("train.compile=true")
+    cfg = load_run_config("small", overrides)
+    shutil.rmtree(out / name, ignore_errors=True)  # a rerun starts over
+    (out / name).mkdir(parents=True)
+    config = out / name / "run.yaml"
+    config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)] if n > 1 else [
+        sys.executable]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run([*launcher, "-m", "dsv3", "train", "--config", str(config)], check=True, env=env,
+                   stdout=subprocess.DEVNULL if toy else None)
+    summary = summarize(out, name)
+    if not keep:  # the small preset's checkpoints are 15 GB each (weights and AdamW state in fp32)
+        for step in (out / name).glob("step_*"):
+            shutil.rmtree(step)
+    return summary
+
+
+def _records(out: Path, name: str) -> list[dict]:
+    path = out / name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def summarize(out: Path, name: str) -> dict:
+    """Tokens/s per GPU (after the first 20% of the steps), peak memory against the estimate, stalls."""
+    records = _records(out, name)
+    cfg = load_run_config(out / name / "run.yaml")
+    train = [r for r in records if r["kind"] == "train"]
+    steady = [r["tokens_per_s_per_gpu"] for r in train if r["step"] > 0.2 * cfg.train.steps] or [
+        r["tokens_per_s_per_gpu"] for r in train]
+    estimate = memory_per_gpu(cfg.model, cfg.train, cfg.parallel)
+    peak = max((r.get("peak_gpu_mem_gb", 0.0) for r in train), default=0.0)
+    saves = [r for r in records if r["kind"] == "save"]
+    return {
+        "run": name, "gpus": cfg.parallel.gpus, "layout": cfg.parallel.model_dump(include={"dp_shard", "ep"}),
+        "steps": train[-1]["step"] if train else 0, "final_loss": train[-1]["lm_loss"] if train else None,
+        "tokens_per_s_per_gpu": statistics.median(steady) if steady else None,
+        "peak_gpu_mem_gb": peak or None, "estimate_gb": estimate.total / 1e9,
+        "peak_over_estimate": peak / (estimate.total / 1e9) if peak else None,
+        "save_stall_s": [round(r["stall_s"], 3) for r in saves],
+        "background_save": bool(saves and saves[0]["background"]),
+    }
+
+
+def report(out: Path) -> list[dict]:
+    """The comparisons the issue asks for, one JSON object each."""
+    lines = []
+    single = summarize(out, "single") if _records(out, "single") else None
+    curve = {r["step"]: r["lm_loss"] for r in _records(out, "single") if r["kind"] == "train"}
+    for name in ("fsdp", "ep"):
+        if not _records(out, name) or single is None:
+            continue
+        s = summarize(out, name)
+        other = {r["step"]: r["lm_loss"] for r in _records(out, name) if r["kind"] == "train"}
+        diffs = [abs(other[k] - curve[k]) for k in curve if k in other]
+        lines.append({
+            "compare": f"{name} (2 GPUs) vs single (1 GPU)",
+            "weak_scaling": s["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"],
+            "tokens_per_s_per_gpu": [single["tokens_per_s_per_gpu"], s["tokens_per_s_per_gpu"]],
+            "loss_curve_max_abs_diff": max(diffs) if diffs else None,
+            "loss_curve_mean_abs_diff": statistics.mean(diffs) if diffs else None,
+            "final_lm_loss": [single["final_loss"], s["final_loss"]],
+            "peak_gpu_mem_gb": [single["peak_gpu_mem_gb"], s["peak_gpu_mem_gb"]],
+            "estimate_gb": [single["estimate_gb"], s["estimate_gb"]],
+        })
+    for gpus in ("1gpu", "2gpu"):
+        sync, background = f"save-{gpus}-sync", f"save-{gpus}-async"
+        if _records(out, sync) and _records(out, background):
+            a, b = summarize(out, sync)["save_stall_s"], summarize(out, background)["save_stall_s"]
+            ratio = b[0] / a[0] if a and b and a[0] else None
+            lines.append({"compare": f"checkpoint stall, {gpus}: background vs synchronous", "sync_s": a,
+                          "async_s": b, "first_save_ratio": ratio})
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["data", "run", "report", "all"])
+    p.add_argument("out", type=Path)
+    p.add_argument("name", nargs="?", choices=list(RUNS), help="run: which one")
+    p.add_argument("--toy", action="store_true", help="toy size on CPU ranks (gloo): checks the script")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks in every run")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (15 GB each)")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.what == "data":
+        print(json.dumps({"data": str(make_data(args.out, args.toy))}))
+    elif args.what == "run":
+        if args.name is None:
+            p.error("run: name one of " + ", ".join(RUNS))
+        print(json.dumps(run(args.out, args.name, args.toy, args.compile, args.keep_checkpoints)), flush=True)
+    else:
+        for name in [n for n in RUNS if not (args.toy and n == "fsdp-offload")] if args.what == "all" else []:
+            print(json.dumps(run(args.out, name, args.toy, args.compile, args.keep_checkpoints)), flush=True)
+        for line in report(args.out):
+            print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""FSDP2 (`fully_shard`) per block: bf16 compute on fp32 master weights, fp32 gradient reduction.
+
+Each decoder block (and MTP block) is one FSDP unit, gathered just before its forward and freed after
+it (`reshard_after_forward`, ZeRO-3) or kept until its backward (ZeRO-2-like); the rest (embedding,
+final norm, head) forms the root unit. With expert parallelism the routed experts are their own unit on
+the expert mesh: they are already split over ep, and FSDP shards them over the remaining dp_shard ranks
+(and replicates over dp_replicate). Their gradients arrive from every ep rank's tokens through the
+all-to-all, so they are divided by the whole data-parallel size, like every other gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from dsv3.config import ParallelConfig
+from dsv3.model.moe import MoE
+from dsv3.parallel.mesh import Meshes
+from dsv3.scaling.layout import reshards_after_forward
+
+__all__ = ["apply_fsdp"]
+
+
+def apply_fsdp(
+    roots: list[nn.Module], blocks: list[nn.Module], meshes: Meshes, cfg: ParallelConfig,
+    param_dtype: torch.dtype | None,
+) -> None:
+    """Shard `blocks` one by one, then each of `roots` (the modules whose forward the trainer calls)."""
+    common = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+        "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
+    }
+    reshard = reshards_after_forward(cfg)
+    for block in blocks:
+        if isinstance(block.mlp, MoE) and cfg.ep > 1:
+            experts = fully_shard(block.mlp.experts, mesh=meshes.expert_fsdp, reshard_after_forward=reshard,
+                                  **common)
+            experts.set_gradient_divide_factor(float(cfg.dp))
+            # gloo has no pre-scaled sum (NCCL's PREMUL_SUM): reduce-scatter a plain sum, scale apart
+            if meshes.expert_fsdp.device_type == "cpu" and meshes.experts["efsdp"].size() > 1:
+                experts.set_force_sum_reduction_for_comms(True)
+        fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=reshard, **common)
+    for root in roots:
+        # The root's weights (embedding, head) are needed again right away in backward: keep them.
+        fully_shard(root, mesh=meshes.fsdp, reshard_after_forward=False, **common)

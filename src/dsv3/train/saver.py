@@ -1,0 +1,132 @@
+"""Saving a run's checkpoints: in the foreground, or in the background while training goes on.
+
+One save is in flight at a time. A foreground save returns once the checkpoint is published. A
+background save (`train.async_checkpoint`) stalls training only while the state is copied to host
+memory: a thread (or DCP's async writer, for sharded checkpoints) writes the files, and the checkpoint
+is published when they are all on disk. Until then it is a temp directory that no resume takes, so a
+kill -9 at any moment leaves the previous checkpoint the newest complete one. After each publish the
+run keeps its newest `keep_last` checkpoints and the best by validation loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsv3.config import RunConfig
+from dsv3.model import Transformer
+from dsv3.train import checkpoint as ckpt
+from dsv3.train.sharded import begin_sharded_save
+
+__all__ = ["CheckpointWriter"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    step: int
+    final: Path
+    thread: threading.Thread | None = None
+    future: object = None  # DCP's future: this rank's shards written
+    error: list[BaseException] = field(default_factory=list)
+
+
+def _host_copy(model: Transformer) -> Transformer:
+    """A CPU Transformer holding copies of `model`'s tensors (the snapshot a background save writes)."""
+    with torch.device("meta"):
+        copy = Transformer(model.config)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    copy.load_state_dict(state, assign=True)
+    return copy
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of one run; `group` (a gloo group) makes them sharded over its ranks."""
+
+    def __init__(self, output_dir: Path, keep_last: int, background: bool,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.output_dir, self.keep_last, self.background = Path(output_dir), keep_last, background
+        self.group = group
+        self.is_main = group is None or dist.get_rank(group) == 0
+        self._in_flight: _InFlight | None = None
+
+    def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             run_config: RunConfig, tokenizer: Path | None) -> tuple[Path, float]:
+        """Begin (background) or do the save of `step`; (its final path, seconds training stood still)."""
+        self.wait()
+        t0 = time.perf_counter()
+        if self.group is not None:
+            final, tmp, future = begin_sharded_save(
+                self.output_dir, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
+                run_config=run_config, tokenizer=tokenizer, group=self.group, background=self.background,
+            )
+            job = _InFlight(step, final, future=future)
+            if future is None:
+                if self.is_main:
+                    ckpt.publish_checkpoint(tmp, final, step)
+                    self._prune()
+                dist.barrier(group=self.group)  # nobody moves on before the checkpoint exists
+            elif self.is_main:
+                def publish_when_written() -> None:
+                    future.result()  # every rank's shards are on disk once DCP's collective finish ran
+                    ckpt.publish_checkpoint(tmp, final, step)
+
+                job.thread = self._start(job, publish_when_written)
+        elif not self.background:
+            final = ckpt.save_checkpoint(self.output_dir, step, model=model, optimizer=optimizer,
+                                         trainer_state=trainer_state, run_config=run_config,
+                                         tokenizer=tokenizer)
+            self._prune()
+            job = _InFlight(step, final)
+        else:
+            host, rng = _host_copy(model), ckpt.capture_rng()
+            moments = ckpt.optimizer_tensors(model, optimizer)
+            final = self.output_dir / ckpt.checkpoint_name(step)
+            job = _InFlight(step, final)
+            job.thread = self._start(job, lambda: ckpt.save_checkpoint(
+                self.output_dir, step, model=host, optimizer=None, trainer_state=trainer_state,
+                run_config=run_config, tokenizer=tokenizer, optimizer_state=moments, rng=rng,
+            ))
+        if job.thread is not None or job.future is not None:
+            self._in_flight = job
+        return final, time.perf_counter() - t0
+
+    def _start(self, job: _InFlight, work) -> threading.Thread:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:  # handed to the training thread by wait()
+                job.error.append(e)
+
+        thread = threading.Thread(target=run, name=f"checkpoint-{job.step}", daemon=True)
+        thread.start()
+        return thread
+
+    def wait(self) -> None:
+        """Finish the save in flight (every rank calls it): its files on disk, published, old ones pruned."""
+        job, self._in_flight = self._in_flight, None
+        if job is None:
+            return
+        if job.future is not None:
+            job.future.result()
+        if job.thread is not None:
+            job.thread.join()
+        if job.error:
+            raise job.error[0]
+        if self.is_main:
+            log.info("checkpoint %s written in the background", job.final)
+            self._prune()
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def _prune(self) -> None:
+        for removed in ckpt.prune_checkpoints(self.output_dir, self.keep_last):
+            log.info("removed old checkpoint %s", removed)

@@ -1,0 +1,286 @@
+"""Distributed training on CPU ranks (gloo): every layout trains like one process.
+
+The reference is the single-process trainer on the same config, seed and data: each layout must give
+its losses step by step, within TOLERANCE (relative). Layouts differ from one process only in the
+order of float reductions (FSDP's reduce-scatter, tensor-parallel partial sums), never in the math:
+the same init (per parameter name), the same samples, the same routing, the same bias updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from dsv3.model import Transformer
+from dsv3.train.loader import build_data
+from dsv3.train.trainer import Trainer, train
+from tests.conftest import micro_run
+from tests.ranks import run_on_ranks
+
+TOLERANCE = 1e-5  # relative, per step; measured ≤ 1e-6
+GRADIENT_TOLERANCE = 1e-5  # relative to the parameter's largest gradient; measured ≤ 1e-6
+STEPS = 12
+# Three blocks + MTP = 4 pipeline units: two V-shaped stages on each of 2 ranks. 8 sequences of 32
+# tokens a step in micro-batches of 2: 4 micro-batches on one rank, DualPipeV's minimum for pp=2.
+MODEL = ("model.num_hidden_layers=3", "train.micro_batch_size=2")
+
+LAYOUTS_2 = {
+    "fsdp": ("parallel.dp_shard=2",),
+    "ep": ("parallel.dp_shard=2", "parallel.ep=2"),
+    "pp_1f1b": ("parallel.pp=2",),
+    "pp_dualpipev": ("parallel.pp=2", "parallel.pp_schedule=DualPipeV"),
+    "tp": ("parallel.tp=2",),
+}
+LAYOUTS_4 = {
+    "ep_fsdp": ("parallel.dp_shard=4", "parallel.ep=2"),
+    # micro-batches of 1: 4 per data-parallel rank, DualPipeV's minimum for pp=2 (same samples, same
+    # loss; validation batches of 1, so 4 of them for the same 4 windows)
+    "pp_dualpipev_fsdp": ("parallel.dp_shard=2", "parallel.pp=2", "parallel.pp_schedule=DualPipeV",
+                          "train.micro_batch_size=1", "train.eval_batches=4"),
+}
+SLOW_LAYOUTS_4 = {
+    "pp_fsdp_interleaved": ("parallel.dp_shard=2", "parallel.pp=2", "parallel.pp_schedule=interleaved1F1B"),
+    "hsdp_ep": ("parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"),
+    "pp_zbv_fsdp": ("parallel.dp_shard=2", "parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble",
+                    "train.micro_batch_size=1", "train.eval_batches=4"),
+    "tp_fsdp": ("parallel.dp_shard=2", "parallel.tp=2"),
+    "fsdp_ac_zero2": ("parallel.dp_shard=4", "parallel.reshard_after_forward=false",
+                      "train.activation_checkpointing=true"),
+}
+
+
+# A short run that samples at its evaluation: the tokenizer trained on the fixture text (byte-level BPE).
+SAMPLING = ("train.steps=2", "train.eval_every=2", "train.save_every=100", "train.sample_tokens=12",
+            "train.sample_prompt=def ", "model.vocab_size=320")
+
+
+def _config(out: Path, shards: tuple[Path, Path], *overrides: str):
+    return micro_run(out, *shards, *MODEL, *overrides)
+
+
+class _Stop(Exception):
+    """Ends a run right after a checkpoint, as a kill would, but on every rank at once."""
+
+
+class _StopAfterSave(Trainer):
+    stop_at = 0
+
+    def save(self) -> Path:
+        path = super().save()
+        if self.step == self.stop_at:
+            self.saver.wait()
+            raise _Stop
+        return path
+
+
+# --- jobs: run on every rank of a spawned group ------------------------------------------------
+
+
+def gradient_errors(trainer: Trainer) -> dict[str, float]:
+    """One step's gradient of every parameter (this layout, all ranks) against the unsharded model's in
+    one process, as max |difference| / max |reference|; the trainer's data and state are left as found."""
+    cfg, tc = trainer.cfg, trainer.tc
+    position = trainer.data.sampler.state_dict()
+    share = trainer.data.next_share(tc.global_batch_size, trainer.steps.meshes.dp_rank, cfg.parallel.dp)
+    trainer.steps.forward_backward(list(share.split(tc.micro_batch_size)))
+    mine = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+            for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.data.sampler.load_state_dict(position)
+
+    reference = Transformer(cfg.model, seed=tc.seed)  # the independent check: no mesh, no dispatcher
+    data = build_data(cfg.data, tc.seq_len, tc.seed)
+    n_micro = tc.global_batch_size // tc.micro_batch_size
+    for _ in range(n_micro):
+        batch = data.next_batch(tc.micro_batch_size)
+        out_ = reference.forward_with_losses(batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda)
+        (out_.loss / n_micro).backward()
+    full = dict(reference.named_parameters())
+    errors = {n: ((g - full[n].grad).abs().max() / full[n].grad.abs().max()).item() for n, g in mine.items()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, errors)  # pipeline stages hold different parameters
+    merged: dict[str, float] = {}
+    for part in everyone:
+        for n, e in part.items():
+            merged[n] = max(e, merged.get(n, 0.0))
+    return merged
+
+
+def train_job(out: str, shards: list[str], overrides: list[str], resume: str | None = None,
+              stop_at: int = 0) -> dict:
+    """Check one step's gradients (a fresh run), train, and return rank 0's losses and whether every
+    rank ended with the same routing biases."""
+    cfg = _config(Path(out), tuple(map(Path, shards)), f"parallel.gpus={dist_world()}", *overrides)
+    records: list[dict] = []
+    trainer = _StopAfterSave(cfg, resume=resume, on_record=records.append)
+    trainer.stop_at = stop_at
+    errors = gradient_errors(trainer) if resume is None else {}
+    with contextlib.suppress(_Stop):
+        trainer.fit()
+    # Ranks holding the same pipeline stage hold the same MoE layers: their biases must agree exactly.
+    local = trainer.steps.local_moe
+    mine = (trainer.steps.meshes.pp_rank, [m.gate.e_score_correction_bias.tolist() for _, m in local])
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    same_bias = all(biases == mine[1] for stage, biases in everyone if stage == mine[0])
+    experts = {n: str(p.placements) for n, p in trainer.model.named_parameters()
+               if ".experts." in n and isinstance(p, DTensor)}
+    dist.destroy_process_group()
+    return {
+        "losses": [r["loss"] for r in records if r["kind"] == "train"],
+        "val": [r["val_loss"] for r in records if r["kind"] == "eval"],
+        "saves": [r for r in records if r["kind"] == "save"],
+        "same_bias": same_bias,
+        "grad_errors": errors,
+        "expert_placements": experts,
+    }
+
+
+def sample_job(out: str, shards: list[str], overrides: list[str]) -> dict:
+    """Two steps, then the evaluation's sample, decoded by every rank through its shards."""
+    records: list[dict] = []
+    cfg = _config(Path(out), tuple(map(Path, shards)), f"parallel.gpus={dist_world()}", *overrides)
+    train(cfg, on_record=records.append)
+    return {"samples": [r.get("sample") for r in records if r["kind"] == "eval"]}
+
+
+def dist_world() -> int:
+    return int(os.environ["WORLD_SIZE"])
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, Path]:
+    from tests.conftest import FIXTURE_TEXT, byte_documents, write_shard
+
+    root = tmp_path_factory.mktemp("shards")
+    docs = byte_documents(FIXTURE_TEXT.read_text(encoding="utf-8"))
+    return (write_shard(root / "train" / "shard_00000", [d for i, d in enumerate(docs) if i % 10]).parent,
+            write_shard(root / "valid" / "shard_00000", [d for i, d in enumerate(docs) if not i % 10]).parent)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> str:
+    """A byte-level BPE of 300 tokens trained on the fixture text, for the samples."""
+    from dsv3.data.tokenizer import train_tokenizer
+    from tests.conftest import FIXTURE_TEXT
+
+    text = FIXTURE_TEXT.read_text(encoding="utf-8").split("\n\n")
+    return str(train_tokenizer(text, 300, tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> dict:
+    """The single-process run every layout is held to."""
+    records: list[dict] = []
+    cfg = _config(tmp_path_factory.mktemp("one") / "run", shards)
+    train(cfg, on_record=records.append)
+    return {"losses": [r["loss"] for r in records if r["kind"] == "train"],
+            "val": [r["val_loss"] for r in records if r["kind"] == "eval"],
+            "n_params": len(list(Transformer(cfg.model).parameters())),
+            "step_6": str(Path(cfg.train.output_dir) / "step_000006")}
+
+
+def _assert_same_training(name: str, got: dict, reference: dict) -> None:
+    assert len(got["grad_errors"]) == reference["n_params"], f"{name}: some parameters have no gradient"
+    worst = max(got["grad_errors"].items(), key=lambda kv: kv[1])
+    assert worst[1] < GRADIENT_TOLERANCE, f"{name}: {worst[0]} gradient off by {worst[1]:.2e} (relative)"
+    assert len(got["losses"]) == len(reference["losses"]) == STEPS, name
+    for step, (a, b) in enumerate(zip(got["losses"], reference["losses"], strict=True), start=1):
+        assert a == pytest.approx(b, rel=TOLERANCE), f"{name}: step {step} loss {a} != {b}"
+    assert got["val"] == pytest.approx(reference["val"], rel=TOLERANCE), name
+    assert got["same_bias"], f"{name}: ranks ended with different routing biases"
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory, shards) -> dict:
+    """One group of 4 ranks: two layouts from scratch, the sharded experts' gradients, and an FSDP
+    run that saves (in the background) at step 6 and stops, for the resume test on 2 ranks."""
+    tmp = tmp_path_factory.mktemp("four")
+    s = [str(p) for p in shards]
+    jobs = [(train_job, {"out": str(tmp / name), "shards": s, "overrides": list(o)})
+            for name, o in LAYOUTS_4.items()]
+    jobs.append((train_job, {"out": str(tmp / "saved"), "shards": s, "stop_at": 6,
+                             "overrides": ["parallel.dp_shard=4", "train.async_checkpoint=true"]}))
+    results = run_on_ranks(4, jobs, tmp / "results")
+    return {"layouts": dict(zip(LAYOUTS_4, results, strict=False)), "saved": results[-1],
+            "saved_dir": tmp / "saved"}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dict:
+    """One group of 2 ranks: every 2-rank layout, the resume of the 4-rank FSDP checkpoint and of the
+    single-process one with expert parallelism, and a sample."""
+    tmp = tmp_path_factory.mktemp("two")
+    s = [str(p) for p in shards]
+    jobs = [(train_job, {"out": str(tmp / name), "shards": s, "overrides": list(o)})
+            for name, o in LAYOUTS_2.items()]
+    jobs.append((train_job, {"out": str(four_ranks["saved_dir"]), "shards": s, "resume": "auto",
+                             "overrides": ["parallel.dp_shard=2", "parallel.ep=2"]}))
+    jobs.append((train_job, {"out": str(tmp / "from_one"), "shards": s, "resume": reference["step_6"],
+                             "overrides": ["parallel.dp_shard=2", "parallel.ep=2"]}))
+    jobs.append((sample_job, {"out": str(tmp / "sample"), "shards": s,
+                              "overrides": [*SAMPLING, f"data.tokenizer={tokenizer}", "parallel.dp_shard=2",
+                                            "parallel.ep=2"]}))
+    results = run_on_ranks(2, jobs, tmp / "results")
+    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-3],
+            "from_one": results[-2], "sample": results[-1]}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS_2))
+def test_two_rank_layouts_give_the_single_process_losses(name, two_ranks, reference):
+    _assert_same_training(name, two_ranks["layouts"][name], reference)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS_4))
+def test_four_rank_layouts_give_the_single_process_losses(name, four_ranks, reference):
+    _assert_same_training(name, four_ranks["layouts"][name], reference)
+
+
+@pytest.mark.parametrize(("ranks", "name"), [("two_ranks", "ep"), ("four_ranks", "ep_fsdp")])
+def test_sharded_expert_gradients_equal_the_unsharded_ones(ranks, name, request):
+    result = request.getfixturevalue(ranks)["layouts"][name]
+    # gate_up and down of the two MoE blocks and the MTP block, split by expert (and by FSDP on 4 ranks)
+    assert len(result["expert_placements"]) == 6
+    assert all("Shard(dim=0)" in p for p in result["expert_placements"].values())
+    for param, err in result["grad_errors"].items():
+        if ".experts." in param:
+            assert err < GRADIENT_TOLERANCE, (param, err)
+
+
+def test_resume_on_another_world_size_and_layout_reproduces_the_losses(two_ranks, four_ranks, reference):
+    saved, resumed = four_ranks["saved"], two_ranks["resumed"]
+    assert saved["losses"] == pytest.approx(reference["losses"][:6], rel=TOLERANCE)
+    assert saved["saves"][0]["background"] and saved["saves"][0]["step"] == 6
+    # 4 FSDP ranks saved at step 6; 2 ranks with expert parallelism go on from there
+    assert resumed["losses"] == pytest.approx(reference["losses"][6:], rel=TOLERANCE)
+    assert resumed["val"][-1] == pytest.approx(reference["val"][-1], rel=TOLERANCE)
+
+
+def test_a_single_process_checkpoint_resumes_sharded(two_ranks, reference):
+    # step 6 of the one-process run (Hugging Face layout) goes on over 2 ranks with expert parallelism
+    assert two_ranks["from_one"]["losses"] == pytest.approx(reference["losses"][6:], rel=TOLERANCE)
+
+
+def test_sharded_model_samples_the_single_process_text(two_ranks, shards, tokenizer, tmp_path):
+    records: list[dict] = []
+    cfg = _config(tmp_path / "one", shards, *SAMPLING, f"data.tokenizer={tokenizer}")
+    train(cfg, on_record=records.append)
+    expected = [r["sample"] for r in records if r["kind"] == "eval"]
+    assert expected and all(expected) and two_ranks["sample"]["samples"] == expected
+
+
+@pytest.mark.slow
+def test_more_four_rank_layouts_give_the_single_process_losses(tmp_path, shards, reference):
+    s = [str(p) for p in shards]
+    jobs = [(train_job, {"out": str(tmp_path / name), "shards": s, "overrides": list(o)})
+            for name, o in SLOW_LAYOUTS_4.items()]
+    for name, result in zip(SLOW_LAYOUTS_4, run_on_ranks(4, jobs, tmp_path / "results"), strict=True):
+        _assert_same_training(name, result, reference)
