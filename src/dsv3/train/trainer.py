@@ -29,7 +29,7 @@ from dsv3.train import checkpoint as ckpt
 from dsv3.train.evaluate import router_entropy, unigram_loss, validation_loss
 from dsv3.train.loader import build_data
 from dsv3.train.metrics import expert_load_stats, peak_memory
-from dsv3.train.optim import build_optimizer, lr_at, set_lr
+from dsv3.train.optim import bias_update_speed, build_optimizer, describe_bias_update_speed, lr_at, set_lr
 from dsv3.train.plots import plot_run
 from dsv3.train.sinks import MetricsLogger, truncate_metrics
 
@@ -174,7 +174,6 @@ class Trainer:
     def _run_record(self) -> Record:
         counts = scaling.count_params(self.cfg.model)
         kv = scaling.kv_cache_bytes_per_token(self.cfg.model)
-        moe_ids = {id(m) for m in self.model.moe_layers()}
         return {
             "kind": "run",
             "step": self.step,
@@ -185,13 +184,18 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "kv_cache_bytes_per_token": kv.mla_bf16,
             "kv_cache_bytes_per_token_mha": kv.mha_bf16,
-            "moe_layers": [n for n, m in self.model.named_modules() if id(m) in moe_ids],
+            "moe_layers": self._moe_layer_names(),
             "train_windows": len(self.data.train),
             "valid_windows": len(self.data.valid),
             "tokens_per_step": self.tc.tokens_per_step,
             "unigram_loss": self.unigram,
+            "bias_update_speed": describe_bias_update_speed(self.tc),
             "resumed_from": str(self.resume_from) if self.resume_from else None,
         }
+
+    def _moe_layer_names(self) -> list[str]:
+        moe_ids = {id(m) for m in self.model.moe_layers()}
+        return [n for n, m in self.model.named_modules() if id(m) in moe_ids]
 
     def _emit(self, record: Record) -> None:
         self.metrics.log(record)
@@ -201,7 +205,7 @@ class Trainer:
     def train_step(self) -> Record:
         """Run one optimizer step (or skip it when non-finite) and return its numbers."""
         tc = self.tc
-        lr = lr_at(self.step, tc)
+        lr, gamma = lr_at(self.step, tc), bias_update_speed(self.step, tc)
         set_lr(self.optimizer, lr)
         parts = torch.zeros(4, device=self.device)  # loss, lm, mtp, balance (means over micro-batches)
         load = None
@@ -226,9 +230,9 @@ class Trainer:
         finite = bool(torch.isfinite(parts[0]) & torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
-            if tc.bias_update_speed > 0:
+            if gamma > 0:
                 for moe, layer_load in zip(self.model.moe_layers(), load, strict=True):
-                    moe.update_bias(tc.bias_update_speed, layer_load)
+                    moe.update_bias(gamma, layer_load)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -243,6 +247,7 @@ class Trainer:
             "mtp_loss": mtp,
             "balance_loss": bal,
             "lr": lr,
+            "bias_update_speed": gamma,
             "grad_norm": grad_norm.item(),
             "tokens": self.step * tc.tokens_per_step,
         }
