@@ -28,7 +28,7 @@ from dsv3.io import write_json_atomic
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.evaluate import router_entropy, unigram_loss, validation_loss
 from dsv3.train.loader import build_data
-from dsv3.train.metrics import expert_load_stats, peak_memory
+from dsv3.train.metrics import CollapseMonitor, expert_load_stats, peak_memory
 from dsv3.train.optim import bias_update_speed, build_optimizer, describe_bias_update_speed, lr_at, set_lr
 from dsv3.train.plots import plot_run
 from dsv3.train.sinks import MetricsLogger, truncate_metrics
@@ -143,6 +143,8 @@ class Trainer:
         flops = scaling.training_flops_per_token(cfg.model, self.tc.seq_len)
         self.flops_per_token = flops.total if self.tc.mtp_lambda > 0 else flops.without_mtp
         self.peak_flops = scaling.device_peak_flops(self.device)
+        m = cfg.model
+        self.collapse = CollapseMonitor(self._moe_layer_names(), m.n_routed_experts / m.num_experts_per_tok)
 
     # --- setup ---------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
@@ -254,6 +256,8 @@ class Trainer:
         if load is not None and load.numel():
             biases = torch.stack([m.gate.e_score_correction_bias for m in self.model.moe_layers()])
             record.update(expert_load_stats(load.cpu(), biases.cpu()))
+            if warning := self.collapse.update(self.step, record["imbalance"], gamma):
+                log.warning(warning)
         return record
 
     # --- evaluation and checkpoints -------------------------------------------------------------
