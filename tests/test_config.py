@@ -163,6 +163,13 @@ def test_set_reaches_into_a_preset_model_and_creates_sections(tmp_path):
     assert run.model.rope_scaling is not None and run.model.rope_scaling.factor == 4
 
 
+def test_balance_defaults_are_the_papers_alpha_and_the_auto_bias_speed():
+    train = load_run_config("tiny").train
+    assert train.balance_alpha == 1e-4 and train.bias_update_speed == "auto"
+    speed = load_run_config("tiny", ["train.bias_update_speed=1e-3"]).train.bias_update_speed  # YAML: a str
+    assert speed == 1e-3
+
+
 def test_set_value_types_follow_yaml():
     run = load_run_config("tiny", ["train.compile=true", "model.q_lora_rank=null", "train.lr=1e-3"])
     assert run.train.compile is True and run.model.q_lora_rank is None and run.train.lr == pytest.approx(1e-3)
@@ -174,6 +181,9 @@ def test_set_value_types_follow_yaml():
     ("train..lr=1", "expected key.path=value"),
     ("train.lr.x=1", "lr is not a section"),
     ("train.steps=-3", "train.steps"),
+    ("train.bias_update_speed=fast", "train.bias_update_speed: expected auto or a number >= 0 (got 'fast')"),
+    ("train.bias_update_speed=-0.1", "train.bias_update_speed: expected auto or a number >= 0 (got -0.1)"),
+    ("train.bias_update_speed=.inf", "train.bias_update_speed: expected auto or a number >= 0"),
 ])
 def test_bad_set_is_one_line_error(item, expected):
     assert expected in _error("tiny", [item])

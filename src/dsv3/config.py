@@ -281,8 +281,14 @@ class TrainConfig(_Strict):
     eps: float = 1e-8
     grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
     mtp_lambda: float = Field(default=0.3, ge=0, description="weight of the MTP loss")
-    balance_alpha: float = Field(default=0.0, ge=0, description="sequence-wise balance loss weight")
-    bias_update_speed: float = Field(default=1e-3, ge=0, description="gamma of aux-loss-free balancing")
+    balance_alpha: float = Field(
+        default=1e-4, ge=0, description="sequence-wise balance loss weight α (DeepSeek-V3: 0.0001)"
+    )
+    bias_update_speed: float | Literal["auto"] = Field(
+        default="auto",
+        description="γ of aux-loss-free balancing: a number, or auto = DeepSeek-V3's ratio to the learning "
+        "rate (0.001 at lr 2.2e-4), held at the peak through warmup; see docs/training.md",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
@@ -304,6 +310,19 @@ class TrainConfig(_Strict):
     wandb_project: str = "dsv3"
     sample_prompt: str | None = None
     sample_tokens: int = Field(default=48, ge=0)
+
+    @field_validator("bias_update_speed", mode="before")
+    @classmethod
+    def _auto_or_speed(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        try:  # YAML reads 1e-3 (no dot) as a string
+            speed = float(v) if isinstance(v, str | int | float) and not isinstance(v, bool) else math.nan
+        except ValueError:
+            speed = math.nan
+        if not (math.isfinite(speed) and speed >= 0):
+            raise ValueError("expected auto or a number >= 0")
+        return speed
 
     @model_validator(mode="after")
     def _check_batches(self) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""LR schedules hit their defining points; weight decay skips norms, biases and frozen tensors."""
+"""LR schedules hit their defining points; weight decay skips norms and biases; auto γ."""
 
 import math
 
@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from dsv3.config import TrainConfig
-from dsv3.train.optim import build_optimizer, lr_at, param_groups
+from dsv3.train.optim import (
+    GAMMA_PER_LR,
+    bias_update_speed,
+    build_optimizer,
+    describe_bias_update_speed,
+    lr_at,
+    param_groups,
+)
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -63,3 +70,23 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     opt = build_optimizer(model, _cfg(weight_decay=0.1))
     assert len(opt.param_groups) == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_auto_bias_speed_is_the_papers_gamma_at_the_papers_lr():
+    paper = TrainConfig(lr=2.2e-4, min_lr=2.2e-5, warmup_steps=2000, steps=61200)  # DeepSeek-V3 §4.2
+    assert [bias_update_speed(s, paper) for s in (0, 1000, 2000)] == pytest.approx([0.001] * 3)
+    demo = _cfg(lr=2e-3, min_lr=2e-4)  # warmup 10 of 100 steps, cosine
+    for step in (0, 5, 9):  # held at the peak through warmup: 0.0091, 10x the paper's
+        assert bias_update_speed(step, demo) == pytest.approx(2e-3 * 0.001 / 2.2e-4)
+    for step in (10, 55, 99):  # then it follows the learning rate down
+        assert bias_update_speed(step, demo) == pytest.approx(lr_at(step, demo) * GAMMA_PER_LR)
+    assert describe_bias_update_speed(demo) == {
+        "rule": "auto", "gamma_per_lr": GAMMA_PER_LR, "gamma_first": pytest.approx(2e-3 * GAMMA_PER_LR),
+        "gamma_last": pytest.approx(lr_at(99, demo) * GAMMA_PER_LR),
+    }
+
+
+def test_a_number_is_used_as_is():
+    cfg = _cfg(bias_update_speed=0.01)
+    assert {bias_update_speed(s, cfg) for s in (0, 50, 99)} == {0.01}
+    assert describe_bias_update_speed(cfg) == {"rule": "constant", "gamma": 0.01}

@@ -108,7 +108,8 @@ def test_switches_turn_losses_on_and_off(tmp_path, corpus_shards):
     assert r["mtp_loss"] == 0.0 and r["balance_loss"] > 0
     assert r["loss"] == pytest.approx(r["lm_loss"] + r["balance_loss"], rel=1e-6)
     trainer.metrics.close()
-    trainer = Trainer(micro_run(tmp_path / "b", train_dir, valid_dir, "train.mtp_lambda=0.5"))
+    trainer = Trainer(micro_run(tmp_path / "b", train_dir, valid_dir, "train.mtp_lambda=0.5",
+                                "train.balance_alpha=0"))
     r = trainer.train_step()
     assert r["mtp_loss"] > 0 and r["balance_loss"] == 0.0
     trainer.metrics.close()

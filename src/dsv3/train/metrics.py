@@ -1,4 +1,4 @@
-"""Numbers the trainer reports besides the loss: expert load statistics and peak memory."""
+"""Numbers the trainer reports besides the loss: expert load statistics, routing collapse, peak memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["expert_load_stats", "peak_memory"]
+__all__ = [
+    "COLLAPSE_IMBALANCE", "COLLAPSE_STEPS", "expert_load_stats", "CollapseMonitor", "peak_memory",
+]
+
+# A MoE layer counts as collapsed while its busiest expert gets more than twice the mean load, and the
+# trainer warns once one has stayed so for this many steps in a row. The first steps of a run pass
+# through a short collapse (docs/training.md): the stretch is long enough to let that one go by.
+COLLAPSE_IMBALANCE = 2.0
+COLLAPSE_STEPS = 100
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -41,3 +49,56 @@ def expert_load_stats(loads: torch.Tensor, biases: torch.Tensor | None) -> dict[
     if biases is not None:
         out["expert_bias"] = biases.double().tolist()
     return out
+
+
+class CollapseMonitor:
+    """Follows each MoE layer's max/mean expert load step by step. A layer is collapsed while the value is
+    above `threshold`; `update` returns a warning, once per run, when a layer has stayed collapsed for
+    `min_steps` steps in a row. Steps may be sparse (every logged step): a stretch spans first..last."""
+
+    def __init__(
+        self, layer_names: list[str], max_imbalance: float | None = None,
+        threshold: float = COLLAPSE_IMBALANCE, min_steps: int = COLLAPSE_STEPS,
+    ) -> None:
+        self.layer_names, self.max_imbalance = layer_names, max_imbalance  # E / top-k: all on k experts
+        self.threshold, self.min_steps = threshold, min_steps
+        self.since: list[int | None] = [None] * len(layer_names)  # first step of each open stretch
+        self.ended: list[list[tuple[int, int]]] = [[] for _ in layer_names]
+        self.last_step = 0
+        self.warned_at: int | None = None
+
+    def update(self, step: int, imbalance: list[float | None], gamma: float) -> str | None:
+        """Take step `step`'s max/mean load per layer (None: the layer saw no token); return the warning
+        text the first time a layer has stayed collapsed for `min_steps` steps, else None."""
+        for i, value in enumerate(imbalance):
+            if value is not None and value > self.threshold:
+                self.since[i] = step if self.since[i] is None else self.since[i]
+            elif self.since[i] is not None:
+                self.ended[i].append((self.since[i], self.last_step))
+                self.since[i] = None
+        self.last_step = step
+        stuck = [i for i, s in enumerate(self.since) if s is not None and step - s + 1 >= self.min_steps]
+        if self.warned_at is not None or not stuck:
+            return None
+        self.warned_at = step
+        worst = max(stuck, key=lambda i: imbalance[i])
+        first = self.since[worst]
+        others = f" and {len(stuck) - 1} more MoE layers" if len(stuck) > 1 else ""
+        ceiling = "" if self.max_imbalance is None else (
+            f" (at most {self.max_imbalance:.2f}: every token on the same experts)"
+        )
+        return (
+            f"routing collapsed: {self.layer_names[worst]}{others} sent over {self.threshold:g}x the mean "
+            f"load to one expert for {step - first + 1} steps in a row (steps {first}-{step}); "
+            f"max/mean load is {imbalance[worst]:.2f}{ceiling}. The balancing bias moves {gamma:.3g} per "
+            "step: raise train.bias_update_speed, see docs/training.md"
+        )
+
+    def stretches(self) -> list[list[tuple[int, int]]]:
+        """Per layer, the (first, last) steps of every collapsed stretch of at least `min_steps` steps so
+        far, an open one included."""
+        out = []
+        for ended, since in zip(self.ended, self.since, strict=True):
+            spans = ended + ([(since, self.last_step)] if since is not None else [])
+            out.append([(a, b) for a, b in spans if b - a + 1 >= self.min_steps])
+        return out

@@ -15,7 +15,10 @@ from torch.distributed.tensor import DTensor
 
 from dsv3.config import TrainConfig
 
-__all__ = ["param_groups", "build_optimizer", "lr_at", "set_lr"]
+__all__ = [
+    "GAMMA_PER_LR", "param_groups", "build_optimizer", "lr_at", "set_lr", "bias_update_speed",
+    "describe_bias_update_speed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,37 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr
     progress = min((step - decay_start) / max(cfg.steps - decay_start, 1), 1.0)
     return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+
+
+# DeepSeek-V3 (§4.2) moves the routing bias by γ = 0.001 per step while AdamW trains at lr = 2.2e-4.
+GAMMA_PER_LR = 1e-3 / 2.2e-4
+
+
+def bias_update_speed(step: int, cfg: TrainConfig) -> float:
+    """γ of the aux-loss-free balancing at optimizer step `step` (0-based).
+
+    A number in the config is used as is. `auto` keeps DeepSeek-V3's ratio of γ to the learning rate:
+    AdamW moves every router weight by about lr per step whatever the size of its gradient, so the
+    router's scores drift at a speed set by lr, and the bias that must undo that drift needs a step tied
+    to it (docs/training.md has the measurements). During warmup γ holds the peak value, as the paper
+    held γ = 0.001 while its lr warmed up; after it γ decays with lr, so the balance gets finer as the
+    router settles. The paper's γ = 0.001 is this rule at its lr of 2.2e-4.
+    """
+    if cfg.bias_update_speed != "auto":
+        return cfg.bias_update_speed
+    return GAMMA_PER_LR * lr_at(max(step, cfg.warmup_steps), cfg)
+
+
+def describe_bias_update_speed(cfg: TrainConfig) -> dict[str, float | str]:
+    """The resolved γ for the run record: the rule, γ at the start and at the last step."""
+    if cfg.bias_update_speed != "auto":
+        return {"rule": "constant", "gamma": cfg.bias_update_speed}
+    return {
+        "rule": "auto",
+        "gamma_per_lr": GAMMA_PER_LR,
+        "gamma_first": bias_update_speed(0, cfg),
+        "gamma_last": bias_update_speed(cfg.steps - 1, cfg),
+    }
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,4 +1,5 @@
-"""The end-of-run plots, drawn from metrics.jsonl: the loss curve and the expert-load heatmap."""
+"""The end-of-run plots, drawn from metrics.jsonl: the loss curve, and the expert load (a heatmap per
+expert, the max/mean load per MoE layer under it with the stretches where routing stayed collapsed)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from dsv3.io import atomic_open
+from dsv3.train.metrics import COLLAPSE_STEPS, CollapseMonitor
 from dsv3.train.sinks import METRICS_FILE, read_metrics
 
 __all__ = ["plot_run"]
 
 
-def plot_run(output_dir: Path) -> list[Path]:
-    """Write loss_curve.png and expert_load.png from metrics.jsonl; return the files written."""
+def plot_run(output_dir: Path, collapse_steps: int = COLLAPSE_STEPS) -> list[Path]:
+    """Write loss_curve.png and expert_load.png from metrics.jsonl; return the files written.
+    `collapse_steps`: how long a layer must stay collapsed to be marked (the trainer's warning rule)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +23,7 @@ def plot_run(output_dir: Path) -> list[Path]:
     records = read_metrics(output_dir / METRICS_FILE)
     written = [
         _plot_loss(records, output_dir / "loss_curve.png"),
-        _plot_expert_load(records, output_dir / "expert_load.png"),
+        _plot_expert_load(records, output_dir / "expert_load.png", collapse_steps),
     ]
     return [p for p in written if p is not None]
 
@@ -47,8 +50,10 @@ def _plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def _plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Heatmap: one row per (MoE layer, expert), one column per logged step, colour = load / mean."""
+def _plot_expert_load(records: list[dict[str, Any]], path: Path, collapse_steps: int) -> Path | None:
+    """Top: one row per (MoE layer, expert), one column per logged step, colour = load / mean. Bottom: each
+    layer's max/mean load, the collapse threshold, and shaded where a layer stayed collapsed (as the
+    trainer's warning counts it, on the logged steps)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -62,21 +67,42 @@ def _plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path | None:
     counts, names = counts[ran], [n.removesuffix(".mlp") for n, r in zip(names, ran, strict=False) if r]
     if not len(counts):
         return None
-    share = counts / np.clip(counts.mean(axis=1, keepdims=True), 1e-9, None)
+    share = counts / np.clip(counts.mean(axis=1, keepdims=True), 1e-9, None)  # (L, E, t)
     n_layers, n_experts, _ = share.shape
+    steps = [r["step"] for r in loads]
+    monitor = CollapseMonitor(names, min_steps=collapse_steps)
+    for step, s in zip(steps, share.max(axis=1).T, strict=True):
+        monitor.update(step, s.tolist(), 0.0)
+
     rows = n_layers * n_experts
-    fig, ax = plt.subplots(figsize=(9, min(1.2 + 0.22 * rows, 14)))
+    fig, (ax, ax_imb) = plt.subplots(
+        2, 1, sharex=True, figsize=(9, min(3.5 + 0.22 * rows, 16)), layout="constrained",
+        gridspec_kw={"height_ratios": [max(rows * 0.22, 1.5), 2.2]},
+    )
     im = ax.imshow(
         share.reshape(rows, -1), aspect="auto", interpolation="nearest", cmap="magma",
-        extent=(loads[0]["step"], loads[-1]["step"], rows, 0),
+        extent=(steps[0], steps[-1], rows, 0),
     )
     for i in range(1, n_layers):
         ax.axhline(i * n_experts, c="white", lw=1)
     ax.set_yticks([i * n_experts + n_experts / 2 for i in range(n_layers)])
     ax.set_yticklabels(names)
-    ax.set(xlabel="step", title="expert load (tokens / mean tokens per expert; 1 = even)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    ax.set(title="expert load (tokens / mean tokens per expert; 1 = even)")
+    fig.colorbar(im, ax=[ax, ax_imb], fraction=0.03, pad=0.02, label="load / mean")
+
+    for name, series, spans in zip(names, share.max(axis=1), monitor.stretches(), strict=True):
+        (line,) = ax_imb.plot(steps, series, lw=1, label=name)
+        for first, last in spans:
+            ax_imb.axvspan(first, last, color=line.get_color(), alpha=0.12)
+    limit = monitor.threshold
+    ax_imb.axhline(limit, ls="--", c="gray", lw=1, label=f"collapse threshold {limit:g}")
+    if (warned := monitor.warned_at) is not None:
+        ax_imb.axvline(warned, c="black", lw=1.5, label=f"collapse warning (step {warned})")
+    ax_imb.set(xlabel="step", ylabel="max / mean load", ylim=(1, None))
+    title = f"busiest expert per layer; shaded: above {limit:g} for {monitor.min_steps}+ steps in a row"
+    ax_imb.set_title(title, fontsize=9)
+    ax_imb.grid(alpha=0.3)
+    ax_imb.legend(fontsize=7, ncol=2)
     _save_fig(fig, path)
     plt.close(fig)
     return path

@@ -38,8 +38,8 @@ from dsv3.train import checkpoint as ckpt
 from dsv3.train.distributed import DistributedSteps
 from dsv3.train.evaluate import router_entropy, unigram_loss, validation_loss
 from dsv3.train.loader import build_data
-from dsv3.train.metrics import expert_load_stats, peak_memory
-from dsv3.train.optim import build_optimizer, lr_at, set_lr
+from dsv3.train.metrics import CollapseMonitor, expert_load_stats, peak_memory
+from dsv3.train.optim import bias_update_speed, build_optimizer, describe_bias_update_speed, lr_at, set_lr
 from dsv3.train.plots import plot_run
 from dsv3.train.saver import CheckpointWriter
 from dsv3.train.sharded import load_full_checkpoint, load_sharded_checkpoint
@@ -168,6 +168,8 @@ class Trainer:
         self.flops_per_token = flops.total if self.tc.mtp_lambda > 0 else flops.without_mtp
         peak = scaling.device_peak_flops(self.device)  # None on a CPU
         self.peak_flops = None if peak is None else peak * world
+        m = cfg.model
+        self.collapse = CollapseMonitor(self._moe_names(), m.n_routed_experts / m.num_experts_per_tok)
 
     # --- setup ---------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
@@ -234,6 +236,7 @@ class Trainer:
             "valid_windows": len(self.data.valid),
             "tokens_per_step": self.tc.tokens_per_step,
             "unigram_loss": self.unigram,
+            "bias_update_speed": describe_bias_update_speed(self.tc),
             "resumed_from": str(self.resume_from) if self.resume_from else None,
         }
 
@@ -246,7 +249,7 @@ class Trainer:
     def train_step(self) -> Record:
         """Run one optimizer step (or skip it when non-finite) and return its numbers."""
         tc = self.tc
-        lr = lr_at(self.step, tc)
+        lr, gamma = lr_at(self.step, tc), bias_update_speed(self.step, tc)
         set_lr(self.optimizer, lr)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
         if self.steps is not None:
@@ -261,11 +264,11 @@ class Trainer:
         finite = bool(torch.isfinite(parts[0]) & torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
-            if tc.bias_update_speed > 0 and self.steps is not None:
-                self.steps.update_bias(tc.bias_update_speed, load)
-            elif tc.bias_update_speed > 0:
+            if gamma > 0 and self.steps is not None:
+                self.steps.update_bias(gamma, load)
+            elif gamma > 0:
                 for moe, layer_load in zip(self.model.moe_layers(), load, strict=True):
-                    moe.update_bias(tc.bias_update_speed, layer_load)
+                    moe.update_bias(gamma, layer_load)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -280,6 +283,7 @@ class Trainer:
             "mtp_loss": mtp,
             "balance_loss": bal,
             "lr": lr,
+            "bias_update_speed": gamma,
             "grad_norm": grad_norm.item(),
             "tokens": self.step * tc.tokens_per_step,
         }
@@ -289,6 +293,8 @@ class Trainer:
             else:
                 biases = torch.stack([m.gate.e_score_correction_bias for m in self.model.moe_layers()])
             record.update(expert_load_stats(load.cpu(), biases.cpu()))
+            if warning := self.collapse.update(self.step, record["imbalance"], gamma):
+                log.warning(warning)
         return record
 
     def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
