@@ -98,7 +98,8 @@ def gradient_errors(trainer: Trainer) -> dict[str, float]:
     n_micro = tc.global_batch_size // tc.micro_batch_size
     for _ in range(n_micro):
         batch = data.next_batch(tc.micro_batch_size)
-        out_ = reference.forward_with_losses(batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda)
+        out_ = reference.forward_with_losses(batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda,
+                                             balance_alpha=tc.balance_alpha)
         (out_.loss / n_micro).backward()
     full = dict(reference.named_parameters())
     errors = {n: ((g - full[n].grad).abs().max() / full[n].grad.abs().max()).item() for n, g in mine.items()}

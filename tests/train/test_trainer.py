@@ -12,6 +12,7 @@ import torch
 
 from dsv3.cli import main
 from dsv3.config import ConfigError
+from dsv3.train.optim import build_optimizer
 from dsv3.train.trainer import Trainer, TrainingDiverged, train
 from tests.conftest import micro_run
 
@@ -19,6 +20,10 @@ from tests.conftest import micro_run
 EXACT_KEYS = (
     "loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "tokens", "expert_load", "expert_bias", "val_loss",
 )
+# What a record holds about the machine and the clock rather than the step.
+TIMING = {
+    "tokens_per_s", "tokens_per_s_per_gpu", "mfu", "elapsed_s", "eta_s", "peak_rss_gb", "peak_gpu_mem_gb",
+}
 
 
 def _records(path, kinds=("train", "eval")):
@@ -152,6 +157,28 @@ def test_non_finite_steps_are_skipped_then_training_goes_on(tmp_path, corpus_sha
 
     rows = [json.loads(line, parse_constant=no_nan) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["loss"] for r in rows if r["kind"] == "skip"] == [None, None]
+
+
+def test_a_step_skipped_on_the_device_and_read_a_step_late_gives_the_same_run(tmp_path, corpus_shards):
+    """The GPU path (fused AdamW skips on its found_inf flag, numbers read back while the next step runs)
+    against the host-checked path, both on fused AdamW: the same records and the same final weights."""
+    train_dir, valid_dir = corpus_shards
+    runs = {}
+    for on_device in (False, True):
+        records = []
+        cfg = micro_run(tmp_path / str(on_device), train_dir, valid_dir)
+        trainer = Trainer(cfg, on_record=records.append)
+        trainer.optimizer = build_optimizer(trainer.model, trainer.tc, fused=True)
+        trainer.skip_on_device = trainer.read_late = on_device
+        _poison(trainer, {3, 4, 8})
+        trainer.fit()
+        steps = [{k: v for k, v in r.items() if k not in TIMING}
+                 for r in records if r["kind"] in ("train", "skip")]
+        runs[on_device] = steps, trainer.model.state_dict()
+    (host_steps, host_weights), (device_steps, device_weights) = runs[False], runs[True]
+    assert [r["kind"] for r in device_steps].count("skip") == 3
+    assert json.dumps(device_steps) == json.dumps(host_steps)
+    assert all(torch.equal(device_weights[k], host_weights[k]) for k in host_weights)
 
 
 def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, corpus_shards):

@@ -211,7 +211,14 @@ class MoE(nn.Module):
         return y, aux
 
     @torch.no_grad()
-    def update_bias(self, gamma: float, load: torch.Tensor | None = None) -> None:
-        """Aux-loss-free balancing b_i += γ·sign(mean load − load_i) (default load: the last forward's)."""
+    def update_bias(
+        self, gamma: float, load: torch.Tensor | None = None, where: torch.Tensor | None = None
+    ) -> None:
+        """Aux-loss-free balancing b_i += γ·sign(mean load − load_i) (default load: the last forward's).
+        `where`, a boolean scalar tensor, applies it only where true without reading it on the host (a
+        skipped step moves no bias, and the GPU queue never waits for the flag)."""
         load = (self.tokens_per_expert if load is None else load).float()
-        self.gate.e_score_correction_bias.add_(torch.sign(load.mean() - load), alpha=gamma)
+        step = torch.sign(load.mean() - load)
+        if where is not None:
+            step = step * where
+        self.gate.e_score_correction_bias.add_(step, alpha=gamma)

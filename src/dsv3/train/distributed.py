@@ -91,10 +91,10 @@ class DistributedSteps:
         return clip_grad_norm_(list(self.par.parts.parameters()), max_norm, self.pp_group)
 
     @torch.no_grad()
-    def update_bias(self, gamma: float, load: torch.Tensor) -> None:
+    def update_bias(self, gamma: float, load: torch.Tensor, where: torch.Tensor | None = None) -> None:
         """Every rank moves its layers' bias by the same global load: the biases stay identical."""
         for index, moe in self.local_moe:
-            moe.update_bias(gamma, load[index])
+            moe.update_bias(gamma, load[index], where)
 
     @torch.no_grad()
     def biases(self) -> torch.Tensor:

@@ -44,9 +44,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA, the multi-tensor one elsewhere."""
-    on_cuda = next(model.parameters()).is_cuda
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA (or where `fused`), the multi-tensor one
+    elsewhere (the CPU runs and their reference curve are kept on it)."""
+    fused = next(model.parameters()).is_cuda if fused is None else fused
     groups = param_groups(model, cfg.weight_decay)
     log.debug("AdamW: parameters per group (weight decay): %s",
               [(sum(p.numel() for p in g["params"]), g["weight_decay"]) for g in groups])
@@ -55,8 +56,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         lr=lr_at(0, cfg),
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        fused=True if on_cuda else None,
-        foreach=None if on_cuda else True,
+        fused=True if fused else None,
+        foreach=None if fused else True,
     )
 
 

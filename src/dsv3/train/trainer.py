@@ -41,6 +41,7 @@ from dsv3.train.loader import build_data
 from dsv3.train.metrics import CollapseMonitor, expert_load_stats, peak_memory
 from dsv3.train.optim import bias_update_speed, build_optimizer, describe_bias_update_speed, lr_at, set_lr
 from dsv3.train.plots import plot_run
+from dsv3.train.readback import HostCopy
 from dsv3.train.saver import CheckpointWriter
 from dsv3.train.sharded import load_full_checkpoint, load_sharded_checkpoint
 from dsv3.train.sinks import MetricsLogger, truncate_metrics
@@ -51,6 +52,16 @@ __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "train"]
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
+
+
+@dataclass
+class PendingStep:
+    """An optimizer step queued on the device whose numbers are still on their way to the host."""
+
+    step: int
+    lr: float
+    gamma: float
+    numbers: HostCopy
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,6 +147,11 @@ class Trainer:
         else:
             self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.tc)
+        # No host sync inside a step on one GPU: fused AdamW skips a non-finite step on the device, and
+        # a step's numbers are read back while the next one runs (`fit`). Sharded parameters keep the
+        # host-side check (fused AdamW's flag is not a DTensor), and a CPU has no queue to keep busy.
+        self.skip_on_device = bool(self.optimizer.defaults.get("fused")) and not self.distributed
+        self.read_late = self.device.type == "cuda"
         self.step = 0
         self.bad_steps = 0
         self.last_eval: Record | None = None
@@ -248,6 +264,11 @@ class Trainer:
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self) -> Record:
         """Run one optimizer step (or skip it when non-finite) and return its numbers."""
+        return self._read_step(self._queue_step())
+
+    def _queue_step(self) -> PendingStep:
+        """Queue one optimizer step on the device without reading anything back: the finite check, the
+        skip, the bias update and the step's statistics stay on the device (`_read_step` reads them)."""
         tc = self.tc
         lr, gamma = lr_at(self.step, tc), bias_update_speed(self.step, tc)
         set_lr(self.optimizer, lr)
@@ -261,39 +282,59 @@ class Trainer:
         else:
             parts, load = self._forward_backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        finite = bool(torch.isfinite(parts[0]) & torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-            if gamma > 0 and self.steps is not None:
-                self.steps.update_bias(gamma, load)
-            elif gamma > 0:
-                for moe, layer_load in zip(self.model.moe_layers(), load, strict=True):
-                    moe.update_bias(gamma, layer_load)
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
+        finite = torch.isfinite(parts[0]) & torch.isfinite(grad_norm)
+        stepped = self._optimizer_step(finite)
+        if gamma > 0 and self.steps is not None:
+            self.steps.update_bias(gamma, load, stepped)
+        elif gamma > 0:
+            for moe, layer_load in zip(self.model.moe_layers(), load, strict=True):
+                moe.update_bias(gamma, layer_load, stepped)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss, lm, mtp, bal = parts.tolist()
+        numbers = {"parts": parts, "grad_norm": grad_norm, "finite": finite}
+        if load is not None and load.numel():
+            numbers["load"] = load
+            if self.steps is not None:
+                numbers["biases"] = self.steps.biases()
+            else:
+                moes = self.model.moe_layers()
+                numbers["biases"] = torch.stack([m.gate.e_score_correction_bias for m in moes])
+        return PendingStep(self.step, lr, gamma, HostCopy(numbers))
+
+    def _optimizer_step(self, finite: torch.Tensor) -> torch.Tensor | None:
+        """AdamW's update where `finite` holds; returns the flag the bias update must follow (None: the
+        step ran). Fused AdamW takes the flag on the device (its `found_inf`, as GradScaler sets it) and
+        skips the update itself, so the host never waits; the other kernels need the value read."""
+        if self.skip_on_device:
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            return finite
+        if bool(finite):
+            self.optimizer.step()
+            return None
+        return finite  # false: no bias moves either
+
+    def _read_step(self, pending: PendingStep) -> Record:
+        """The record of a queued step, read back from the device (waiting for it if it is still running)."""
+        values = pending.numbers.get()
+        finite = bool(values["finite"])
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        loss, lm, mtp, bal = values["parts"].tolist()
         record: Record = {
             "kind": "train" if finite else "skip",
-            "step": self.step,
+            "step": pending.step,
             "loss": loss,
             "lm_loss": lm,
             "mtp_loss": mtp,
             "balance_loss": bal,
-            "lr": lr,
-            "bias_update_speed": gamma,
-            "grad_norm": grad_norm.item(),
-            "tokens": self.step * tc.tokens_per_step,
+            "lr": pending.lr,
+            "bias_update_speed": pending.gamma,
+            "grad_norm": values["grad_norm"].item(),
+            "tokens": pending.step * self.tc.tokens_per_step,
         }
-        if load is not None and load.numel():
-            if self.steps is not None:
-                biases = self.steps.biases()
-            else:
-                biases = torch.stack([m.gate.e_score_correction_bias for m in self.model.moe_layers()])
-            record.update(expert_load_stats(load.cpu(), biases.cpu()))
-            if warning := self.collapse.update(self.step, record["imbalance"], gamma):
+        if "load" in values:
+            record.update(expert_load_stats(values["load"], values["biases"]))
+            if warning := self.collapse.update(pending.step, record["imbalance"], pending.gamma):
                 log.warning(warning)
         return record
 
@@ -303,7 +344,10 @@ class Trainer:
         parts = torch.zeros(4, device=self.device)  # loss, lm, mtp, balance (means over micro-batches)
         load = None
         for _ in range(self.n_micro):
-            batch = self.data.next_batch(tc.micro_batch_size).to(self.device, non_blocking=True)
+            batch = self.data.next_batch(tc.micro_batch_size)
+            if self.device.type == "cuda":  # a pinned buffer copies behind the running step
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
             parts += micro_batch(self.model, batch, tc, self.n_micro, self.autocast)
             step_load = self.model.expert_load()
             load = step_load if load is None else load + step_load
@@ -369,35 +413,49 @@ class Trainer:
         return self.steps.peak_memory() if self.steps is not None else peak_memory(self.device)
 
     # --- the loop ------------------------------------------------------------------------------
+    def _report(self, record: Record, t_start: float, t_log: float, step_log: int) -> tuple[float, int]:
+        """Log a step's record (every skip, and every `log_every`-th step with its throughput); stop the
+        run after `max_bad_steps` skips in a row. Returns the new (time, step) throughput is counted from."""
+        tc, step = self.tc, record["step"]
+        if record["kind"] == "skip":
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step,
+                        self.bad_steps)
+            self._emit(record)
+            if self.bad_steps >= tc.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.bad_steps} non-finite steps in a row (train.max_bad_steps): stopping at "
+                    f"step {step}; resume from an earlier checkpoint with a lower train.lr"
+                )
+        elif step % tc.log_every == 0 or step == tc.steps:
+            now = time.perf_counter()
+            rate = (step - step_log) * tc.tokens_per_step / max(now - t_log, 1e-9)
+            record["tokens_per_s"] = rate
+            record["tokens_per_s_per_gpu"] = rate / self.world
+            record["mfu"] = rate * self.flops_per_token / self.peak_flops if self.peak_flops else None
+            record["elapsed_s"] = now - t_start
+            record["eta_s"] = (tc.steps - step) * tc.tokens_per_step / max(rate, 1e-9)
+            record.update(self._peak_memory())
+            self._emit(record)
+            return now, step
+        return t_log, step_log
+
     def fit(self) -> TrainResult:
         tc = self.tc
         t_start = time.perf_counter()
         self._emit(self._run_record())
         last_ckpt = self.resume_from
         t_log, step_log = time.perf_counter(), self.step
+        pending: PendingStep | None = None
         try:
             while self.step < tc.steps:
-                record = self.train_step()
-                if record["kind"] == "skip":
-                    log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                                self.step, self.bad_steps)
-                    self._emit(record)
-                    if self.bad_steps >= tc.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"{self.bad_steps} non-finite steps in a row (train.max_bad_steps): stopping at "
-                            f"step {self.step}; resume from an earlier checkpoint with a lower train.lr"
-                        )
-                elif self.step % tc.log_every == 0 or self.step == tc.steps:
-                    now = time.perf_counter()
-                    rate = (self.step - step_log) * tc.tokens_per_step / max(now - t_log, 1e-9)
-                    record["tokens_per_s"] = rate
-                    record["tokens_per_s_per_gpu"] = rate / self.world
-                    record["mfu"] = rate * self.flops_per_token / self.peak_flops if self.peak_flops else None
-                    record["elapsed_s"] = now - t_start
-                    record["eta_s"] = (tc.steps - self.step) * tc.tokens_per_step / max(rate, 1e-9)
-                    record.update(self._peak_memory())
-                    self._emit(record)
-                    t_log, step_log = now, self.step
+                queued = self._queue_step()
+                if pending is not None:  # the previous step's numbers, read while this one runs
+                    t_log, step_log = self._report(self._read_step(pending), t_start, t_log, step_log)
+                pending = queued
+                boundary = self.step % tc.eval_every == 0 or self.step % tc.save_every == 0
+                if boundary or self.step == tc.steps or not self.read_late:
+                    t_log, step_log = self._report(self._read_step(pending), t_start, t_log, step_log)
+                    pending = None
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     self._emit(self.evaluate())
                 if self.step % tc.save_every == 0 or self.step == tc.steps:
