@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv3.config import ModelConfig, load_model_config, load_run_config
+from dsv3.config import ModelConfig, RopeScaling, load_model_config, load_run_config
 from dsv3.data.shards import IndexedDatasetWriter
 from dsv3.model import Transformer, attention
 from dsv3.scaling import DEFAULT_PEAK_TFLOPS, training_flops_per_token
@@ -256,7 +256,13 @@ def _trainer_step(args, device: torch.device) -> dict:
             f"train.device={device.type}", f"train.compile={str(args.compile).lower()}",
             f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
             f"train.seed={args.seed}",
+            # one GPU, whatever layout the preset plans for
+            "parallel.gpus=1", "parallel.dp_replicate=1", "parallel.dp_shard=1", "parallel.ep=1",
+            "parallel.tp=1", "parallel.pp=1",
         ]
+        if args.seq > cfg.max_position_embeddings:
+            overrides += [f"model.rope_scaling={_yarn(cfg, args.seq)}",
+                          f"model.max_position_embeddings={args.seq}"]
         if not args.mtp:
             overrides += ["model.num_nextn_predict_layers=0", "train.mtp_lambda=0"]
         run = load_run_config(args.preset, overrides)
@@ -296,6 +302,13 @@ def _trainer_step(args, device: torch.device) -> dict:
     }
 
 
+def _yarn(cfg: ModelConfig, seq: int) -> dict:
+    """YaRN scaling that stretches the preset's trained context to `seq` (DeepSeek-V3's mscale settings)."""
+    trained = cfg.max_position_embeddings
+    return {"type": "yarn", "factor": seq / trained, "original_max_position_embeddings": trained,
+            "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
 def _flops_per_token(system: str, cfg: ModelConfig, args) -> float:
     flops = training_flops_per_token(cfg, args.seq)
     return flops.total if (system in ("dsv3", "trainer") and args.mtp) else flops.without_mtp
@@ -328,6 +341,9 @@ def main() -> None:
     device = torch.device(args.device)
     attention.SDPA_PAD_V = {"auto": None, "yes": True, "no": False}[args.pad_v]
     cfg = load_model_config(args.preset)
+    if args.seq > cfg.max_position_embeddings:  # long context: every system gets the same YaRN scaling
+        yarn = RopeScaling(**_yarn(cfg, args.seq))
+        cfg = cfg.model_copy(update={"rope_scaling": yarn, "max_position_embeddings": args.seq})
     if not args.mtp:  # neither system trains MTP: don't let dsv3 carry its unused parameters
         cfg = cfg.model_copy(update={"num_nextn_predict_layers": 0})
     if device.type == "cuda":
