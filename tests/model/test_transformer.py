@@ -198,3 +198,20 @@ def test_compiled_model_trains_like_eager(make_config):
         assert torch.allclose(a, b, atol=1e-5)
     for name, g in eager_grads.items():
         assert torch.allclose(g, comp_grads[name], atol=1e-5), name
+
+
+def test_the_models_own_methods_never_call_its_public_entry_points(make_config):
+    """FSDP gathers the root's weights around `hidden_states` (generation and evaluation call it), so the
+    training forward must not go through it: a nested FSDP entry point frees the head's gathered weight
+    before the backward uses it (on the GPU: "setStorage ... storage of size 0")."""
+    model = Transformer(make_config(num_nextn_predict_layers=1), seed=0)
+
+    def entry_point(*args, **kwargs):
+        raise AssertionError("hidden_states called from inside the model")
+
+    model.hidden_states = entry_point  # what register_fsdp_forward_method does: an instance attribute
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    out = model.forward_with_losses(ids[:, :-1], ids[:, 1:], mtp_lambda=0.3, balance_alpha=1e-4)
+    out.loss.backward()
+    model(ids)
+    model.mtp_logits(ids)

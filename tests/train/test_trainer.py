@@ -160,9 +160,8 @@ def test_non_finite_steps_are_skipped_then_training_goes_on(tmp_path, corpus_sha
 
 
 def test_a_step_skipped_on_the_device_and_read_a_step_late_gives_the_same_run(tmp_path, corpus_shards):
-    """The GPU path (fused AdamW clips through its grad_scale and skips on its found_inf flag, numbers
-    read back while the next step runs) against the host path (clip_grad_norm_, the flag read, then
-    fused AdamW): the same steps skipped, the same records and weights up to float rounding."""
+    """The GPU path (fused AdamW skips on its found_inf flag, numbers read back while the next step runs)
+    against the host path (the flag read, then fused AdamW): the same records and the same weights."""
     train_dir, valid_dir = corpus_shards
     runs = {}
     for on_device in (False, True):
@@ -177,16 +176,9 @@ def test_a_step_skipped_on_the_device_and_read_a_step_late_gives_the_same_run(tm
                  for r in records if r["kind"] in ("train", "skip")]
         runs[on_device] = steps, trainer.model.state_dict()
     (host_steps, host_weights), (device_steps, device_weights) = runs[False], runs[True]
-    assert [r["kind"] for r in device_steps] == [r["kind"] for r in host_steps]
     assert [r["kind"] for r in device_steps].count("skip") == 3
-    assert [r["step"] for r in device_steps] == [r["step"] for r in host_steps]
-    assert max(r["grad_norm"] for r in host_steps if r["kind"] == "train") > 1.0  # clipping did happen
-    for a, b in zip(device_steps, host_steps, strict=True):
-        if a["kind"] == "train":
-            for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
-                assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
-    for name, weight in host_weights.items():
-        torch.testing.assert_close(device_weights[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+    assert json.dumps(device_steps) == json.dumps(host_steps)
+    assert all(torch.equal(device_weights[k], host_weights[k]) for k in host_weights)
 
 
 def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, corpus_shards):

@@ -189,7 +189,20 @@ class Transformer(nn.Module):
         """input_ids (B, T) → (final normed hidden (B, T, d), summed balance loss or None, (cos, sin)).
 
         With a `cache` (dsv3.infer), each layer stores the chunk's latent and attends over the cached
-        tokens too; `positions` then say where each row's tokens sit (left padding shifts them)."""
+        tokens too; `positions` then say where each row's tokens sit (left padding shifts them).
+        An entry point for callers outside the model (generation, evaluation): FSDP gathers the root's
+        weights around it, so the model's own methods call `_hidden_states` instead and never nest
+        one FSDP entry point in another (a nested one frees the head's gathered weight on the GPU
+        before the backward has used it)."""
+        return self._hidden_states(input_ids, positions, balance, cache)
+
+    def _hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        balance: bool = False,
+        cache: Sequence[LayerCache] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions)
@@ -207,7 +220,7 @@ class Transformer(nn.Module):
         cache: Sequence[LayerCache] | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); `positions` (T,) or (B, T) default to 0..T-1."""
-        h, _, _ = self.hidden_states(input_ids, positions, cache=cache)
+        h, _, _ = self._hidden_states(input_ids, positions, cache=cache)
         return self.lm_head(h)
 
     def _head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +248,7 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         """The training forward: LM loss, MTP loss (when mtp_lambda > 0), balance loss (when α > 0)."""
         balance = balance_alpha > 0
-        h, aux, rope = self.hidden_states(input_ids, balance=balance)
+        h, aux, rope = self._hidden_states(input_ids, balance=balance)
         logits, lm_loss = self._head_loss(h, labels)
         mtp_losses = mtp_loss = None
         if mtp_lambda > 0 and len(self.mtp):
@@ -257,7 +270,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def mtp_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Each MTP depth's logits (D, B, T, vocab): depth d at position t predicts token t+d+1."""
-        h, _, rope = self.hidden_states(input_ids)
+        h, _, rope = self._hidden_states(input_ids)
         return torch.stack([self.lm_head(h_d) for h_d, _ in self._mtp_states(h, input_ids, rope, False)])
 
     # --- training helpers ----------------------------------------------------------------------
