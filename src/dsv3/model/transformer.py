@@ -179,7 +179,7 @@ class Transformer(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def hidden_states(
+    def _hidden_states(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
@@ -189,20 +189,7 @@ class Transformer(nn.Module):
         """input_ids (B, T) → (final normed hidden (B, T, d), summed balance loss or None, (cos, sin)).
 
         With a `cache` (dsv3.infer), each layer stores the chunk's latent and attends over the cached
-        tokens too; `positions` then say where each row's tokens sit (left padding shifts them).
-        An entry point for callers outside the model (generation, evaluation): FSDP gathers the root's
-        weights around it, so the model's own methods call `_hidden_states` instead and never nest
-        one FSDP entry point in another (a nested one frees the head's gathered weight on the GPU
-        before the backward has used it)."""
-        return self._hidden_states(input_ids, positions, balance, cache)
-
-    def _hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        balance: bool = False,
-        cache: Sequence[LayerCache] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        tokens too; `positions` then say where each row's tokens sit (left padding shifts them)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions)
@@ -212,6 +199,12 @@ class Transformer(nn.Module):
             h, a = self._run(block, h, cos, sin, balance, None if cache is None else cache[i])
             aux = _add(aux, a)
         return self.model.norm(h), aux, (cos, sin)
+
+    # The entry point for callers outside the model (generation, evaluation). FSDP wraps it on the
+    # instance to gather the root's weights around it; the model's own methods call `_hidden_states`,
+    # so one FSDP entry point never runs inside another (a nested one frees the head's gathered
+    # weight before the backward has used it, on the GPU).
+    hidden_states = _hidden_states
 
     def forward(
         self,
