@@ -115,14 +115,18 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state keyed by parameter name, so it survives reordering."""
+def optimizer_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer, on_host: bool = True
+) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state keyed by parameter name, so it survives reordering; copied to
+    the host unless `on_host` is false (the caller then copies them, e.g. in the background)."""
     names = _param_names(model, optimizer)
     state = optimizer.state_dict()["state"]
     out = {}
     for idx, per_param in state.items():
         for key, value in per_param.items():
-            out[f"{names[idx]}/{key}"] = value.detach().cpu().contiguous()
+            value = value.detach()
+            out[f"{names[idx]}/{key}"] = (value.cpu() if on_host else value).contiguous()
     return out
 
 

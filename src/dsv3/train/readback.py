@@ -1,9 +1,11 @@
-"""A step's numbers copied from the GPU to the host without making the GPU wait.
+"""Tensors copied from the GPU to the host without making the training thread wait.
 
-Reading a CUDA tensor on the host (`.item()`, `.tolist()`, `bool(t)`) blocks the Python thread until
-the GPU has run everything queued so far, and the GPU then idles while the host prepares the next step.
-The trainer instead queues a copy of the step's numbers into pinned host memory behind the step's own
-work and reads it a step later, when the copy has long finished.
+Reading a CUDA tensor on the host (`.item()`, `.tolist()`, `bool(t)`, `.cpu()`) blocks the Python
+thread until the GPU has run everything queued so far, and the GPU then idles while the host prepares
+the next step. Instead, a copy into pinned host memory is queued behind the work already on the
+stream (so later in-place updates cannot reach it) and read when it is needed: the trainer reads a
+step's numbers a step later, a background checkpoint's thread reads the snapshot of the weights and
+optimizer state before it writes them.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ __all__ = ["HostCopy"]
 
 
 class HostCopy:
-    """Device tensors on their way to host memory; `get()` waits for the copy (only) when it is read."""
+    """Device tensors on their way to host memory; `get()` waits for the copy (only) when it is read.
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+    `buffers` keeps the pinned host tensors between copies of same-shaped tensors (pinning gigabytes
+    takes seconds): pass the same dict each time, and read a copy before the next one is made."""
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor] | None = None
+    ) -> None:
         self._event: torch.cuda.Event | None = None
         self._tensors: dict[str, torch.Tensor] = {}
+        buffers = {} if buffers is None else buffers
         for name, tensor in tensors.items():
             tensor = tensor.detach()
             if tensor.is_cuda:
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host = buffers.get(name)
+                if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
+                    host = buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
                 self._tensors[name] = host.copy_(tensor, non_blocking=True)
             else:  # a snapshot: the step after may update the source in place before it is read
                 self._tensors[name] = tensor.clone()

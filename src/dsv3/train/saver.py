@@ -2,10 +2,11 @@
 
 One save is in flight at a time. A foreground save returns once the checkpoint is published. A
 background save (`train.async_checkpoint`) stalls training only while the state is copied to host
-memory: a thread (or DCP's async writer, for sharded checkpoints) writes the files, and the checkpoint
-is published when they are all on disk. Until then it is a temp directory that no resume takes, so a
-kill -9 at any moment leaves the previous checkpoint the newest complete one. After each publish the
-run keeps its newest `keep_last` checkpoints and the best by validation loss.
+memory (one process on a GPU: only while the copies are queued, into pinned buffers reused from
+one save to the next): a thread (or DCP's async writer, for sharded checkpoints) writes the files,
+and the checkpoint is published when they are all on disk. Until then it is a temp directory that no
+resume takes, so a kill -9 at any moment leaves the previous checkpoint the newest complete one.
+After each publish the run keeps its newest `keep_last` checkpoints and the best by validation loss.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from dsv3.config import RunConfig
 from dsv3.model import Transformer
 from dsv3.train import checkpoint as ckpt
+from dsv3.train.readback import HostCopy
 from dsv3.train.sharded import begin_sharded_save
 
 __all__ = ["CheckpointWriter"]
@@ -39,13 +41,12 @@ class _InFlight:
     error: list[BaseException] = field(default_factory=list)
 
 
-def _host_copy(model: Transformer) -> Transformer:
-    """A CPU Transformer holding copies of `model`'s tensors (the snapshot a background save writes)."""
+def _on_host(config, weights: dict[str, torch.Tensor]) -> Transformer:
+    """A CPU Transformer over `weights` (host tensors, not copied again): what a background save writes."""
     with torch.device("meta"):
-        copy = Transformer(model.config)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    copy.load_state_dict(state, assign=True)
-    return copy
+        model = Transformer(config)
+    model.load_state_dict(weights, assign=True)
+    return model
 
 
 class CheckpointWriter:
@@ -57,6 +58,7 @@ class CheckpointWriter:
         self.group = group
         self.is_main = group is None or dist.get_rank(group) == 0
         self._in_flight: _InFlight | None = None
+        self._pinned: dict[str, dict[str, torch.Tensor]] = {}  # host buffers of background saves
 
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
              run_config: RunConfig, tokenizer: Path | None) -> tuple[Path, float]:
@@ -87,13 +89,18 @@ class CheckpointWriter:
             self._prune()
             job = _InFlight(step, final)
         else:
-            host, rng = _host_copy(model), ckpt.capture_rng()
-            moments = ckpt.optimizer_tensors(model, optimizer)
+            # The snapshot: queued copies into pinned buffers kept from the previous save, behind the
+            # step's work, so training goes on at once; the writer thread waits for the copies.
+            weights = HostCopy(dict(model.state_dict()), self._pinned.setdefault("model", {}))
+            moments = HostCopy(ckpt.optimizer_tensors(model, optimizer, on_host=False),
+                               self._pinned.setdefault("optimizer", {}))
+            rng = ckpt.capture_rng()
             final = self.output_dir / ckpt.checkpoint_name(step)
             job = _InFlight(step, final)
             job.thread = self._start(job, lambda: ckpt.save_checkpoint(
-                self.output_dir, step, model=host, optimizer=None, trainer_state=trainer_state,
-                run_config=run_config, tokenizer=tokenizer, optimizer_state=moments, rng=rng,
+                self.output_dir, step, model=_on_host(model.config, weights.get()), optimizer=None,
+                trainer_state=trainer_state, run_config=run_config, tokenizer=tokenizer,
+                optimizer_state=moments.get(), rng=rng,
             ))
         if job.thread is not None or job.future is not None:
             self._in_flight = job
