@@ -414,9 +414,9 @@ class Trainer:
         return self.steps.peak_memory() if self.steps is not None else peak_memory(self.device)
 
     # --- the loop ------------------------------------------------------------------------------
-    def _report(self, record: Record, t_start: float, t_log: float, step_log: int) -> tuple[float, int]:
-        """Log a step's record (every skip, and every `log_every`-th step with its throughput); stop the
-        run after `max_bad_steps` skips in a row. Returns the new (time, step) throughput is counted from."""
+    def _report(self, record: Record, t_start: float) -> None:
+        """Log a step's record (every skip, and every `log_every`-th step with its throughput since the
+        last one, `self.rate_mark`); stop the run after `max_bad_steps` skips in a row."""
         tc, step = self.tc, record["step"]
         if record["kind"] == "skip":
             log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step,
@@ -429,6 +429,7 @@ class Trainer:
                 )
         elif step % tc.log_every == 0 or step == tc.steps:
             now = time.perf_counter()
+            t_log, step_log = self.rate_mark
             rate = (step - step_log) * tc.tokens_per_step / max(now - t_log, 1e-9)
             record["tokens_per_s"] = rate
             record["tokens_per_s_per_gpu"] = rate / self.world
@@ -437,31 +438,30 @@ class Trainer:
             record["eta_s"] = (tc.steps - step) * tc.tokens_per_step / max(rate, 1e-9)
             record.update(self._peak_memory())
             self._emit(record)
-            return now, step
-        return t_log, step_log
+            self.rate_mark = (now, step)
 
     def fit(self) -> TrainResult:
         tc = self.tc
         t_start = time.perf_counter()
         self._emit(self._run_record())
         last_ckpt = self.resume_from
-        t_log, step_log = time.perf_counter(), self.step
+        self.rate_mark = (time.perf_counter(), self.step)  # (time, step) tokens/s is counted from
         pending: PendingStep | None = None
         try:
             while self.step < tc.steps:
                 queued = self._queue_step()
                 if pending is not None:  # the previous step's numbers, read while this one runs
-                    t_log, step_log = self._report(self._read_step(pending), t_start, t_log, step_log)
+                    self._report(self._read_step(pending), t_start)
                 pending = queued
                 boundary = self.step % tc.eval_every == 0 or self.step % tc.save_every == 0
                 if boundary or self.step == tc.steps or not self.read_late:
-                    t_log, step_log = self._report(self._read_step(pending), t_start, t_log, step_log)
+                    self._report(self._read_step(pending), t_start)
                     pending = None
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     self._emit(self.evaluate())
                 if self.step % tc.save_every == 0 or self.step == tc.steps:
                     last_ckpt = self.save()
-                    t_log = time.perf_counter()  # keep checkpoint time out of tokens/s
+                    self.rate_mark = (time.perf_counter(), self.rate_mark[1])  # saves are not training time
             if self.last_eval is None:  # resumed a finished run: report where it stands
                 self._emit(self.evaluate())
             self.saver.wait()
