@@ -237,13 +237,13 @@ def _write_random_shards(directory: Path, vocab_size: int, windows: int, seq: in
     return directory
 
 
-def _trainer_step(args, device: torch.device) -> dict:
-    """Time `dsv3 train`'s own loop: the Trainer's fit() from its config, stopped after the timed steps.
-    Its records (one per step) give the tokens/s and MFU its progress line prints."""
+def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
+    """Time `dsv3 train`'s own loop: the Trainer's fit() on the preset's run config with `cfg` (the model
+    every system runs), stopped after the timed steps. Its records (one per step) give the tokens/s and
+    MFU its progress line prints."""
     from dsv3.train.trainer import Trainer
 
     steps = args.warmup + args.steps
-    cfg = load_model_config(args.preset)
     with tempfile.TemporaryDirectory() as tmp:
         windows = steps * args.batch + 8
         shards = _write_random_shards(Path(tmp) / "train", cfg.vocab_size, windows, args.seq, args.seed)
@@ -260,12 +260,9 @@ def _trainer_step(args, device: torch.device) -> dict:
             "parallel.gpus=1", "parallel.dp_replicate=1", "parallel.dp_shard=1", "parallel.ep=1",
             "parallel.tp=1", "parallel.pp=1",
         ]
-        if args.seq > cfg.max_position_embeddings:
-            overrides += [f"model.rope_scaling={_yarn(cfg, args.seq)}",
-                          f"model.max_position_embeddings={args.seq}"]
         if not args.mtp:
-            overrides += ["model.num_nextn_predict_layers=0", "train.mtp_lambda=0"]
-        run = load_run_config(args.preset, overrides)
+            overrides.append("train.mtp_lambda=0")
+        run = load_run_config(args.preset, overrides).model_copy(update={"model": cfg})
         records: list[dict] = []
 
         def collect(record: dict) -> None:
@@ -302,11 +299,11 @@ def _trainer_step(args, device: torch.device) -> dict:
     }
 
 
-def _yarn(cfg: ModelConfig, seq: int) -> dict:
+def _yarn(cfg: ModelConfig, seq: int) -> RopeScaling:
     """YaRN scaling that stretches the preset's trained context to `seq` (DeepSeek-V3's mscale settings)."""
     trained = cfg.max_position_embeddings
-    return {"type": "yarn", "factor": seq / trained, "original_max_position_embeddings": trained,
-            "mscale": 1.0, "mscale_all_dim": 1.0}
+    return RopeScaling(factor=seq / trained, original_max_position_embeddings=trained, mscale=1.0,
+                       mscale_all_dim=1.0)
 
 
 def _flops_per_token(system: str, cfg: ModelConfig, args) -> float:
@@ -332,7 +329,10 @@ def _run(system: str, cfg: ModelConfig, args, device: torch.device) -> dict:
         "batch": args.batch,
         "seq": args.seq,
     }
-    result = _trainer_step(args, device) if system == "trainer" else _model_step(system, cfg, args, device)
+    if system == "trainer":
+        result = _trainer_step(cfg, args, device)
+    else:
+        result = _model_step(system, cfg, args, device)
     return {**head, **result, "sdpa": args.sdpa}
 
 
@@ -342,7 +342,7 @@ def main() -> None:
     attention.SDPA_PAD_V = {"auto": None, "yes": True, "no": False}[args.pad_v]
     cfg = load_model_config(args.preset)
     if args.seq > cfg.max_position_embeddings:  # long context: every system gets the same YaRN scaling
-        yarn = RopeScaling(**_yarn(cfg, args.seq))
+        yarn = _yarn(cfg, args.seq)
         cfg = cfg.model_copy(update={"rope_scaling": yarn, "max_position_embeddings": args.seq})
     if not args.mtp:  # neither system trains MTP: don't let dsv3 carry its unused parameters
         cfg = cfg.model_copy(update={"num_nextn_predict_layers": 0})
