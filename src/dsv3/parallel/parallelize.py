@@ -120,6 +120,10 @@ def parallelize(
     for root in roots:  # through the FSDP roots, so FSDP re-points its shards at the new storage
         root.to_empty(device="cpu" if p.cpu_offload else device)
     init_parameters(parts, norms, tc.seed)
+    if p.cpu_offload:  # FSDP moves parameters only: the buffers (routing biases, RoPE tables) compute here
+        for module in parts.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
     result = ParallelModel(meshes, parts, moe_names, stages)
     if stages:
         result.loss_parts = LossParts(tc.mtp_lambda, tc.balance_alpha)

@@ -2,9 +2,11 @@
 
 One save is in flight at a time. A foreground save returns once the checkpoint is published. A
 background save (`train.async_checkpoint`) stalls training only while the state is copied to host
-memory (one process on a GPU: only while the copies are queued, into pinned buffers reused from
-one save to the next): a thread (or DCP's async writer, for sharded checkpoints) writes the files,
-and the checkpoint is published when they are all on disk. Until then it is a temp directory that no
+memory: a thread (or DCP's async writer, for sharded checkpoints) writes the files, and the
+checkpoint is published when they are all on disk. The copies go into pinned host buffers kept from
+one save to the next (pinning gigabytes takes seconds: one process allocates them in a thread after
+the first step, `prepare`; DCP's stager pins them on the first save), and the stall counts the copies
+themselves, not only their queueing: the GPU runs them before the next step. Until then it is a temp directory that no
 resume takes, so a kill -9 at any moment leaves the previous checkpoint the newest complete one.
 After each publish the run keeps its newest `keep_last` checkpoints and the best by validation loss.
 """
@@ -41,6 +43,15 @@ class _InFlight:
     error: list[BaseException] = field(default_factory=list)
 
 
+def _reusing_stager():
+    """DCP's stager for background saves, keeping its host copy (pinned, on a GPU) from one save to the
+    next: `dcp.async_save`'s default allocates fresh pageable memory on every save. (DefaultStager's
+    cached staging failed on FSDP's DTensors in torch 2.11, on the second save: KeyError <class 'type'>.)"""
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+    return BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available())
+
+
 def _on_host(config, weights: dict[str, torch.Tensor]) -> Transformer:
     """A CPU Transformer over `weights` (host tensors, not copied again): what a background save writes."""
     with torch.device("meta"):
@@ -59,6 +70,34 @@ class CheckpointWriter:
         self.is_main = group is None or dist.get_rank(group) == 0
         self._in_flight: _InFlight | None = None
         self._pinned: dict[str, dict[str, torch.Tensor]] = {}  # host buffers of background saves
+        self._pinning: threading.Thread | None = None  # `prepare`'s allocation of those buffers
+        self._prepared = False
+        self._stager = None  # DCP's stager for sharded background saves: its host copies are reused
+        if background and group is not None:
+            self._stager = _reusing_stager()
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Allocate a one-process background save's pinned host buffers in a thread while training goes
+        on (call once the optimizer has state, after the first step), so no save waits for pinning."""
+        if not self.background or self.group is not None or self._prepared:
+            return
+        self._prepared = True
+        shapes = {
+            "model": {k: (v.shape, v.dtype) for k, v in model.state_dict().items() if v.is_cuda},
+            "optimizer": {k: (v.shape, v.dtype) for k, v in
+                          ckpt.optimizer_tensors(model, optimizer, on_host=False).items() if v.is_cuda},
+        }
+        if not shapes["model"]:
+            return
+
+        def pin() -> None:
+            for kind, tensors in shapes.items():
+                buffers = self._pinned.setdefault(kind, {})
+                for name, (shape, dtype) in tensors.items():
+                    buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
+
+        self._pinning = threading.Thread(target=pin, name="checkpoint-pinning", daemon=True)
+        self._pinning.start()
 
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
              run_config: RunConfig, tokenizer: Path | None) -> tuple[Path, float]:
@@ -68,7 +107,7 @@ class CheckpointWriter:
         if self.group is not None:
             final, tmp, future = begin_sharded_save(
                 self.output_dir, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
-                run_config=run_config, tokenizer=tokenizer, group=self.group, background=self.background,
+                run_config=run_config, tokenizer=tokenizer, group=self.group, stager=self._stager,
             )
             job = _InFlight(step, final, future=future)
             if future is None:
@@ -89,11 +128,14 @@ class CheckpointWriter:
             self._prune()
             job = _InFlight(step, final)
         else:
-            # The snapshot: queued copies into pinned buffers kept from the previous save, behind the
-            # step's work, so training goes on at once; the writer thread waits for the copies.
+            # The snapshot: copies into the pinned buffers, queued behind the step's work. Training
+            # waits for them (the next step's kernels would run after them anyway), not for the write.
+            if self._pinning is not None:
+                self._pinning.join()
             weights = HostCopy(dict(model.state_dict()), self._pinned.setdefault("model", {}))
             moments = HostCopy(ckpt.optimizer_tensors(model, optimizer, on_host=False),
                                self._pinned.setdefault("optimizer", {}))
+            weights.get(), moments.get()
             rng = ckpt.capture_rng()
             final = self.output_dir / ckpt.checkpoint_name(step)
             job = _InFlight(step, final)
@@ -133,6 +175,16 @@ class CheckpointWriter:
             self._prune()
         if self.group is not None:
             dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        """Finish the save in flight and release the host buffers (the end of the run)."""
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            self._pinned.clear()
 
     def _prune(self) -> None:
         for removed in ckpt.prune_checkpoints(self.output_dir, self.keep_last):

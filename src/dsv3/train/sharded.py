@@ -54,10 +54,11 @@ _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 def begin_sharded_save(
     output_dir: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-    run_config: RunConfig, tokenizer: Path | None, group: dist.ProcessGroup, background: bool,
+    run_config: RunConfig, tokenizer: Path | None, group: dist.ProcessGroup, stager=None,
 ) -> tuple[Path, Path, Future | None]:
     """Start writing the checkpoint of `step` (every rank calls it): (final path, temp path, the write
-    in flight when `background`, else None with every shard written). `publish_checkpoint` ends it."""
+    in flight when a `stager` (DCP's `AsyncStager`: the host copy the background write reads) is given,
+    else None with every shard written). `publish_checkpoint` ends it."""
     rank = dist.get_rank(group)
     where = [None, None]
     if rank == 0:
@@ -71,8 +72,8 @@ def begin_sharded_save(
     model_state, optim_state = get_state_dict(model, optimizer, options=_FLAT)
     state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
     target = str(tmp / SHARDED_DIR)
-    if background:
-        return final, tmp, dcp.async_save(state, checkpoint_id=target, process_group=group)
+    if stager is not None:
+        return final, tmp, dcp.async_save(state, checkpoint_id=target, process_group=group, async_stager=stager)
     dcp.save(state, checkpoint_id=target, process_group=group)
     return final, tmp, None
 

@@ -450,6 +450,7 @@ class Trainer:
         try:
             while self.step < tc.steps:
                 queued = self._queue_step()
+                self.saver.prepare(self.model, self.optimizer)  # once: the optimizer has state now
                 if pending is not None:  # the previous step's numbers, read while this one runs
                     self._report(self._read_step(pending), t_start)
                 pending = queued
@@ -464,11 +465,11 @@ class Trainer:
                     self.rate_mark = (time.perf_counter(), self.rate_mark[1])  # saves are not training time
             if self.last_eval is None:  # resumed a finished run: report where it stands
                 self._emit(self.evaluate())
-            self.saver.wait()
+            self.saver.close()
         except BaseException:
             if not self.distributed:  # an interrupted run still publishes the save already under way
                 with contextlib.suppress(Exception):
-                    self.saver.wait()
+                    self.saver.close()
             raise
         finally:
             if self.metrics is not None:
