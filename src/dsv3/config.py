@@ -22,7 +22,6 @@ __all__ = [
     "ModelConfig",
     "DataConfig",
     "TrainConfig",
-    "BiasUpdateRule",
     "PP_SCHEDULES",
     "ParallelConfig",
     "RunConfig",
@@ -35,10 +34,6 @@ __all__ = [
     "load_model_config",
     "validate_config",
 ]
-
-
-# How far aux-loss-free balancing moves each routing bias per step, in units of γ (moe.balance_step).
-BiasUpdateRule = Literal["sign", "proportional", "sign_floor"]
 
 
 class ConfigError(ValueError):
@@ -293,12 +288,6 @@ class TrainConfig(_Strict):
         default="auto",
         description="γ of aux-loss-free balancing: a number, or auto = DeepSeek-V3's ratio to the learning "
         "rate (0.001 at lr 2.2e-4), held at the peak through warmup; see docs/training.md",
-    )
-    bias_update_rule: BiasUpdateRule = Field(
-        default="sign",
-        description="how far each routing bias moves per step, in units of γ: sign = DeepSeek-V3's "
-        "sign(mean load − load_i); proportional = (mean − load_i)/mean, so an expert at 10× the mean load "
-        "moves 9× faster down; see docs/training.md",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -15,7 +15,7 @@ in this process; `dsv3.parallel` swaps in one that sends each row to the expert-
 its expert (all-to-all) and brings the results back, so the model never sees a process group.
 
 Each MoE layer keeps `tokens_per_expert` of its last forward, so the trainer can apply the
-auxiliary-loss-free balancing update (`MoE.update_bias`: b_i += γ·`balance_step`(load)_i).
+auxiliary-loss-free balancing update (`MoE.update_bias`, b_i += γ·sign(mean load − load_i)).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.config import BiasUpdateRule, ModelConfig
+from dsv3.config import ModelConfig
 from dsv3.model.moe_ops import expert_matmul, gather_rows, router_logits, sort_by_expert, weighted_sum
 
 __all__ = [
-    "MLP", "route", "sequence_balance_loss", "balance_step", "expert_ffn", "ExpertDispatcher",
-    "LocalDispatcher", "Gate", "Experts", "MoE",
+    "MLP", "route", "sequence_balance_loss", "expert_ffn", "ExpertDispatcher", "LocalDispatcher", "Gate",
+    "Experts", "MoE",
 ]
 
 
@@ -96,25 +96,6 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.
     f = hits * (E / (k * T))
     p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
     return (f * p).sum(-1)
-
-
-def balance_step(load: torch.Tensor, rule: BiasUpdateRule = "sign") -> torch.Tensor:
-    """Tokens per expert (E,) → each bias's move in units of γ (E,), float32.
-
-    sign: DeepSeek-V3's sign(mean − load_i), ±1 whatever the imbalance. proportional: (mean − load_i)/mean,
-    +1 for an idle expert, −(load_i/mean − 1) for an overloaded one, small near balance. sign_floor:
-    the sign rule with the proportional one's magnitude where that is larger (experts above 2× the mean).
-    """
-    load = load.float()
-    mean = load.mean()
-    if rule == "sign":
-        return torch.sign(mean - load)
-    rel = (mean - load) / mean.clamp_min(1.0)  # no tokens at all: no move
-    if rule == "proportional":
-        return rel
-    if rule == "sign_floor":
-        return torch.sign(rel) * rel.abs().clamp_min(1.0)
-    raise ValueError(f"unknown balance rule {rule!r}: expected sign, proportional or sign_floor")
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,16 +212,13 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(
-        self,
-        gamma: float,
-        load: torch.Tensor | None = None,
-        where: torch.Tensor | None = None,
-        rule: BiasUpdateRule = "sign",
+        self, gamma: float, load: torch.Tensor | None = None, where: torch.Tensor | None = None
     ) -> None:
-        """Aux-loss-free balancing b_i += γ·balance_step(load, rule)_i (default load: the last forward's).
+        """Aux-loss-free balancing b_i += γ·sign(mean load − load_i) (default load: the last forward's).
         `where`, a boolean scalar tensor, applies it only where true without reading it on the host (a
         skipped step moves no bias, and the GPU queue never waits for the flag)."""
-        step = balance_step(self.tokens_per_expert if load is None else load, rule)
+        load = (self.tokens_per_expert if load is None else load).float()
+        step = torch.sign(load.mean() - load)
         if where is not None:
             step = step * where
         self.gate.e_score_correction_bias.add_(step, alpha=gamma)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dsv3.config import BiasUpdateRule, ModelConfig
+from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LayerCache
 from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
@@ -275,10 +275,10 @@ class Transformer(nn.Module):
         """Tokens per expert of the last forward, one row per MoE layer (n_moe_layers, E)."""
         return torch.stack([m.tokens_per_expert for m in self.moe_layers()])
 
-    def update_bias(self, gamma: float, rule: BiasUpdateRule = "sign") -> None:
+    def update_bias(self, gamma: float) -> None:
         """Apply the aux-loss-free bias update to every MoE layer from its last forward's load."""
         for moe in self.moe_layers():
-            moe.update_bias(gamma, rule=rule)
+            moe.update_bias(gamma)
 
     def blocks(self) -> Iterator[Block]:
         """Every decoder block, main then MTP: the unit of checkpointing, compilation and sharding."""

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.distributed as dist
 
-from dsv3.config import BiasUpdateRule, RunConfig
+from dsv3.config import RunConfig
 from dsv3.model.transformer import cross_entropy
 from dsv3.parallel import ParallelModel, clip_grad_norm_, forward_only
 from dsv3.train.evaluate import router_entropy
@@ -91,16 +91,10 @@ class DistributedSteps:
         return clip_grad_norm_(list(self.par.parts.parameters()), max_norm, self.pp_group)
 
     @torch.no_grad()
-    def update_bias(
-        self,
-        gamma: float,
-        load: torch.Tensor,
-        where: torch.Tensor | None = None,
-        rule: BiasUpdateRule = "sign",
-    ) -> None:
+    def update_bias(self, gamma: float, load: torch.Tensor, where: torch.Tensor | None = None) -> None:
         """Every rank moves its layers' bias by the same global load: the biases stay identical."""
         for index, moe in self.local_moe:
-            moe.update_bias(gamma, load[index], where, rule)
+            moe.update_bias(gamma, load[index], where)
 
     @torch.no_grad()
     def biases(self) -> torch.Tensor:
