@@ -23,8 +23,8 @@ Peak memory per GPU is `torch.cuda.max_memory_allocated` of the busiest rank aga
 `dsv3.scaling.memory_per_gpu` (what `dsv3 plan` and `select-config` print), target ±15 %. A
 checkpoint's stall is the time the training loop stood still for it (the trainer's `save` records):
 synchronous (written, checksummed, published) against background (`train.async_checkpoint`: only the
-copy to host memory), target ≤ 10 %, compared on the first save and on the later ones. Checkpoints are deleted after
-each run unless --keep-checkpoints (the `small` preset's are 15 GB).
+copy to host memory), target ≤ 10 %, compared on the first save and on the later ones. Checkpoints
+are deleted after each run unless --keep-checkpoints (the `small` preset's are 15 GB).
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 One save is in flight at a time. A foreground save returns once the checkpoint is published. A
 background save (`train.async_checkpoint`) stalls training only while the state is copied to host
 memory: a thread (or DCP's async writer, for sharded checkpoints) writes the files, and the
-checkpoint is published when they are all on disk. The copies go into pinned host buffers kept from
-one save to the next (pinning gigabytes takes seconds: one process allocates them in a thread after
-the first step, `prepare`; DCP's stager pins them on the first save), and the stall counts the copies
-themselves, not only their queueing: the GPU runs them before the next step. Until then it is a temp directory that no
-resume takes, so a kill -9 at any moment leaves the previous checkpoint the newest complete one.
-After each publish the run keeps its newest `keep_last` checkpoints and the best by validation loss.
+checkpoint is published when they are all on disk. Until then it is a temp directory that no resume
+takes, so a kill -9 at any moment leaves the previous checkpoint the newest complete one. After each
+publish the run keeps its newest `keep_last` checkpoints and the best by validation loss.
+
+The copies go into pinned host buffers kept from one save to the next and pinned in a thread after
+the first step (`prepare`): pinning gigabytes takes seconds. The stall counts the copies themselves,
+not only their queueing, since the GPU runs them before the next step's work.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dsv3.config import RunConfig
 from dsv3.model import Transformer
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.readback import HostCopy
-from dsv3.train.sharded import begin_sharded_save
+from dsv3.train.sharded import begin_sharded_save, training_state
 
 __all__ = ["CheckpointWriter"]
 
@@ -77,26 +78,39 @@ class CheckpointWriter:
             self._stager = _reusing_stager()
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Allocate a one-process background save's pinned host buffers in a thread while training goes
-        on (call once the optimizer has state, after the first step), so no save waits for pinning."""
-        if not self.background or self.group is not None or self._prepared:
+        """Pin a background save's host buffers in a thread while training goes on (every rank calls it
+        once the optimizer has state, after the first step), so no save waits for pinning gigabytes.
+        Sharded: the stager's cached host copy is made (and filled, with values the first save
+        overwrites); one process: `HostCopy`'s buffers. Only on a GPU: nothing to pin elsewhere."""
+        if not self.background or self._prepared or not torch.cuda.is_available():
             return
         self._prepared = True
-        shapes = {
-            "model": {k: (v.shape, v.dtype) for k, v in model.state_dict().items() if v.is_cuda},
-            "optimizer": {k: (v.shape, v.dtype) for k, v in
-                          ckpt.optimizer_tensors(model, optimizer, on_host=False).items() if v.is_cuda},
-        }
-        if not shapes["model"]:
-            return
+        if self.group is not None:
+            state = training_state(model, optimizer)
 
-        def pin() -> None:
-            for kind, tensors in shapes.items():
-                buffers = self._pinned.setdefault(kind, {})
-                for name, (shape, dtype) in tensors.items():
-                    buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
+            def pin() -> None:
+                self._stager.stage(state)
+        else:
+            shapes = {
+                "model": {k: (v.shape, v.dtype) for k, v in model.state_dict().items() if v.is_cuda},
+                "optimizer": {k: (v.shape, v.dtype) for k, v in
+                              ckpt.optimizer_tensors(model, optimizer, on_host=False).items() if v.is_cuda},
+            }
 
-        self._pinning = threading.Thread(target=pin, name="checkpoint-pinning", daemon=True)
+            def pin() -> None:
+                for kind, tensors in shapes.items():
+                    buffers = self._pinned.setdefault(kind, {})
+                    for name, (shape, dtype) in tensors.items():
+                        buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
+
+        def pin_or_warn() -> None:
+            try:
+                pin()
+            except Exception as e:  # only the head start is lost: the first save pins what is missing
+                log.warning("pinning the background checkpoint buffers failed (%s): the first save "
+                            "pins them itself", e)
+
+        self._pinning = threading.Thread(target=pin_or_warn, name="checkpoint-pinning", daemon=True)
         self._pinning.start()
 
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
@@ -104,6 +118,8 @@ class CheckpointWriter:
         """Begin (background) or do the save of `step`; (its final path, seconds training stood still)."""
         self.wait()
         t0 = time.perf_counter()
+        if self._pinning is not None:
+            self._pinning.join()
         if self.group is not None:
             final, tmp, future = begin_sharded_save(
                 self.output_dir, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
@@ -130,8 +146,6 @@ class CheckpointWriter:
         else:
             # The snapshot: copies into the pinned buffers, queued behind the step's work. Training
             # waits for them (the next step's kernels would run after them anyway), not for the write.
-            if self._pinning is not None:
-                self._pinning.join()
             weights = HostCopy(dict(model.state_dict()), self._pinned.setdefault("model", {}))
             moments = HostCopy(ckpt.optimizer_tensors(model, optimizer, on_host=False),
                                self._pinned.setdefault("optimizer", {}))

@@ -44,12 +44,18 @@ from dsv3.model.hf import hf_config_json
 from dsv3.model.sharded import MODEL_KEY
 from dsv3.train import checkpoint as ckpt
 
-__all__ = ["begin_sharded_save", "load_sharded_checkpoint", "load_full_checkpoint"]
+__all__ = ["begin_sharded_save", "load_sharded_checkpoint", "load_full_checkpoint", "training_state"]
 
 log = logging.getLogger(__name__)
 
 OPTIM_KEY = "optim"
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """This rank's shards of the weights and AdamW state, under the keys a sharded checkpoint holds."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=_FLAT)
+    return {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
 
 
 def begin_sharded_save(
@@ -69,11 +75,11 @@ def begin_sharded_save(
         where = [str(final), str(tmp)]
     dist.broadcast_object_list(where, group=group, group_src=0)
     final, tmp = Path(where[0]), Path(where[1])
-    model_state, optim_state = get_state_dict(model, optimizer, options=_FLAT)
-    state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
+    state = training_state(model, optimizer)
     target = str(tmp / SHARDED_DIR)
     if stager is not None:
-        return final, tmp, dcp.async_save(state, checkpoint_id=target, process_group=group, async_stager=stager)
+        future = dcp.async_save(state, checkpoint_id=target, process_group=group, async_stager=stager)
+        return final, tmp, future
     dcp.save(state, checkpoint_id=target, process_group=group)
     return final, tmp, None
 
@@ -84,8 +90,7 @@ def load_sharded_checkpoint(
     """Load weights and optimizer state into this rank's (possibly sharded) `model`; `group` None: one
     process. Returns the trainer state (step, sampler...)."""
     directory = Path(directory)
-    model_state, optim_state = get_state_dict(model, optimizer, options=_FLAT)
-    state = {MODEL_KEY: model_state, OPTIM_KEY: optim_state}
+    state = training_state(model, optimizer)
     try:
         with warnings.catch_warnings():  # one process loading on purpose: no "assuming the intent" warning
             warnings.simplefilter("ignore", UserWarning)
