@@ -75,9 +75,10 @@ def _plot_expert_load(records: list[dict[str, Any]], path: Path, collapse_steps:
         monitor.update(step, s.tolist(), 0.0)
 
     rows = n_layers * n_experts
+    heat = min(max(rows * 0.22, 1.5), 10.0)  # inches: many experts share it; the panel below keeps its own
     fig, (ax, ax_imb) = plt.subplots(
-        2, 1, sharex=True, figsize=(9, min(3.5 + 0.22 * rows, 16)), layout="constrained",
-        gridspec_kw={"height_ratios": [max(rows * 0.22, 1.5), 2.2]},
+        2, 1, sharex=True, figsize=(9, heat + 4.3), layout="constrained",
+        gridspec_kw={"height_ratios": [heat, 3.5]},
     )
     im = ax.imshow(
         share.reshape(rows, -1), aspect="auto", interpolation="nearest", cmap="magma",
@@ -102,7 +103,7 @@ def _plot_expert_load(records: list[dict[str, Any]], path: Path, collapse_steps:
     title = f"busiest expert per layer; shaded: above {limit:g} for {monitor.min_steps}+ steps in a row"
     ax_imb.set_title(title, fontsize=9)
     ax_imb.grid(alpha=0.3)
-    ax_imb.legend(fontsize=7, ncol=2)
+    ax_imb.legend(fontsize=7, ncol=2 if n_layers < 6 else 4, loc="upper right")
     _save_fig(fig, path)
     plt.close(fig)
     return path
