@@ -164,6 +164,55 @@ def dist_world() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
+def dispatch_job(tokens: int = 64) -> dict:
+    """Route random tokens (k = 6 of 16 experts) through an expert-parallel MoE and through the same
+    experts in one process: the outputs, and how many rows the dispatch all-to-all moved."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dsv3.config import load_model_config
+    from dsv3.model.moe import LocalDispatcher, MoE, sort_by_expert
+    from dsv3.parallel import expert as ep
+
+    dist.init_process_group("gloo")
+    try:
+        cfg = load_model_config("tiny", ["hidden_size=32", "moe_intermediate_size=16", "n_routed_experts=16",
+                                         "num_experts_per_tok=6", "n_group=1", "topk_group=1"])
+        torch.manual_seed(0)  # the same experts on every rank
+        moe = MoE(cfg)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        full = [p.detach().clone() for p in (moe.experts.gate_up_proj, moe.experts.down_proj)]
+        torch.manual_seed(1 + dist.get_rank())  # each rank its own tokens
+        x = torch.randn(tokens, cfg.hidden_size)
+        weights = torch.rand(tokens, 6)
+        indices = torch.stack([torch.randperm(16)[:6] for _ in range(tokens)])
+        order, ends = sort_by_expert(indices, 16)
+
+        class _Full(torch.nn.Module):
+            gate_up_proj, down_proj = full
+
+        expected = LocalDispatcher()(x, weights, indices, order, ends, _Full())
+        ep.apply_ep([moe], init_device_mesh("cpu", (dist.get_world_size(),)))
+        moved, original = [], ep.dist.all_to_all_single
+
+        def counting(out, inp, *args, **kwargs):
+            if inp.dim() == 2 and inp.shape[1] == cfg.hidden_size:
+                moved.append(inp.shape[0])
+            return original(out, inp, *args, **kwargs)
+
+        ep.dist.all_to_all_single = counting
+        try:
+            got = moe.experts(x, weights, indices, order, ends)
+        finally:
+            ep.dist.all_to_all_single = original
+        return {"max_abs_diff": (got - expected).abs().max().item(), "rows_moved": moved,
+                "token_rank_pairs": sum(len(set((row // 8).tolist())) for row in indices),
+                "token_expert_pairs": tokens * 6}
+    finally:
+        dist.destroy_process_group()
+
+
 # --- the tests -------------------------------------------------------------------------------
 
 
@@ -240,9 +289,10 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
     jobs.append((sample_job, {"out": str(tmp / "sample"), "shards": s,
                               "overrides": [*SAMPLING, f"data.tokenizer={tokenizer}", "parallel.dp_shard=2",
                                             "parallel.ep=2"]}))
+    jobs.append((dispatch_job, {}))
     results = run_on_ranks(2, jobs, tmp / "results")
-    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-3],
-            "from_one": results[-2], "sample": results[-1]}
+    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-4],
+            "from_one": results[-3], "sample": results[-2], "dispatch": results[-1]}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
@@ -264,6 +314,16 @@ def test_sharded_expert_gradients_equal_the_unsharded_ones(ranks, name, request)
     for param, err in result["grad_errors"].items():
         if ".experts." in param:
             assert err < GRADIENT_TOLERANCE, (param, err)
+
+
+def test_expert_parallel_sends_each_token_once_per_rank(two_ranks):
+    """k = 6 experts on 2 ranks: a token's rows travel once to each rank holding one of its experts
+    (at most 2), not once per expert (6), and the result is the one-process one."""
+    got = two_ranks["dispatch"]
+    assert got["max_abs_diff"] < 1e-5
+    dispatched, combined = got["rows_moved"]  # rank 0's rows out, and the partial sums it sends back
+    assert dispatched == got["token_rank_pairs"] and combined <= 2 * 64
+    assert got["token_rank_pairs"] <= 2 * 64 < got["token_expert_pairs"]
 
 
 def test_resume_on_another_world_size_and_layout_reproduces_the_losses(two_ranks, four_ranks, reference):

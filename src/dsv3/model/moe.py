@@ -11,8 +11,8 @@ Tokens are sorted by expert and run through `torch.nn.functional.grouped_mm` wit
 offsets: no Python loop over experts and no host sync on the forward path.
 
 Where the expert weights live is the `Experts.dispatcher`'s business: the default runs every expert
-in this process; `dsv3.parallel` swaps in one that sends each row to the expert-parallel rank holding
-its expert (all-to-all) and brings the results back, so the model never sees a process group.
+in this process; `dsv3.parallel` swaps in one that sends each token to the expert-parallel ranks
+holding its experts (all-to-all) and brings the results back, so the model never sees a process group.
 
 Each MoE layer keeps `tokens_per_expert` of its last forward, so the trainer can apply the
 auxiliary-loss-free balancing update (`MoE.update_bias`, b_i += γ·sign(mean load − load_i)).
@@ -145,17 +145,28 @@ def expert_ffn(
 
 
 class ExpertDispatcher(Protocol):
-    """Brings rows sorted by expert, xs (M, d) with end offsets `ends` (E,), to their experts' weights
-    and returns each row's output (M, d) in the same order."""
+    """Runs each token through its k experts: x (N, d), combine weights and expert ids (N, k), and
+    `sort_by_expert`'s order and ends of the (token, slot) pairs → Σ_k weight·expert(x) (N, d)."""
 
-    def __call__(self, xs: torch.Tensor, ends: torch.Tensor, experts: Experts) -> torch.Tensor: ...
+    def __call__(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+        ends: torch.Tensor, experts: Experts,
+    ) -> torch.Tensor: ...
 
 
 class LocalDispatcher:
-    """Every expert lives in this process: run the rows through the stacked weights directly."""
+    """Every expert lives in this process: the (token, slot) rows go through the stacked weights."""
 
-    def __call__(self, xs: torch.Tensor, ends: torch.Tensor, experts: Experts) -> torch.Tensor:
-        return expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj)
+    def __call__(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+        ends: torch.Tensor, experts: Experts,
+    ) -> torch.Tensor:
+        N, k = weights.shape
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        xs = gather_rows(x, order // k, inverse, k)  # (N·k, d) sorted by expert
+        ys = expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj)
+        ys = gather_rows(ys, inverse, order, 1).view(N, k, -1)  # back to (token, slot)
+        return weighted_sum(weights, ys)
 
 
 class Experts(nn.Module):
@@ -169,15 +180,11 @@ class Experts(nn.Module):
         self.dispatcher: ExpertDispatcher = LocalDispatcher()
 
     def forward(
-        self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, ends: torch.Tensor
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+        ends: torch.Tensor,
     ) -> torch.Tensor:
-        """x (N, d), weights (N, k), `sort_by_expert`'s order and ends → Σ_k weight·expert(x) (N, d)."""
-        N, k = weights.shape
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        xs = gather_rows(x, order // k, inverse, k)  # (N·k, d) sorted by expert
-        ys = self.dispatcher(xs, ends, self)  # (N·k, d)
-        ys = gather_rows(ys, inverse, order, 1).view(N, k, -1)  # back to (token, slot)
-        return weighted_sum(weights, ys)
+        """x (N, d), weights and expert ids (N, k), `sort_by_expert`'s order, ends → Σ_k weight·expert(x)."""
+        return self.dispatcher(x, weights, indices, order, ends, self)
 
 
 class MoE(nn.Module):
@@ -204,7 +211,7 @@ class MoE(nn.Module):
         order, ends = sort_by_expert(indices, self.n_experts)
         with torch.no_grad():
             self.tokens_per_expert.copy_(torch.diff(ends, prepend=ends.new_zeros(1)))
-        y = self.experts(flat, weights, order, ends).view(B, T, d)
+        y = self.experts(flat, weights, indices, order, ends).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         aux = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1)).mean() if balance else None

@@ -1,18 +1,23 @@
 """Expert parallelism: the routed experts split over `ep` ranks, tokens sent to them with all-to-all.
 
 `apply_ep` turns each MoE layer's stacked expert weights into DTensors sharded on the expert dim over
-the ep mesh (rank j holds experts [j·E/ep, (j+1)·E/ep)) and installs an `AllToAllDispatcher`. Per MoE
-forward the dispatcher, given rows already sorted by expert:
+the ep mesh (rank j holds experts [j·E/ep, (j+1)·E/ep)) and installs an `AllToAllDispatcher`. A token
+travels once to each rank that holds one of its k experts, not once per expert (DeepSeek-V3 sends a
+token once per node for the same reason): with k = 6 experts on 2 ranks that is ~2 rows a token
+instead of 6, in both directions of the forward and of the backward. Per MoE forward:
 
-  1. exchanges counts: all_to_all of the per-expert row counts (E,), so each rank learns how many rows
-     every other rank sends to each of its experts (one host sync turns them into split sizes);
-  2. dispatches: all_to_all_single of the rows, arriving ordered by (source rank, local expert);
-  3. reorders them by local expert, runs the local experts' grouped GEMMs, restores the order;
-  4. combines: the reverse all_to_all_single sends each result back to the rank that owns the token.
+  1. exchanges counts: one all_to_all of, per destination rank, the rows sent and the (row, expert)
+     pairs they carry for each of its experts (one host sync turns them into split sizes);
+  2. dispatches: all_to_all_single of the rows, with the local expert ids and combine weights of the
+     slots each row has on its destination (−1 / 0 for the others);
+  3. runs each received row through its local experts (grouped GEMMs over the (row, expert) pairs
+     sorted by expert) and sums them with their weights, in float32, into one row;
+  4. combines: the reverse all_to_all_single sends each row's partial sum back, and the token's rank
+     adds up the partial sums of its ranks.
 
-Both all-to-alls are autograd functions whose backward is the opposite exchange. Another transport
-(e.g. DeepEP's fused dispatch/combine kernels) slots in as another `ExpertDispatcher`: the model only
-calls `dispatcher(xs, ends, experts)`.
+Every all-to-all of rows or weights is an autograd function whose backward is the opposite exchange.
+Another transport (e.g. DeepEP's fused dispatch/combine kernels) slots in as another `ExpertDispatcher`:
+the model only calls `dispatcher(x, weights, indices, order, ends, experts)`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from dsv3.model.moe import MoE, expert_ffn
-from dsv3.model.moe_ops import gather_rows
 
 __all__ = ["AllToAllDispatcher", "apply_ep"]
 
@@ -52,33 +56,57 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class AllToAllDispatcher:
-    """The experts of this rank's slice; rows for other experts travel to their rank and back."""
+    """The experts of this rank's slice; each token travels once to every rank holding its experts."""
 
     def __init__(self, group: dist.ProcessGroup, n_experts: int) -> None:
         self.group = group
         self.ranks = dist.get_world_size(group)
         self.local = n_experts // self.ranks  # experts per rank
 
-    def __call__(self, xs: torch.Tensor, ends: torch.Tensor, experts: nn.Module) -> torch.Tensor:
-        """xs (M, d) sorted by expert, ends (E,) → each row through its expert (M, d)."""
+    def __call__(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
+        ends: torch.Tensor, experts: nn.Module,
+    ) -> torch.Tensor:
+        """x (N, d), combine weights and expert ids (N, k) → Σ_k weight·expert(x) (N, d)."""
         R, El = self.ranks, self.local
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows per expert, from here
-        recv = torch.empty_like(counts)  # (R·El,) rows from rank r for my expert j at r·El + j
+        N, k = indices.shape
+        dest = indices // El  # (N, k) the rank holding each slot's expert
+        goes = torch.zeros(R, N, dtype=torch.bool, device=x.device)
+        goes[dest.t().reshape(-1), torch.arange(N, device=x.device).repeat(k)] = True  # (R, N)
+        pairs = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) (token, slot) pairs per expert
+        counts = torch.cat([goes.sum(1, keepdim=True), pairs.view(R, El)], 1)  # (R, 1 + El) per destination
+        recv = torch.empty_like(counts)  # per source rank: its rows for me, its pairs for each of my experts
         dist.all_to_all_single(recv, counts, group=self.group)
-        send_sizes, recv_sizes = torch.stack([counts.view(R, El).sum(1), recv.view(R, El).sum(1)]).tolist()
-        x_in = _AllToAll.apply(xs, recv_sizes, send_sizes, self.group)  # (M', d): by (source, expert)
-        # Regroup by local expert: a stable sort keeps each expert's rows in source-rank order.
-        expert = torch.arange(El, device=xs.device).repeat(R)
-        row_expert = torch.repeat_interleave(expert, recv, output_size=sum(recv_sizes))
-        order = row_expert.argsort(stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        local_ends = recv.view(R, El).sum(0).cumsum(0)
-        ys = expert_ffn(
-            gather_rows(x_in, order, inverse, 1), local_ends,
-            _local(experts.gate_up_proj), _local(experts.down_proj),
-        )
-        ys = gather_rows(ys, inverse, order, 1)  # back to (source, expert) order
-        return _AllToAll.apply(ys, send_sizes, recv_sizes, self.group)  # (M, d)
+        sizes = torch.cat([counts[:, 0], recv[:, 0], recv[:, 1:].sum().view(1)]).tolist()
+        send_sizes, recv_sizes, n_pairs = sizes[:R], sizes[R : 2 * R], sizes[-1]
+
+        # The rows to send, grouped by destination (rank-major, token order within): the selected
+        # (rank, token) entries of `goes`, found by a stable sort that puts them first.
+        chosen = (~goes).view(-1).to(torch.uint8).argsort(stable=True)[: sum(send_sizes)]
+        token, rank = chosen % N, chosen // N  # (S,) each sent row's token and destination
+        mine = dest.index_select(0, token) == rank.unsqueeze(1)  # (S, k) its slots on that rank
+        local_expert = torch.where(mine, indices.index_select(0, token) - (rank * El).unsqueeze(1), -1)
+        slot_weight = weights.index_select(0, token) * mine  # (S, k), 0 for the other ranks' slots
+
+        x_in = _AllToAll.apply(x.index_select(0, token), recv_sizes, send_sizes, self.group)  # (M, d)
+        w_in = _AllToAll.apply(slot_weight, recv_sizes, send_sizes, self.group)  # (M, k)
+        e_in = local_expert.new_empty(sum(recv_sizes), k)
+        dist.all_to_all_single(e_in, local_expert, recv_sizes, send_sizes, group=self.group)
+
+        # Each received row's (row, local expert) pairs, grouped by expert; the others' slots last.
+        key = torch.where(e_in >= 0, e_in, El).view(-1)  # (M·k,)
+        by_expert = key.argsort(stable=True)[:n_pairs]  # (P,)
+        row = by_expert // k
+        local_ends = recv[:, 1:].sum(0).cumsum(0)  # (El,)
+        ys = expert_ffn(x_in.index_select(0, row), local_ends,
+                        _local(experts.gate_up_proj), _local(experts.down_proj))  # (P, d)
+        w = w_in.view(-1).index_select(0, by_expert).float().unsqueeze(1)  # (P, 1)
+        partial = torch.zeros(x_in.shape[0], ys.shape[1], dtype=torch.float32, device=ys.device)
+        partial = partial.index_add(0, row, ys.float() * w).to(ys.dtype)  # (M, d) one row per received row
+
+        back = _AllToAll.apply(partial, send_sizes, recv_sizes, self.group)  # (S, d) in send order
+        out = torch.zeros(N, back.shape[1], dtype=torch.float32, device=back.device)
+        return out.index_add(0, token, back.float()).to(ys.dtype)  # (N, d): the token's ranks summed
 
 
 def _shard_experts(param: nn.Parameter, mesh: DeviceMesh) -> nn.Parameter:
