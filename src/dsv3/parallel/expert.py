@@ -16,6 +16,9 @@ instead of 6, in both directions of the forward and of the backward. Per MoE for
      adds up the partial sums of its ranks.
 
 Every all-to-all of rows or weights is an autograd function whose backward is the opposite exchange.
+On a GPU the backward adds a row's expert gradients with atomic adds (and, with more than two ranks,
+the forward a token's partial sums), so their last bits can differ between runs unless
+`torch.use_deterministic_algorithms(True)`.
 Another transport (e.g. DeepEP's fused dispatch/combine kernels) slots in as another `ExpertDispatcher`:
 the model only calls `dispatcher(x, weights, indices, order, ends, experts)`.
 """
@@ -29,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from dsv3.model.moe import MoE, expert_ffn
+from dsv3.model.moe_ops import weighted_sum
 
 __all__ = ["AllToAllDispatcher", "apply_ep"]
 
@@ -100,13 +104,14 @@ class AllToAllDispatcher:
         local_ends = recv[:, 1:].sum(0).cumsum(0)  # (El,)
         ys = expert_ffn(x_in.index_select(0, row), local_ends,
                         _local(experts.gate_up_proj), _local(experts.down_proj))  # (P, d)
-        w = w_in.view(-1).index_select(0, by_expert).float().unsqueeze(1)  # (P, 1)
-        partial = torch.zeros(x_in.shape[0], ys.shape[1], dtype=torch.float32, device=ys.device)
-        partial = partial.index_add(0, row, ys.float() * w).to(ys.dtype)  # (M, d) one row per received row
+        # Back to (row, slot) places, zeros where a slot's expert is elsewhere (its weight is 0 too),
+        # and one weighted sum per row in a fixed order: the same float32 sum as one process.
+        slots = ys.new_zeros(x_in.shape[0] * k, ys.shape[1]).index_copy(0, by_expert, ys)
+        partial = weighted_sum(w_in, slots.view(x_in.shape[0], k, ys.shape[1]))  # (M, d)
 
         back = _AllToAll.apply(partial, send_sizes, recv_sizes, self.group)  # (S, d) in send order
         out = torch.zeros(N, back.shape[1], dtype=torch.float32, device=back.device)
-        return out.index_add(0, token, back.float()).to(ys.dtype)  # (N, d): the token's ranks summed
+        return out.index_add(0, token, back.float()).to(back.dtype)  # (N, d): the token's ranks summed
 
 
 def _shard_experts(param: nn.Parameter, mesh: DeviceMesh) -> nn.Parameter:

@@ -96,19 +96,16 @@ class CheckpointWriter:
         }
 
         def pin() -> None:
-            for kind, tensors in shapes.items():
-                buffers = self._pinned.setdefault(kind, {})
-                for name, (shape, dtype) in tensors.items():
-                    buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
-
-        def pin_or_warn() -> None:
             try:
-                pin()
+                for kind, tensors in shapes.items():
+                    buffers = self._pinned.setdefault(kind, {})
+                    for name, (shape, dtype) in tensors.items():
+                        buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
             except Exception as e:  # only the head start is lost: the first save pins what is missing
                 log.warning("pinning the background checkpoint buffers failed (%s): the first save "
                             "pins them itself", e)
 
-        self._pinning = threading.Thread(target=pin_or_warn, name="checkpoint-pinning", daemon=True)
+        self._pinning = threading.Thread(target=pin, name="checkpoint-pinning", daemon=True)
         self._pinning.start()
 
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
@@ -147,7 +144,8 @@ class CheckpointWriter:
             weights = HostCopy(dict(model.state_dict()), self._pinned.setdefault("model", {}))
             moments = HostCopy(ckpt.optimizer_tensors(model, optimizer, on_host=False),
                                self._pinned.setdefault("optimizer", {}))
-            weights.get(), moments.get()
+            weights.get()
+            moments.get()
             rng = ckpt.capture_rng()
             final = self.output_dir / ckpt.checkpoint_name(step)
             job = _InFlight(step, final)
