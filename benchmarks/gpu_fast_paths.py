@@ -5,7 +5,7 @@ skip compute what the plain path computes; this checks the same on a GPU, where 
 (Inductor's fused Triton code, cuDNN/flash attention, grouped_mm, fused AdamW's CUDA kernel):
 
 - one forward + backward of the same weights and batch: eager (the reference), `compile_blocks()`,
-  activation checkpointing, both together: loss difference and each gradient's largest difference
+  activation checkpointing, both together, the chunked loss (`loss_chunk_tokens`) eager and compiled: loss difference and each gradient's largest difference
   relative to the reference's largest entry, worst and median over parameters. In bf16 these are not
   0: rounding differs between eager and Inductor code, and where two experts' scores nearly tie a
   token's top-k choice can flip, which moves that router's gradient a lot (seen on CPU: the median
@@ -39,6 +39,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="bf16: autocast as `dsv3 train` runs on a GPU; fp32: none (must agree to ~1e-6)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=512, help="positions per chunk of the chunked loss")
     return p.parse_args()
 
 
@@ -98,10 +99,16 @@ def main() -> None:
     model.activation_checkpointing = True
     result["activation_checkpointing"] = _compare(reference, _loss_and_grads(model, ids, autocast))
     model.activation_checkpointing = False
+    model.loss_chunk_tokens = args.chunk
+    result["chunked_loss"] = _compare(reference, _loss_and_grads(model, ids, autocast))
+    model.loss_chunk_tokens = 0
     model.compile_blocks()
     result["compiled"] = _compare(reference, _loss_and_grads(model, ids, autocast))
     model.activation_checkpointing = True
     result["compiled_and_checkpointed"] = _compare(reference, _loss_and_grads(model, ids, autocast))
+    model.activation_checkpointing = False
+    model.loss_chunk_tokens = args.chunk
+    result["compiled_and_chunked_loss"] = _compare(reference, _loss_and_grads(model, ids, autocast))
     result["fused_adamw_found_inf"] = _fused_adamw_flag(device)
     print(json.dumps(result), flush=True)
 

@@ -60,6 +60,8 @@ def _parse() -> argparse.Namespace:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile dsv3's blocks (trainer and dsv3)")
     p.add_argument("--activation-checkpointing", action="store_true", help="dsv3 recomputes each block")
+    p.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS",
+                   help="dsv3 computes its losses this many positions at a time (train.loss_chunk_tokens)")
     p.add_argument("--mtp", action="store_true", help="dsv3 also trains its MTP depth(s), λ=0.3")
     p.add_argument(
         "--pad-v",
@@ -104,6 +106,7 @@ class _Timer:
 def _build_dsv3(cfg: ModelConfig, args, device: torch.device) -> tuple[torch.nn.Module, Callable]:
     model = Transformer(cfg, seed=args.seed).to(device)
     model.activation_checkpointing = args.activation_checkpointing
+    model.loss_chunk_tokens = args.loss_chunk
     if args.compile:
         model.compile_blocks()
     mtp_lambda = 0.3 if args.mtp else 0.0
@@ -216,6 +219,7 @@ def _model_step(system: str, cfg: ModelConfig, args, device: torch.device) -> di
     }
     if system == "dsv3":
         result["activation_checkpointing"] = args.activation_checkpointing
+        result["loss_chunk_tokens"] = args.loss_chunk
         result["sdpa_pad_v"] = args.pad_v
     else:
         result["attn_implementation"] = model.config._attn_implementation
@@ -255,7 +259,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
             "train.tensorboard=false",
             f"train.device={device.type}", f"train.compile={str(args.compile).lower()}",
             f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
-            f"train.seed={args.seed}",
+            f"train.loss_chunk_tokens={args.loss_chunk}", f"train.seed={args.seed}",
             # one GPU, whatever layout the preset plans for
             "parallel.gpus=1", "parallel.dp_replicate=1", "parallel.dp_shard=1", "parallel.ep=1",
             "parallel.tp=1", "parallel.pp=1",
@@ -296,6 +300,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
         "loss_last": round(records[-1]["loss"], 4),
         "skipped_steps": sum(r["kind"] == "skip" for r in records),
         "activation_checkpointing": args.activation_checkpointing,
+        "loss_chunk_tokens": args.loss_chunk,
     }
 
 

@@ -264,3 +264,9 @@ def test_every_preset_ships_as_package_data():
     shipped = {p for pattern in patterns for p in package.glob(pattern)}
     assert set(PRESETS_DIR.rglob("*.yaml")) == shipped and len(shipped) >= 10
     assert (Path(__file__).parents[1] / "configs").resolve() == PRESETS_DIR  # the checkout's link
+
+
+def test_chunked_loss_with_a_pipeline_is_refused():
+    message = _error("tiny", ["train.loss_chunk_tokens=4096", "parallel.gpus=2", "parallel.pp=2"])
+    assert "loss_chunk_tokens" in message and "pp" in message
+    assert load_run_config("tiny", ["train.loss_chunk_tokens=4096"]).train.loss_chunk_tokens == 4096

@@ -293,6 +293,10 @@ class TrainConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
+    loss_chunk_tokens: int = Field(
+        default=0, ge=0, description="> 0: compute the training losses this many positions at a time, "
+        "remaking each chunk's logits in the backward instead of keeping all of them (0 = off; no pipeline)",
+    )
     seed: int = 1234
     eval_every: int = Field(default=200, gt=0)
     eval_batches: int = Field(default=8, gt=0)
@@ -412,6 +416,13 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> RunConfig:
+        if self.train.loss_chunk_tokens and self.parallel.pp > 1:
+            raise ValueError("train.loss_chunk_tokens works without a pipeline only: the last stage of "
+                             "parallel.pp > 1 computes its losses from whole logits; set one of them off")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

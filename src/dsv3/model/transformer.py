@@ -10,6 +10,7 @@ API (what the trainer, generation and the HF interchange build on):
     model.expert_load()                         # (n_moe_layers, E) tokens per expert, last forward
     model.moe_layers(), model.blocks()          # iterate MoE layers / decoder blocks (main, then MTP)
     model.activation_checkpointing = True       # recompute each block in backward
+    model.loss_chunk_tokens = 4096              # training losses a chunk of positions at a time
     model.compile_blocks()                      # torch.compile(fullgraph=True) per block
     model.mtp_logits(input_ids)                 # (D, B, T, vocab), e.g. for speculative drafts
     model(ids, positions, cache=cache)          # generation: cache[i] is layer i's LayerCache (dsv3.infer)
@@ -137,6 +138,30 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def _summed_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy of head(h) (M, d) against targets (M,) in float32: one chunk of a chunked loss."""
+    return F.cross_entropy(head(h).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(
+    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+    chunk_loss=_summed_cross_entropy,
+) -> torch.Tensor:
+    """`cross_entropy(head(h), targets)` without holding the whole (B·T, vocab) logits: each chunk of
+    `chunk_tokens` positions makes its logits, reduces them to a summed loss and drops them; the backward
+    makes them again (activation checkpointing), one chunk at a time. Costs one more head GEMM forward;
+    saves the logits, their float32 copy and its gradient (several GB at a large vocabulary)."""
+    h, targets = h.flatten(0, 1), targets.flatten()
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(chunk_loss, head, h[part], targets[part], use_reentrant=False)
+        else:  # evaluation: nothing to remake
+            total = total + chunk_loss(head, h[part], targets[part])
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
 def shift_left(x: torch.Tensor, d: int, fill: int) -> torch.Tensor:
     """x[:, t + d] at position t, `fill` past the end (B, T)."""
     return F.pad(x[:, d:], (0, min(d, x.shape[1])), value=fill)
@@ -167,6 +192,8 @@ class Transformer(nn.Module):
         inv_freq, self.rope_attention_factor = rope_inv_freq(cfg)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.activation_checkpointing = False
+        self.loss_chunk_tokens = 0  # > 0: training losses without the whole logits (chunked_cross_entropy)
+        self._chunk_loss = _summed_cross_entropy
         self.init_weights(seed)
 
     # --- forward -------------------------------------------------------------------------------
@@ -221,6 +248,16 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)
         return logits, cross_entropy(logits, targets)
 
+    def _loss(
+        self, h: torch.Tensor, targets: torch.Tensor, logits_wanted: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits or None, mean cross-entropy): chunked when `loss_chunk_tokens` is set and no logits
+        are wanted."""
+        if self.loss_chunk_tokens and not logits_wanted:
+            loss = chunked_cross_entropy(self.lm_head, h, targets, self.loss_chunk_tokens, self._chunk_loss)
+            return None, loss
+        return self._head_loss(h, targets)
+
     def _mtp_states(
         self, h: torch.Tensor, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], balance: bool
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -242,12 +279,12 @@ class Transformer(nn.Module):
         """The training forward: LM loss, MTP loss (when mtp_lambda > 0), balance loss (when α > 0)."""
         balance = balance_alpha > 0
         h, aux, rope = self._hidden_states(input_ids, balance=balance)
-        logits, lm_loss = self._head_loss(h, labels)
+        logits, lm_loss = self._loss(h, labels, return_logits)
         mtp_losses = mtp_loss = None
         if mtp_lambda > 0 and len(self.mtp):
             losses = []
             for depth, (h_d, a) in enumerate(self._mtp_states(h, input_ids, rope, balance), start=1):
-                losses.append(self._head_loss(h_d, shift_left(labels, depth, IGNORE_INDEX))[1])
+                losses.append(self._loss(h_d, shift_left(labels, depth, IGNORE_INDEX), False)[1])
                 aux = _add(aux, a)
             mtp_losses = torch.stack(losses)
             mtp_loss = mtp_lambda * mtp_losses.mean()
@@ -292,6 +329,7 @@ class Transformer(nn.Module):
         for block in self.blocks():
             block.compile(**kwargs)
         self._head_loss = torch.compile(self._head_loss, **kwargs)
+        self._chunk_loss = torch.compile(_summed_cross_entropy, **kwargs)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = INIT_STD) -> None:

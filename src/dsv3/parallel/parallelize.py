@@ -92,6 +92,7 @@ def parallelize(
     p, tc = cfg.parallel, cfg.train
     with torch.device("meta"):
         model = Transformer(cfg.model, seed=tc.seed)
+    model.loss_chunk_tokens = tc.loss_chunk_tokens
     norms = {n for n, m in model.named_modules() if isinstance(m, RMSNorm)}
     norms = {f"{n}.weight" for n in norms}
     moe_names = [n for n, m in model.named_modules() if isinstance(m, MoE)]
