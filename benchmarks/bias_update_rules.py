@@ -74,7 +74,7 @@ def measure(records: list[dict], val_loss: float, threshold: float = 2.0) -> dic
     return {
         "balanced_from": balanced_from,
         "peak": round(float(imb.max()), 2),
-        "at": {s: round(float(imb[s - 1]), 2) for s in (10, 25, 50, 100) if s <= len(imb)},
+        "at": {s: round(float(imb[s - 1]), 2) for s in (10, 25, 50, 100, 150, 200, 250) if s <= len(imb)},
         "late_max_mean": round(float(imb[-q:].mean()), 3),
         "final_lm_loss": round(float(np.mean([r["lm_loss"] for r in steps[-10:]])), 4),
         "val_loss": round(val_loss, 4),
