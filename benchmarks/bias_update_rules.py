@@ -11,8 +11,8 @@ the final LM and validation loss.
         --seeds 1 2 --set train.bias_update_speed=0.0015
 
 Commit 5049522 has the same script comparing bias-update rules (sign, proportional, sign_floor), with
-the option it needs; docs/training.md has what it measured. The experimental per-expert adaptive
-(Rprop-style) rule runs with its options as overrides:
+the option it needs; docs/training.md has what it measured. Commit e2fda90 has the per-expert adaptive
+(Rprop-style) rule, which this script runs there with its options as overrides:
 
     PYTHONPATH=src python benchmarks/bias_update_rules.py --model micro64 --demo /work/main/data/demo \
         --steps 300 --seeds 1 2 --set train.bias_update_rule=adaptive --set train.bias_adaptive_up=1.2 \
@@ -96,7 +96,7 @@ def main() -> None:
             cfg = run_config(args.model, Path(tmp), args.demo, args.steps, [f"train.seed={seed}", *args.set])
             result = train(cfg, on_record=records.append)
         gamma = [r["bias_update_speed"] for r in records if r["kind"] == "train"]
-        print(json.dumps({"model": args.model, "rule": cfg.train.bias_update_rule, "seed": seed, "steps": args.steps, "gamma_first": gamma[0],
+        print(json.dumps({"model": args.model, "seed": seed, "steps": args.steps, "gamma_first": gamma[0],
                           "gamma_last": gamma[-1], "set": args.set, **measure(records, result.val_loss)}),
               flush=True)
 

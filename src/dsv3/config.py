@@ -289,17 +289,6 @@ class TrainConfig(_Strict):
         description="γ of aux-loss-free balancing: a number, or auto = DeepSeek-V3's ratio to the learning "
         "rate (0.001 at lr 2.2e-4), held at the peak through warmup; see docs/training.md",
     )
-    bias_update_rule: Literal["sign", "adaptive"] = Field(
-        default="sign",
-        description="experiment: sign = DeepSeek-V3's b_i += γ·sign(mean − load_i); adaptive = the same "
-        "sign times a per-expert Rprop-style factor (× bias_adaptive_up while the sign persists, × "
-        "bias_adaptive_down when it flips, within [bias_adaptive_min, bias_adaptive_max]·γ); single-process "
-        "trainer only, its state is not checkpointed",
-    )
-    bias_adaptive_up: float = Field(default=1.2, ge=1)
-    bias_adaptive_down: float = Field(default=0.5, gt=0, le=1)
-    bias_adaptive_min: float = Field(default=0.01, gt=0, description="smallest step, in units of γ")
-    bias_adaptive_max: float = Field(default=10.0, gt=0, description="largest step, in units of γ")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False

@@ -15,8 +15,7 @@ in this process; `dsv3.parallel` swaps in one that sends each token to the exper
 holding its experts (all-to-all) and brings the results back, so the model never sees a process group.
 
 Each MoE layer keeps `tokens_per_expert` of its last forward, so the trainer can apply the
-auxiliary-loss-free balancing update (`MoE.update_bias`, b_i += γ·sign(mean load − load_i)), or the
-experimental per-expert adaptive step (`adaptive_balance_step`, Rprop-style; docs/training.md).
+auxiliary-loss-free balancing update (`MoE.update_bias`, b_i += γ·sign(mean load − load_i)).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from dsv3.model.moe_ops import expert_matmul, gather_rows, router_logits, sort_b
 
 __all__ = [
     "MLP", "route", "sequence_balance_loss", "expert_ffn", "ExpertDispatcher", "LocalDispatcher", "Gate",
-    "Experts", "MoE", "adaptive_balance_step",
+    "Experts", "MoE",
 ]
 
 
@@ -97,30 +96,6 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.
     f = hits * (E / (k * T))
     p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
     return (f * p).sum(-1)
-
-
-def adaptive_balance_step(
-    load: torch.Tensor,
-    scale: torch.Tensor,
-    last_sign: torch.Tensor,
-    up: float = 1.2,
-    down: float = 0.5,
-    lo: float = 0.01,
-    hi: float = 10.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rprop-style balancing (experiment): tokens per expert (E,), each expert's step in units of γ
-    and the sign of its last error → (this step's move in units of γ, new scale, new sign), float32.
-
-    The error's sign e_i = sign(mean − load_i) moves the bias as in the sign rule, but by scale_i·γ:
-    scale_i grows by `up` while e_i keeps its sign (an expert far from balance), shrinks by `down` when it
-    flips (a bias oscillating around balance), stays where either sign is 0; clamped to [lo, hi]. No
-    host sync: every op is elementwise on the device."""
-    load = load.float()
-    sign = torch.sign(load.mean() - load)
-    agree = sign * last_sign
-    factor = torch.where(agree > 0, up, torch.where(agree < 0, down, 1.0))
-    scale = (scale * factor).clamp(lo, hi)
-    return sign * scale, scale, sign
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,18 +202,6 @@ class MoE(nn.Module):
         self.register_buffer(
             "tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False
         )
-        # State of the adaptive bias rule (experiment): each expert's step in units of γ and the sign of
-        # its last error. Not persistent: the Hugging Face export and checkpoints are unchanged.
-        self.register_buffer("bias_step_scale", torch.ones(cfg.n_routed_experts), persistent=False)
-        self.register_buffer("bias_last_sign", torch.zeros(cfg.n_routed_experts), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        state = self.bias_step_scale, self.bias_last_sign
-        super()._apply(fn, recurse)
-        if self.bias_step_scale.dtype != torch.float32:  # model.to(bf16): keep the scale exact
-            device = self.bias_step_scale.device
-            self.bias_step_scale, self.bias_last_sign = (t.to(device, torch.float32) for t in state)
-        return self
 
     def forward(self, x: torch.Tensor, balance: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, d) → (output (B, T, d), sequence-wise balance loss averaged over B, or None)."""
@@ -256,30 +219,13 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(
-        self,
-        gamma: float,
-        load: torch.Tensor | None = None,
-        where: torch.Tensor | None = None,
-        rule: str = "sign",
-        adaptive: tuple[float, float, float, float] = (1.2, 0.5, 0.01, 10.0),
+        self, gamma: float, load: torch.Tensor | None = None, where: torch.Tensor | None = None
     ) -> None:
         """Aux-loss-free balancing b_i += γ·sign(mean load − load_i) (default load: the last forward's).
         `where`, a boolean scalar tensor, applies it only where true without reading it on the host (a
-        skipped step moves no bias, and the GPU queue never waits for the flag). rule="adaptive" (an
-        experiment) scales each expert's step by its own Rprop-style factor (`adaptive_balance_step`,
-        with adaptive = (up, down, min, max)); a skipped step changes neither the bias nor that state."""
+        skipped step moves no bias, and the GPU queue never waits for the flag)."""
         load = (self.tokens_per_expert if load is None else load).float()
-        if rule == "adaptive":
-            step, scale, sign = adaptive_balance_step(load, self.bias_step_scale, self.bias_last_sign, *adaptive)
-            if where is not None:
-                scale = torch.where(where, scale, self.bias_step_scale)
-                sign = torch.where(where, sign, self.bias_last_sign)
-            self.bias_step_scale.copy_(scale)
-            self.bias_last_sign.copy_(sign)
-        elif rule == "sign":
-            step = torch.sign(load.mean() - load)
-        else:
-            raise ValueError(f"unknown bias update rule {rule!r}: expected sign or adaptive")
+        step = torch.sign(load.mean() - load)
         if where is not None:
             step = step * where
         self.gate.e_score_correction_bias.add_(step, alpha=gamma)

@@ -141,8 +141,6 @@ class Trainer:
         torch.manual_seed(self.tc.seed)
         self.steps: DistributedSteps | None = None
         if self.distributed:
-            if self.tc.bias_update_rule != "sign":
-                raise ValueError("train.bias_update_rule=adaptive is an experiment of the single-process trainer")
             par = parallelize(cfg, meshes, self.device, torch.bfloat16 if use_bf16 else None, self.n_micro)
             self.model = par.parts
             self.steps = DistributedSteps(cfg, par, self.device, self.autocast)
@@ -255,7 +253,6 @@ class Trainer:
             "tokens_per_step": self.tc.tokens_per_step,
             "unigram_loss": self.unigram,
             "bias_update_speed": describe_bias_update_speed(self.tc),
-            "bias_update_rule": self.tc.bias_update_rule,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
         }
 
@@ -288,11 +285,10 @@ class Trainer:
         finite = torch.isfinite(parts[0]) & torch.isfinite(grad_norm)
         stepped = self._optimizer_step(finite)
         if gamma > 0 and self.steps is not None:
-            self.steps.update_bias(gamma, load, stepped)  # the adaptive rule is refused at startup here
+            self.steps.update_bias(gamma, load, stepped)
         elif gamma > 0:
-            adaptive = (tc.bias_adaptive_up, tc.bias_adaptive_down, tc.bias_adaptive_min, tc.bias_adaptive_max)
             for moe, layer_load in zip(self.model.moe_layers(), load, strict=True):
-                moe.update_bias(gamma, layer_load, stepped, tc.bias_update_rule, adaptive)
+                moe.update_bias(gamma, layer_load, stepped)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         numbers = {"parts": parts, "grad_norm": grad_norm, "finite": finite}
