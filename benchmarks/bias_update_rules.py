@@ -11,7 +11,12 @@ the final LM and validation loss.
         --seeds 1 2 --set train.bias_update_speed=0.0015
 
 Commit 5049522 has the same script comparing bias-update rules (sign, proportional, sign_floor), with
-the option it needs; docs/training.md has what it measured.
+the option it needs; docs/training.md has what it measured. Commit e2fda90 has the per-expert adaptive
+(Rprop-style) rule, which this script runs there with its options as overrides:
+
+    PYTHONPATH=src python benchmarks/bias_update_rules.py --model micro64 --demo /work/main/data/demo \
+        --steps 300 --seeds 1 2 --set train.bias_update_rule=adaptive --set train.bias_adaptive_up=1.2 \
+        --set train.bias_adaptive_down=0.5 --set train.bias_adaptive_min=0.01 --set train.bias_adaptive_max=10
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def measure(records: list[dict], val_loss: float, threshold: float = 2.0) -> dic
     return {
         "balanced_from": balanced_from,
         "peak": round(float(imb.max()), 2),
-        "at": {s: round(float(imb[s - 1]), 2) for s in (10, 25, 50, 100) if s <= len(imb)},
+        "at": {s: round(float(imb[s - 1]), 2) for s in (10, 25, 50, 100, 150, 200, 250) if s <= len(imb)},
         "late_max_mean": round(float(imb[-q:].mean()), 3),
         "final_lm_loss": round(float(np.mean([r["lm_loss"] for r in steps[-10:]])), 4),
         "val_loss": round(val_loss, 4),
