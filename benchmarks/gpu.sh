@@ -5,14 +5,14 @@
 #                                      # kernels.dsv3.txt / kernels.hf.txt (the compiled step's GPU kernels)
 #
 # STEPS picks a subset (default: all, in this order):
-#     parity fast_paths train train_eager train_1b train_ac train_chunked train_8k train_32k serve decode decode_fp8 decode_fp32
+#     parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_8k train_32k serve decode decode_fp8 decode_fp32
 # CUDA_VISIBLE_DEVICES picks the GPU: two instances with different STEPS can share a 2-GPU machine.
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 900); one failing step does not stop the rest.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_chunked train_8k train_32k serve decode decode_fp8 decode_fp32}
+steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_8k train_32k serve decode decode_fp8 decode_fp32}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -36,6 +36,9 @@ step train_1b benchmarks/train_step.py --preset 1b --batch 16 --micro-batch 8 --
     --systems trainer
 step train_ac benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     --activation-checkpointing --systems trainer
+# selective activation checkpointing: GEMM and attention outputs kept, the rest recomputed
+step train_sac benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
+    --activation-checkpointing selective --systems trainer
 # the losses a chunk of 2048 positions at a time (train.loss_chunk_tokens): memory and speed
 step train_chunked benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     --loss-chunk 2048 --systems trainer

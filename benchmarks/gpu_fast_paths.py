@@ -5,9 +5,9 @@ skip compute what the plain path computes; this checks the same on a GPU, where 
 (Inductor's fused Triton code, cuDNN/flash attention, grouped_mm, fused AdamW's CUDA kernel):
 
 - one forward + backward of the same weights and batch: eager (the reference), `compile_blocks()`,
-  activation checkpointing, both together, the chunked loss (`loss_chunk_tokens`) eager and
-  compiled: loss difference and each gradient's largest difference relative to the reference's
-  largest entry, worst and median over parameters. In bf16 these are not
+  activation checkpointing (whole and selective), both together, the chunked loss
+  (`loss_chunk_tokens`) eager and compiled: loss difference and each gradient's largest difference
+  relative to the reference's largest entry, worst and median over parameters. In bf16 these are not
   0: rounding differs between eager and Inductor code, and where two experts' scores nearly tie a
   token's top-k choice can flip, which moves that router's gradient a lot (seen on CPU: the median
   stays small while a gate weight's worst entry moves by tens of per cent); in fp32 all agree to ~1e-6;
@@ -99,6 +99,8 @@ def main() -> None:
     reference = _loss_and_grads(model, ids, autocast)
     model.activation_checkpointing = True
     result["activation_checkpointing"] = _compare(reference, _loss_and_grads(model, ids, autocast))
+    model.activation_checkpointing = "selective"
+    result["selective_checkpointing"] = _compare(reference, _loss_and_grads(model, ids, autocast))
     model.activation_checkpointing = False
     model.loss_chunk_tokens = args.chunk
     result["chunked_loss"] = _compare(reference, _loss_and_grads(model, ids, autocast))

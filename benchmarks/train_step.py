@@ -59,7 +59,9 @@ def _parse() -> argparse.Namespace:
         help="bf16: bf16 parameters and optimizer state; amp: fp32 parameters + bf16 autocast",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile dsv3's blocks (trainer and dsv3)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="dsv3 recomputes each block")
+    p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False,
+                   choices=[True, "selective"],
+                   help="dsv3 recomputes each block (`selective`: all but its GEMM and attention outputs)")
     p.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS",
                    help="dsv3 computes its losses this many positions at a time (train.loss_chunk_tokens)")
     p.add_argument("--mtp", action="store_true", help="dsv3 also trains its MTP depth(s), λ=0.3")

@@ -292,7 +292,10 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | Literal["selective"] = Field(
+        default=False, description="true: recompute every block in the backward, keeping only its "
+        "input; selective: keep its GEMM and attention outputs, recompute the rest (norms, RoPE, SwiGLU)",
+    )
     loss_chunk_tokens: int = Field(
         default=0, ge=0, description="> 0: compute the training losses this many positions at a time, "
         "remaking each chunk's logits in the backward instead of keeping all of them (0 = off; no pipeline)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3.config import load_model_config, preset_names
 from dsv3.model.transformer import IGNORE_INDEX, Transformer
@@ -76,20 +77,38 @@ def test_mtp_depth_sees_the_next_token(make_config):
     assert torch.equal(mtp[:, :4], mtp2[:, :4])
 
 
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                               torch.ops.aten.bmm.default)
+        return func(*args, **(kwargs or {}))
+
+
 def test_activation_checkpointing_gives_the_same_gradients(make_config):
+    """Whole and selective recomputation give the plain gradients; selective remakes no GEMM (its
+    backward runs as many as the plain one), whole recomputation remakes them all."""
     cfg = make_config()
     ids, labels = _batch(cfg)
-    grads = []
-    for ckpt in (False, True):
+    grads, matmuls = [], []
+    for ckpt in (False, True, "selective"):
         model = _model(cfg, seed=1)
         model.activation_checkpointing = ckpt
         out = model.forward_with_losses(ids, labels, mtp_lambda=0.3, balance_alpha=0.01)
-        out.loss.backward()
+        with _CountMatmuls() as counter:
+            out.loss.backward()
+        matmuls.append(counter.count)
         grads.append({n: p.grad for n, p in model.named_parameters()})
         load = model.expert_load()
-    for name, g in grads[0].items():
-        assert torch.allclose(g, grads[1][name], atol=1e-6), name
-    assert load.sum(1).eq(ids.numel() * cfg.num_experts_per_tok).all()  # recompute does not double count
+        assert load.sum(1).eq(ids.numel() * cfg.num_experts_per_tok).all()  # recompute does not double count
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            assert torch.allclose(g, other[name], atol=1e-6), name
+    plain, whole, selective = matmuls
+    assert selective == plain < whole
 
 
 @pytest.mark.parametrize("chunk", [5, 16, 1000])  # ragged last chunk, even chunks, one chunk

@@ -9,7 +9,8 @@ API (what the trainer, generation and the HF interchange build on):
     model.update_bias(gamma)                    # aux-loss-free balancing from each layer's last load
     model.expert_load()                         # (n_moe_layers, E) tokens per expert, last forward
     model.moe_layers(), model.blocks()          # iterate MoE layers / decoder blocks (main, then MTP)
-    model.activation_checkpointing = True       # recompute each block in backward
+    model.activation_checkpointing = True       # recompute each block in backward ("selective": all
+                                                # but its GEMM and attention outputs)
     model.loss_chunk_tokens = 4096              # training losses a chunk of positions at a time
     model.compile_blocks()                      # torch.compile(fullgraph=True) per block
     model.mtp_logits(input_ids)                 # (D, B, T, vocab), e.g. for speculative drafts
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LayerCache
@@ -43,7 +44,7 @@ from dsv3.model.rope import rope_cos_sin, rope_inv_freq
 
 __all__ = [
     "Block", "MTP", "ModelOutput", "Transformer", "INIT_STD", "IGNORE_INDEX", "initial_value",
-    "cross_entropy", "shift_left",
+    "cross_entropy", "shift_left", "run_block",
 ]
 
 INIT_STD = 0.006  # DeepSeek-V3 §4.2: every learnable matrix ~ N(0, 0.006²)
@@ -138,6 +139,34 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+# Selective activation checkpointing keeps what is costly to compute again (the outputs of GEMMs and of
+# attention) and remakes the rest in the backward: norms, RoPE, SwiGLU's element-wise part, routing,
+# the gathers into expert order. Ops that do not exist in a build are skipped.
+_SAVED_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _save_matmuls():
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def run_block(block: nn.Module, *args, checkpointing: bool | str = False):
+    """block(*args), recomputed in the backward when `checkpointing` is true (all of it, keeping its
+    input) or "selective" (all but its GEMM and attention outputs); no recomputation without grad."""
+    if checkpointing and torch.is_grad_enabled():
+        extra = {"context_fn": _save_matmuls} if checkpointing == "selective" else {}
+        return checkpoint(block, *args, use_reentrant=False, **extra)
+    return block(*args)
+
+
 def _summed_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Σ cross-entropy of head(h) (M, d) against targets (M,) in float32: one chunk of a chunked loss."""
     return F.cross_entropy(head(h).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -202,9 +231,7 @@ class Transformer(nn.Module):
         return rope_cos_sin(self.rope_inv_freq, positions, self.rope_attention_factor)
 
     def _run(self, block: nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(block, *args, checkpointing=self.activation_checkpointing)
 
     def _hidden_states(
         self,

@@ -51,10 +51,10 @@ class ParallelModel:
         return [(index[n], m) for n, m in self.parts.named_modules() if isinstance(m, MoE)]
 
 
-def apply_ac(roots: list[nn.Module]) -> None:
-    """Recompute every block in backward (the modules' own `activation_checkpointing` switch)."""
+def apply_ac(roots: list[nn.Module], mode: bool | str = True) -> None:
+    """Recompute every block in backward, whole or selectively (the modules' own switch)."""
     for root in roots:
-        root.activation_checkpointing = True
+        root.activation_checkpointing = mode
 
 
 def apply_compile(blocks: list[nn.Module], fullgraph: bool) -> None:
@@ -110,7 +110,7 @@ def parallelize(
     if p.ep > 1:
         apply_ep([m for m in parts.modules() if isinstance(m, MoE)], meshes.ep)
     if tc.activation_checkpointing:
-        apply_ac(roots)
+        apply_ac(roots, tc.activation_checkpointing)
     if tc.compile:
         apply_compile(blocks, fullgraph=p.ep == 1 and p.tp == 1)
     if p.dp > 1:

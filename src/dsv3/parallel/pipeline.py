@@ -34,12 +34,11 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleZBVZeroBubble,
 )
-from torch.utils.checkpoint import checkpoint
 
 from dsv3.config import ParallelConfig
 from dsv3.model.moe import MoE
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
-from dsv3.model.transformer import IGNORE_INDEX, Transformer, cross_entropy, shift_left
+from dsv3.model.transformer import IGNORE_INDEX, Transformer, cross_entropy, run_block, shift_left
 from dsv3.scaling.layout import rank_stages, stage_units
 
 __all__ = ["Stage", "LossParts", "pipeline_loss", "split_stages", "build_schedule", "forward_only"]
@@ -78,9 +77,7 @@ class Stage(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def _run(self, block: nn.Module, *args):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(block, *args, checkpointing=self.activation_checkpointing)
 
     def _add(self, aux: torch.Tensor | None, a: torch.Tensor | None) -> torch.Tensor | None:
         return aux if a is None else a.reshape(1) if aux is None else aux + a.reshape(1)

@@ -277,11 +277,12 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
     over dp_shard (16 bytes per parameter), plus bf16 compute copies. Routed experts are split over ep
     (then FSDP over the rest of dp_shard), attention and dense FFN matrices over tp, blocks over the
     pipeline stages as the trainer cuts them (`dsv3.scaling.layout`; the heaviest pp rank is reported).
-    Activations are those of recomputation when `train.activation_checkpointing` is on.
+    Activations are those of recomputation when `train.activation_checkpointing` is true; selective
+    recomputation is counted as none (an upper bound: it keeps the GEMM and attention outputs).
     """
     n_micro = max(1, train.global_batch_size // (train.micro_batch_size * parallel.dp))
     return estimate_memory(
         memory_profile(cfg), parallel, seq_len=train.seq_len, micro_batch=train.micro_batch_size,
         n_micro=n_micro,
-        recompute=train.activation_checkpointing,
+        recompute=train.activation_checkpointing is True,
     )
