@@ -109,6 +109,8 @@ def main() -> None:
     result["compiled"] = _compare(reference, _loss_and_grads(model, ids, autocast))
     model.activation_checkpointing = True
     result["compiled_and_checkpointed"] = _compare(reference, _loss_and_grads(model, ids, autocast))
+    model.activation_checkpointing = "selective"
+    result["compiled_and_selective"] = _compare(reference, _loss_and_grads(model, ids, autocast))
     model.activation_checkpointing = False
     model.loss_chunk_tokens = args.chunk
     result["compiled_and_chunked_loss"] = _compare(reference, _loss_and_grads(model, ids, autocast))
