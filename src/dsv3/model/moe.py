@@ -211,9 +211,12 @@ class MoE(nn.Module):
         order, ends = sort_by_expert(indices, self.n_experts)
         with torch.no_grad():
             self.tokens_per_expert.copy_(torch.diff(ends, prepend=ends.new_zeros(1)))
+        # The shared expert first: under expert parallelism its GEMMs are queued on the GPU while the
+        # host waits for the routed tokens' counts from the other ranks.
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
         y = self.experts(flat, weights, indices, order, ends).view(B, T, d)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        if shared is not None:
+            y = y + shared
         aux = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1)).mean() if balance else None
         return y, aux
 
