@@ -97,23 +97,19 @@ def main() -> None:
                     "seq": args.seq}
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16")
     reference = _loss_and_grads(model, ids, autocast)
-    model.activation_checkpointing = True
-    result["activation_checkpointing"] = _compare(reference, _loss_and_grads(model, ids, autocast))
-    model.activation_checkpointing = "selective"
-    result["selective_checkpointing"] = _compare(reference, _loss_and_grads(model, ids, autocast))
-    model.activation_checkpointing = False
-    model.loss_chunk_tokens = args.chunk
-    result["chunked_loss"] = _compare(reference, _loss_and_grads(model, ids, autocast))
-    model.loss_chunk_tokens = 0
+
+    def check(name: str, checkpointing: bool | str = False, chunk: int = 0) -> None:
+        model.activation_checkpointing, model.loss_chunk_tokens = checkpointing, chunk
+        result[name] = _compare(reference, _loss_and_grads(model, ids, autocast))
+
+    check("activation_checkpointing", True)
+    check("selective_checkpointing", "selective")
+    check("chunked_loss", chunk=args.chunk)
     model.compile_blocks()
-    result["compiled"] = _compare(reference, _loss_and_grads(model, ids, autocast))
-    model.activation_checkpointing = True
-    result["compiled_and_checkpointed"] = _compare(reference, _loss_and_grads(model, ids, autocast))
-    model.activation_checkpointing = "selective"
-    result["compiled_and_selective"] = _compare(reference, _loss_and_grads(model, ids, autocast))
-    model.activation_checkpointing = False
-    model.loss_chunk_tokens = args.chunk
-    result["compiled_and_chunked_loss"] = _compare(reference, _loss_and_grads(model, ids, autocast))
+    check("compiled")
+    check("compiled_and_checkpointed", True)
+    check("compiled_and_selective", "selective")
+    check("compiled_and_chunked_loss", chunk=args.chunk)
     result["fused_adamw_found_inf"] = _fused_adamw_flag(device)
     print(json.dumps(result), flush=True)
 
