@@ -92,6 +92,8 @@ class Codec(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decode(self, ids: list[int]) -> str: ...
 
 
@@ -155,17 +157,32 @@ class CausalLM:
     # --- log-likelihoods ---------------------------------------------------------------------
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        context_ids = self.codec.encode(context) if context else []
-        whole = self.codec.encode(context + continuation)
-        return self.codec.prefix + context_ids, whole[len(context_ids) :]
+        return self.encode_pairs([(context, continuation)])[0]
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(context, continuation) texts → (prefix + context ids, continuation ids), lm-eval's way:
+        the continuation's ids are those of context + continuation after the context's, and spaces
+        ending the context move to the continuation. Each distinct text is encoded once, in batches
+        (a multiple-choice question's context serves all its choices; MMLU's 56k requests have 14k)."""
+        split = []
+        for context, continuation in pairs:
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            split.append((context, context + continuation))
+        texts = list(dict.fromkeys(t for pair in split for t in pair if t))
+        ids = dict(zip(texts, self.codec.encode_batch(texts), strict=True)) if texts else {}
+        ids[""] = []
+        out = []
+        for context, whole in split:
+            context_ids = ids[context]
+            out.append((self.codec.prefix + context_ids, ids[whole][len(context_ids) :]))
+        return out
 
     def loglikelihood(
         self, requests: Sequence[LoglikelihoodRequest], progress: Progress = None
     ) -> list[Loglikelihood]:
-        pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
+        pairs = self.encode_pairs([(r.context, r.continuation) for r in requests])
         return self.score_tokens(pairs, progress)
 
     def loglikelihood_rolling(self, texts: Sequence[str], progress: Progress = None) -> list[float]:
