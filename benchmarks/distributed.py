@@ -107,11 +107,14 @@ def run_config(out: Path, name: str, toy: bool) -> tuple[int, list[str]]:
     return n, overrides
 
 
-def run(out: Path, name: str, toy: bool, compile_: bool, keep: bool = False) -> dict:
+def run(
+    out: Path, name: str, toy: bool, compile_: bool, keep: bool = False, extra: list[str] | None = None
+) -> dict:
     """One training run through the CLI; its summary line."""
     n, overrides = run_config(out, name, toy)
     if compile_:
         overrides.append("train.compile=true")
+    overrides += extra or []
     cfg = load_run_config("small", overrides)
     shutil.rmtree(out / name, ignore_errors=True)  # a rerun starts over
     (out / name).mkdir(parents=True)
@@ -195,6 +198,8 @@ def main() -> None:
     p.add_argument("--toy", action="store_true", help="toy size on CPU ranks (gloo): checks the script")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks in every run")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (15 GB each)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further config override for the runs, e.g. train.profile_steps=3 (repeatable)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "data":
@@ -202,10 +207,12 @@ def main() -> None:
     elif args.what == "run":
         if args.name is None:
             p.error("run: name one of " + ", ".join(RUNS))
-        print(json.dumps(run(args.out, args.name, args.toy, args.compile, args.keep_checkpoints)), flush=True)
+        summary = run(args.out, args.name, args.toy, args.compile, args.keep_checkpoints, args.set)
+        print(json.dumps(summary), flush=True)
     else:
         for name in [n for n in RUNS if not (args.toy and n == "fsdp-offload")] if args.what == "all" else []:
-            print(json.dumps(run(args.out, name, args.toy, args.compile, args.keep_checkpoints)), flush=True)
+            summary = run(args.out, name, args.toy, args.compile, args.keep_checkpoints, args.set)
+            print(json.dumps(summary), flush=True)
         for line in report(args.out):
             print(json.dumps(line), flush=True)
 

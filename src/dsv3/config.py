@@ -317,6 +317,13 @@ class TrainConfig(_Strict):
     wandb_project: str = "dsv3"
     sample_prompt: str | None = None
     sample_tokens: int = Field(default=48, ge=0)
+    profile_steps: int = Field(
+        default=0, ge=0, description="> 0: record this many steps with torch.profiler (every rank writes "
+        "a kernel table and a Chrome trace under output_dir/profile/; 0 = off)",
+    )
+    profile_from: int = Field(
+        default=10, gt=0, description="the first profiled step (after warm-up and compilation)"
+    )
 
     @field_validator("bias_update_speed", mode="before")
     @classmethod

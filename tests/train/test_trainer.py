@@ -279,6 +279,22 @@ def test_tensorboard_and_metrics_files(tmp_path, corpus_shards):
     assert ev["router_entropy"][1] is None  # the MTP layer does not run when validating the LM
 
 
+def test_profile_window_writes_a_kernel_table_and_a_trace(tmp_path, corpus_shards):
+    result = train(micro_run(tmp_path / "run", *corpus_shards, "train.steps=6", "train.profile_from=3",
+                             "train.profile_steps=2"))
+    profile = result.output_dir / "profile"
+    table = (profile / "rank0.txt").read_text()
+    assert "steps 3-4 (2), rank 0" in table and "aten::mm" in table  # the model's GEMMs were recorded
+    assert json.loads((profile / "rank0.json").read_text())["traceEvents"]
+    assert not list(profile.glob(".*tmp*"))
+
+
+def test_a_profile_window_past_the_end_still_writes(tmp_path, corpus_shards):
+    result = train(micro_run(tmp_path / "run", *corpus_shards, "train.steps=3", "train.profile_from=2",
+                             "train.profile_steps=5"))
+    assert (result.output_dir / "profile" / "rank0.txt").is_file()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_wandb_without_the_package_is_one_line(tmp_path, capsys, corpus_shards):
     cfg = micro_run(tmp_path / "run", *corpus_shards, "train.wandb=true")

@@ -41,6 +41,7 @@ from dsv3.train.loader import build_data
 from dsv3.train.metrics import CollapseMonitor, expert_load_stats, peak_memory
 from dsv3.train.optim import bias_update_speed, build_optimizer, describe_bias_update_speed, lr_at, set_lr
 from dsv3.train.plots import plot_run
+from dsv3.train.profiler import StepProfiler
 from dsv3.train.readback import HostCopy
 from dsv3.train.saver import CheckpointWriter
 from dsv3.train.sharded import load_full_checkpoint, load_sharded_checkpoint
@@ -448,9 +449,12 @@ class Trainer:
         last_ckpt = self.resume_from
         self.rate_mark = (time.perf_counter(), self.step)  # (time, step) tokens/s is counted from
         pending: PendingStep | None = None
+        profiler = StepProfiler(self.out, self.rank, tc.profile_from, tc.profile_steps, self.device)
         try:
             while self.step < tc.steps:
+                profiler.before_step(self.step + 1)
                 queued = self._queue_step()
+                profiler.after_step(self.step)
                 self.saver.prepare(self.model, self.optimizer)  # once: the optimizer has state now
                 if pending is not None:  # the previous step's numbers, read while this one runs
                     self._report(self._read_step(pending), t_start)
@@ -464,6 +468,7 @@ class Trainer:
                 if self.step % tc.save_every == 0 or self.step == tc.steps:
                     last_ckpt = self.save()
                     self.rate_mark = (time.perf_counter(), self.rate_mark[1])  # saves are not training time
+            profiler.stop()  # a run shorter than its window still writes what it recorded
             if self.last_eval is None:  # resumed a finished run: report where it stands
                 self._emit(self.evaluate())
             self.saver.close()
