@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from dsv3.model.moe import MoE, route, sequence_balance_loss
-from dsv3.model.moe_ops import expert_matmul, grouped_mm_supported, padded_expert_mm, sort_by_expert
+from dsv3.model.moe_ops import (
+    expert_matmul,
+    gather_rows,
+    grouped_mm_supported,
+    padded_expert_mm,
+    pair_weighted_sum,
+    sort_by_expert,
+    weighted_sum,
+)
 
 
 def _logits(n: int, e: int, seed: int = 0) -> torch.Tensor:
@@ -193,3 +201,47 @@ def test_router_bias_stays_float32_in_bf16_models(make_config):
     assert moe.gate.e_score_correction_bias[0].item() == pytest.approx(0.123456789, abs=1e-8)
     moe.update_bias(1e-4, load=torch.arange(8.0))  # a step bf16 would have rounded away
     assert moe.gate.e_score_correction_bias[0].item() == pytest.approx(0.123456789 + 1e-4, abs=1e-8)
+
+
+def test_gather_rows_in_bf16_equals_gathering_float32_rows_then_casting():
+    """The experts' rows are gathered after the cast; values and the float32 gradient are unchanged."""
+    torch.manual_seed(0)
+    N, k, d = 7, 3, 16
+    order = torch.randperm(N * k)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k))
+    x = torch.randn(N, d, requires_grad=True)
+    g = torch.randn(N * k, d).to(torch.bfloat16)
+    got = gather_rows(x, order // k, inverse, k, torch.bfloat16)
+    (got.float() * g.float()).sum().backward()
+    grad, x.grad = x.grad, None
+    want = x.index_select(0, order // k).to(torch.bfloat16)
+    (want.float() * g.float()).sum().backward()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_pair_weighted_sum_equals_the_dense_weighted_sum_with_grads():
+    """Pairs in any order, some slots empty (their expert on another rank): same sums and gradients."""
+    torch.manual_seed(1)
+    M, k, d = 5, 4, 8
+    present = torch.rand(M, k) < 0.6
+    present[:, 0] = True
+    where = present.view(-1).nonzero().squeeze(1)  # the pairs' row · k + slot
+    by_pair = where[torch.randperm(where.numel())]  # any order, as sorting by expert gives
+    P = by_pair.numel()
+    y = torch.randn(P, d, requires_grad=True)
+    w = (torch.rand(M, k) * present).requires_grad_()
+    slot_pair = torch.full((M * k,), P, dtype=torch.long)
+    slot_pair[by_pair] = torch.arange(P)
+    out = pair_weighted_sum(w, y, slot_pair.view(M, k), by_pair // k)
+    g = torch.randn(M, d)
+    (out * g).sum().backward()
+    got = (out.detach(), w.grad, y.grad)
+    w.grad = y.grad = None
+    dense = y.new_zeros(M * k, d).index_copy(0, by_pair, y).view(M, k, d)
+    want = weighted_sum(w, dense)
+    (want * g).sum().backward()
+    torch.testing.assert_close(got[0], want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], w.grad * present, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[2], y.grad, rtol=1e-6, atol=1e-6)

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.moe_ops import expert_matmul, gather_rows, router_logits, sort_by_expert, weighted_sum
+from dsv3.model.moe_ops import (
+    compute_dtype,
+    expert_matmul,
+    gather_rows,
+    router_logits,
+    sort_by_expert,
+    weighted_sum,
+)
 
 __all__ = [
     "MLP", "route", "sequence_balance_loss", "expert_ffn", "ExpertDispatcher", "LocalDispatcher", "Gate",
@@ -163,7 +170,7 @@ class LocalDispatcher:
     ) -> torch.Tensor:
         N, k = weights.shape
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        xs = gather_rows(x, order // k, inverse, k)  # (N·k, d) sorted by expert
+        xs = gather_rows(x, order // k, inverse, k, compute_dtype(x))  # (N·k, d) sorted by expert
         ys = expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj)
         ys = gather_rows(ys, inverse, order, 1).view(N, k, -1)  # back to (token, slot)
         return weighted_sum(weights, ys)

@@ -19,6 +19,8 @@ __all__ = [
     "expert_matmul",
     "gather_rows",
     "weighted_sum",
+    "pair_weighted_sum",
+    "compute_dtype",
     "router_logits",
 ]
 
@@ -141,25 +143,65 @@ class _WeightedSum(torch.autograd.Function):
 
 
 class _GatherRows(torch.autograd.Function):
-    """out = x[index], where index reads every row of x exactly `fold` times.
+    """out = x[index] in `dtype`, where index reads every row of x exactly `fold` times.
 
-    The backward gathers with the inverse permutation and sums the `fold` copies, instead of the
-    scatter-add autograd would use: deterministic, and no atomics on bf16.
+    Casting before gathering moves the k copies in the experts' dtype (bf16 under autocast) instead
+    of gathering float32 rows and casting each copy. The backward gathers with the inverse permutation
+    and sums the `fold` copies in x's dtype, instead of the scatter-add autograd would use:
+    deterministic, no atomics, and the same float32 sum as gathering float32 rows.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int, dtype: torch.dtype | None
+    ) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        ctx.fold = fold
-        return x.index_select(0, index)
+        ctx.fold, ctx.in_dtype = fold, x.dtype
+        return x.to(dtype or x.dtype).index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
         g = grad.index_select(0, inverse)  # back in (row, copy) order
         if ctx.fold > 1:
-            g = g.view(-1, ctx.fold, g.shape[-1]).sum(1)
-        return g, None, None, None
+            return g.view(-1, ctx.fold, g.shape[-1]).sum(1, dtype=ctx.in_dtype), None, None, None, None
+        return g.to(ctx.in_dtype), None, None, None, None
+
+
+class _PairWeightedSum(torch.autograd.Function):
+    """out (M, d) = Σ over a row's pairs p of w[p] · y[p], from y (P, d) with pairs in any order.
+
+    `slot_pair` (M, k) names each row's pair in slot order (P, a zero row, where a slot has none), so
+    the float32 sum runs over a row's slots in a fixed order — the order `_WeightedSum` uses — without
+    an (M, k, d) copy of y being kept for the backward (expert parallelism: a received token has only
+    its experts on this rank, 1 to k of its k slots).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, w: torch.Tensor, y: torch.Tensor, slot_pair: torch.Tensor, row: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(w, y, slot_pair, row)
+        padded = torch.cat([y, y.new_zeros(1, y.shape[1])])
+        out = torch.zeros(slot_pair.shape[0], y.shape[1], dtype=torch.float32, device=y.device)
+        for j in range(slot_pair.shape[1]):
+            out += w[:, j : j + 1].float() * padded.index_select(0, slot_pair[:, j]).float()
+        return out.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, y, slot_pair, row = ctx.saved_tensors
+        g = grad.float().index_select(0, row)  # (P, d) the gradient of each pair's row
+        # w (M, k) in pair order: the pair p sits at (row[p], its slot); slot_pair inverts that.
+        pair_w = torch.zeros(y.shape[0] + 1, dtype=w.dtype, device=w.device)
+        pair_w.index_put_((slot_pair.view(-1),), w.reshape(-1))  # unique pairs; the zero row takes junk
+        grad_y = (g * pair_w[:-1, None].float()).to(y.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            per_pair = torch.cat([(g * y.float()).sum(-1), g.new_zeros(1)])  # (P + 1,)
+            grad_w = per_pair.index_select(0, slot_pair.view(-1)).view_as(w).to(w.dtype)
+            grad_w = torch.where(slot_pair < y.shape[0], grad_w, 0)
+        return grad_w, grad_y, None, None
 
 
 class _Bf16RouterLogits(torch.autograd.Function):
@@ -188,11 +230,29 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int) -> torch.Tensor:
-    """x[index] (see `_GatherRows`): `index` reads every row of x `fold` times, `inverse` undoes it."""
-    return _GatherRows.apply(x, index, inverse, fold)
+def gather_rows(
+    x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x[index] in `dtype` (default x's; see `_GatherRows`): `index` reads every row of x `fold` times,
+    `inverse` undoes it."""
+    return _GatherRows.apply(x, index, inverse, fold, dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's GEMMs run in: autocast's where it is on (bf16 on a GPU), else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def weighted_sum(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Σ_k w (N, k) · y (N, k, d) → (N, d), accumulated in float32 (see `_WeightedSum`)."""
     return _WeightedSum.apply(w, y)
+
+
+def pair_weighted_sum(
+    w: torch.Tensor, y: torch.Tensor, slot_pair: torch.Tensor, row: torch.Tensor
+) -> torch.Tensor:
+    """Σ over each row's (row, slot) pairs of w (M, k) · y (P, d) → (M, d) in y's dtype, float32 sums;
+    slot_pair (M, k): a slot's pair index or P; row (P,): each pair's row (see `_PairWeightedSum`)."""
+    return _PairWeightedSum.apply(w, y, slot_pair, row)

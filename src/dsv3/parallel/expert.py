@@ -12,6 +12,7 @@ instead of 6, in both directions of the forward and of the backward. Per MoE for
      slots each row has on its destination (−1 / 0 for the others);
   3. runs each received row through its local experts (grouped GEMMs over the (row, expert) pairs
      sorted by expert) and sums them with their weights, in float32, into one row;
+     rows travel in the experts' dtype (bf16 under autocast), their gradients back in float32;
   4. combines: the reverse all_to_all_single sends each row's partial sum back, and the token's rank
      adds up the partial sums of its ranks.
 
@@ -32,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from dsv3.model.moe import MoE, expert_ffn
-from dsv3.model.moe_ops import weighted_sum
+from dsv3.model.moe_ops import compute_dtype, pair_weighted_sum
 
 __all__ = ["AllToAllDispatcher", "apply_ep"]
 
@@ -53,6 +54,36 @@ class _AllToAll(torch.autograd.Function):
         back = grad.new_empty(sum(in_sizes), *grad.shape[1:])
         dist.all_to_all_single(back, grad.contiguous(), in_sizes, out_sizes, group=ctx.group)
         return back, None, None, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """x (N, d) → the (row, expert) inputs of this rank's experts (P, d), in the experts' dtype.
+
+    Forward: x is cast to `dtype` (bf16 under autocast: half the bytes of float32 rows), its rows
+    `token` (S,) go out with all_to_all_single (send sizes `in_sizes`, receive `out_sizes`), and the
+    received rows are repeated as `row` (P,) says. Backward: the pairs' gradients are summed per row,
+    sent back and summed per token in float32 — the sums autograd would form through float32 rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token, row, out_sizes, in_sizes, group, dtype) -> torch.Tensor:
+        ctx.save_for_backward(token, row)
+        ctx.sizes, ctx.group, ctx.x_shape, ctx.x_dtype = (out_sizes, in_sizes), group, x.shape, x.dtype
+        send = x.to(dtype).index_select(0, token)
+        received = send.new_empty(sum(out_sizes), x.shape[1])
+        dist.all_to_all_single(received, send, out_sizes, in_sizes, group=group)
+        return received.index_select(0, row)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        token, row = ctx.saved_tensors
+        out_sizes, in_sizes = ctx.sizes
+        per_row = grad.new_zeros(sum(out_sizes), grad.shape[1], dtype=torch.float32)
+        per_row.index_add_(0, row, grad.float())
+        back = per_row.new_empty(sum(in_sizes), grad.shape[1])
+        dist.all_to_all_single(back, per_row, in_sizes, out_sizes, group=ctx.group)
+        grad_x = back.new_zeros(ctx.x_shape).index_add_(0, token, back)
+        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -92,22 +123,22 @@ class AllToAllDispatcher:
         local_expert = torch.where(mine, indices.index_select(0, token) - (rank * El).unsqueeze(1), -1)
         slot_weight = weights.index_select(0, token) * mine  # (S, k), 0 for the other ranks' slots
 
-        x_in = _AllToAll.apply(x.index_select(0, token), recv_sizes, send_sizes, self.group)  # (M, d)
         w_in = _AllToAll.apply(slot_weight, recv_sizes, send_sizes, self.group)  # (M, k)
         e_in = local_expert.new_empty(sum(recv_sizes), k)
         dist.all_to_all_single(e_in, local_expert, recv_sizes, send_sizes, group=self.group)
 
         # Each received row's (row, local expert) pairs, grouped by expert; the others' slots last.
         key = torch.where(e_in >= 0, e_in, El).view(-1)  # (M·k,)
-        by_expert = key.argsort(stable=True)[:n_pairs]  # (P,)
+        by_expert = key.argsort(stable=True)[:n_pairs]  # (P,) the pairs' (row · k + slot)
         row = by_expert // k
         local_ends = recv[:, 1:].sum(0).cumsum(0)  # (El,)
-        ys = expert_ffn(x_in.index_select(0, row), local_ends,
-                        _local(experts.gate_up_proj), _local(experts.down_proj))  # (P, d)
-        # Back to (row, slot) places, zeros where a slot's expert is elsewhere (its weight is 0 too),
-        # and one weighted sum per row in a fixed order: the same float32 sum as one process.
-        slots = ys.new_zeros(x_in.shape[0] * k, ys.shape[1]).index_copy(0, by_expert, ys)
-        partial = weighted_sum(w_in, slots.view(x_in.shape[0], k, ys.shape[1]))  # (M, d)
+        xs = _Dispatch.apply(x, token, row, recv_sizes, send_sizes, self.group, compute_dtype(x))  # (P, d)
+        ys = expert_ffn(xs, local_ends, _local(experts.gate_up_proj), _local(experts.down_proj))  # (P, d)
+        # One weighted sum per received row over its slots in a fixed order: the same float32 sum as
+        # one process (a slot whose expert is elsewhere has weight 0 and no pair).
+        slot_pair = torch.full((e_in.shape[0] * k,), n_pairs, dtype=torch.long, device=x.device)
+        slot_pair[by_expert] = torch.arange(n_pairs, device=x.device)
+        partial = pair_weighted_sum(w_in, ys, slot_pair.view(-1, k), row)  # (M, d)
 
         back = _AllToAll.apply(partial, send_sizes, recv_sizes, self.group)  # (S, d) in send order
         out = torch.zeros(N, back.shape[1], dtype=torch.float32, device=back.device)
