@@ -35,7 +35,7 @@ from dsv3.scaling import (
     training_flops_per_token,
     training_hours,
 )
-from dsv3.scaling.memory import memory_profile
+from dsv3.scaling.memory import EAGER_ACTIVATION_FACTOR, memory_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,13 +225,54 @@ def test_fsdp_shards_states_and_recompute_saves_activations():
     assert eight.weights < one.weights / 4 and eight.gradients < one.gradients / 4
     assert eight.activations_recompute < eight.activations
     _, rc = _mem("small", {"activation_checkpointing": True}, gpus=8, dp_shard=8, ep=8)
-    assert rc.total == eight.total - eight.activations + eight.activations_recompute
+    assert rc.active_activations == eight.activations_recompute
+    assert eight.active_activations == eight.activations > rc.active_activations
+    assert rc.total < eight.total
+
+
+def test_selective_recomputation_keeps_between_full_recomputation_and_none():
+    _, none = _mem("small", {"micro_batch_size": 4, "global_batch_size": 8}, gpus=1)
+    _, full = _mem("small", {"micro_batch_size": 4, "global_batch_size": 8, "activation_checkpointing": True},
+                   gpus=1)
+    _, sel = _mem("small", {"micro_batch_size": 4, "global_batch_size": 8,
+                            "activation_checkpointing": "selective"}, gpus=1)
+    assert full.active_activations < sel.active_activations < none.active_activations
+    assert full.total < sel.total < none.total
+    assert sel.activations_selective == none.activations_selective  # the same profile, another choice
+
+
+def test_chunked_losses_drop_every_heads_logits_but_one_chunk():
+    batch = {"micro_batch_size": 4, "global_batch_size": 8, "seq_len": 1024, "compile": True}
+    cfg, whole = _mem("small", batch, gpus=1)
+    _, chunked = _mem("small", {**batch, "loss_chunk_tokens": 512}, gpus=1)
+    logits = memory_profile(cfg).logits  # bytes a token, one head
+    heads = 1 + cfg.num_nextn_predict_layers
+    assert logits == 6 * cfg.vocab_size
+    assert whole.activations - chunked.activations == heads * logits * 4 * 1024 - 2 * logits * 512
+
+
+def test_an_eager_step_keeps_more_activations_than_a_compiled_one():
+    _, compiled = _mem("small", {"compile": True}, gpus=1)
+    _, eager = _mem("small", {"compile": False}, gpus=1)
+    assert eager.activations == pytest.approx(EAGER_ACTIVATION_FACTOR * compiled.activations, rel=1e-6)
+    assert (eager.weights, eager.gradients, eager.optimizer) == (
+        compiled.weights, compiled.gradients, compiled.optimizer)
+
+
+def test_gradients_overlap_activations_only_when_they_accumulate():
+    """One micro-batch: gradients are made as activations are freed (peak: the larger of the two);
+    accumulation keeps every gradient through the next micro-batches' forwards (peak: the sum)."""
+    _, one = _mem("small", {"micro_batch_size": 8, "global_batch_size": 8}, gpus=1)
+    _, two = _mem("small", {"micro_batch_size": 8, "global_batch_size": 16}, gpus=1)
+    assert not one.gradients_in_forward and two.gradients_in_forward
+    assert one.total == one.weights + one.optimizer + max(one.gradients, one.activations)
+    assert two.total == two.weights + two.optimizer + two.gradients + two.activations
 
 
 def test_activations_scale_with_micro_batch_and_tp_splits_heads_and_ffn_widths():
-    cfg, m4 = _mem("5b", {"micro_batch_size": 4}, gpus=8, dp_shard=8)
-    _, m2 = _mem("5b", {"micro_batch_size": 2}, gpus=8, dp_shard=8)
-    _, tp2 = _mem("5b", {"micro_batch_size": 4}, gpus=8, dp_shard=4, tp=2)
+    cfg, m4 = _mem("5b", {"micro_batch_size": 4, "compile": True}, gpus=8, dp_shard=8)
+    _, m2 = _mem("5b", {"micro_batch_size": 2, "compile": True}, gpus=8, dp_shard=8)
+    _, tp2 = _mem("5b", {"micro_batch_size": 4, "compile": True}, gpus=8, dp_shard=4, tp=2)
     assert m4.activations == pytest.approx(2 * m2.activations, rel=1e-6)
     # tp halves the per-head tensors and the dense/shared FFN widths; routed experts and norms stay whole
     prof = memory_profile(cfg)

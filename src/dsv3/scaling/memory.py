@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from dsv3.config import ModelConfig, ParallelConfig, TrainConfig
 from dsv3.scaling.layout import rank_stages, reshards_after_forward, stage_units
@@ -30,6 +30,11 @@ FP8_SCALE_BYTES = 4  # one fp32 scale per token per layer for an fp8 KV cache
 MASTER_BYTES, GRAD_BYTES, OPTIM_BYTES, COMPUTE_BYTES = 4, 4, 8, 2
 ACT_BYTES = 2  # activations are bf16
 LOGIT_BYTES = ACT_BYTES + 4  # bf16 logits plus the fp32 copy cross-entropy works on
+# An eager (uncompiled) bf16-autocast step with fp32 master weights saves this much more than the
+# activations counted here: the residual stream, norm inputs and temporaries stay float32 and every
+# element-wise op keeps its own output. Measured by counting what autograd saves
+# (`benchmarks/saved_activations.py --preset small`: 1.33x and 1.31x at T = 192 and 384, CPU).
+EAGER_ACTIVATION_FACTOR = 1.32
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,22 @@ def _layer_activation_bytes(cfg: ModelConfig, moe: bool) -> _Acts:
                  ACT_BYTES * (attn_whole + norm + routed) + 4 * cfg.n_routed_experts)
 
 
+def _layer_selective_bytes(cfg: ModelConfig, moe: bool) -> _Acts:
+    """Bytes per token a block keeps under selective recomputation (`train.activation_checkpointing:
+    selective`): its input, every GEMM's output and the attention output with its softmax statistics;
+    what lies between them (norms, RoPE, SwiGLU's product, routing, gathers) is remade in the backward."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    # per head (split by tp): q_b and kv_b outputs, the attention output
+    heads = h * cfg.qk_head_dim + h * (cfg.qk_nope_head_dim + cfg.v_head_dim) + h * cfg.v_head_dim
+    whole = d + (cfg.q_lora_rank or 0) + cfg.kv_latent_dim + d  # input, q_a / kv_a / o_proj outputs
+    if not moe:  # gate and up outputs (split), down_proj output
+        return _Acts(ACT_BYTES * (heads + 2 * cfg.intermediate_size) + 4 * h, ACT_BYTES * (whole + d))
+    shared = 2 * cfg.n_shared_experts * cfg.moe_intermediate_size  # shared gate/up outputs (split)
+    routed = cfg.num_experts_per_tok * (2 * cfg.moe_intermediate_size + d)  # grouped GEMM outputs per copy
+    return _Acts(ACT_BYTES * (heads + shared) + 4 * h,  # + float32 softmax statistics
+                 ACT_BYTES * (whole + d + routed) + 4 * cfg.n_routed_experts)  # shared down; router logits
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per GPU on the heaviest pipeline rank for one layout (see `memory_per_gpu`)."""
@@ -119,14 +140,28 @@ class MemoryEstimate:
     optimizer: int
     activations: int  # without recomputation
     activations_recompute: int  # full recomputation of every block
-    recompute: bool  # which of the two the layout uses
+    recompute: bool | Literal["selective"]  # which the layout uses (train.activation_checkpointing)
     stage: int  # the pipeline rank reported
     micro_batches_in_flight: float
+    activations_selective: int = 0  # selective recomputation: blocks keep GEMM and attention outputs
+    # Gradients live through the forward only when they accumulate over micro-batches (or stages);
+    # otherwise the step frees them (set to None) and the backward makes them as it frees activations.
+    gradients_in_forward: bool = True
+
+    @property
+    def active_activations(self) -> int:
+        """The activations of the layout's recomputation choice."""
+        if self.recompute == "selective":
+            return self.activations_selective
+        return self.activations_recompute if self.recompute else self.activations
 
     @property
     def total(self) -> int:
-        act = self.activations_recompute if self.recompute else self.activations
-        return self.weights + self.gradients + self.optimizer + act
+        act = self.active_activations
+        # Without accumulation the backward's peak is the larger of the activations (its start) and
+        # the gradients (its end): layer by layer, one is freed as the other is made.
+        held = self.gradients + act if self.gradients_in_forward else max(self.gradients, act)
+        return self.weights + self.optimizer + held
 
     def fits(self, gpu_memory_gb: float, headroom: float = HEADROOM) -> bool:
         """Within the GPU's memory, keeping `headroom` for the CUDA context, NCCL and fragmentation."""
@@ -167,9 +202,11 @@ class MemoryProfile:
     acts: list[_Acts]  # per unit, without recomputation (an MTP depth includes its head's logits)
     acts_recompute: list[_Acts]  # per unit, what recomputation keeps (a block's input; MTP: its head too)
     rebuilt: list[_Acts]  # per unit, the block activations recomputation rebuilds at once
+    acts_selective: list[_Acts]  # per unit, what selective recomputation keeps
     embedding: _Unit  # on the first stage
     head: _Unit  # final norm + output head, on the last stage
     head_act: _Acts
+    logits: int  # bytes per token of one head's logits (bf16 and the float32 copy), in head_act and MTP
 
 
 def memory_profile(cfg: ModelConfig) -> MemoryProfile:
@@ -178,6 +215,7 @@ def memory_profile(cfg: ModelConfig) -> MemoryProfile:
     moe = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
     head_act = _Acts(0, ACT_BYTES * 2 * d + LOGIT_BYTES * V)  # final norm in/out, logits
     mtp_block = _layer_activation_bytes(cfg, cfg.is_moe_layer(cfg.num_hidden_layers))
+    mtp_selective = _layer_selective_bytes(cfg, cfg.is_moe_layer(cfg.num_hidden_layers))
     # enorm/hnorm inputs and outputs and the concatenation fed to eh_proj, then the block and the head.
     mtp_around = ACT_BYTES * 6 * d + head_act.replicated
     n_mtp = cfg.num_nextn_predict_layers
@@ -190,9 +228,12 @@ def memory_profile(cfg: ModelConfig) -> MemoryProfile:
         acts_recompute=[_Acts(0, ACT_BYTES * d)] * len(moe)
         + [_Acts(0, ACT_BYTES * 2 * d + mtp_around)] * n_mtp,
         rebuilt=blocks + [mtp_block] * n_mtp,
+        acts_selective=[_layer_selective_bytes(cfg, m) for m in moe]
+        + [_Acts(mtp_selective.split, mtp_selective.replicated + ACT_BYTES * d + mtp_around)] * n_mtp,
         embedding=_Unit(V * d, 0),
         head=_Unit(0 if cfg.tie_word_embeddings else V * d, d),
         head_act=head_act,
+        logits=LOGIT_BYTES * V,
     )
 
 
@@ -213,11 +254,15 @@ def _in_flight(parallel: ParallelConfig, rank: int, n_micro: int) -> float:
 
 def estimate_memory(
     prof: MemoryProfile, layout: ParallelConfig, *, seq_len: int, micro_batch: int, n_micro: int,
-    recompute: bool,
+    recompute: bool | Literal["selective"], loss_chunk_tokens: int = 0, eager: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes per GPU for one layout from a precomputed profile: the fast path of layout searches."""
+    """Peak bytes per GPU for one layout from a precomputed profile: the fast path of layout searches.
+
+    `loss_chunk_tokens` > 0 (`train.loss_chunk_tokens`): no head keeps its logits; one chunk's logits
+    and their gradient exist at a time instead. `eager` (no `train.compile`): activations times
+    EAGER_ACTIVATION_FACTOR."""
     dp_shard, tp, ep = layout.dp_shard, layout.tp, layout.ep
-    tokens = micro_batch * seq_len
+    tokens = micro_batch * seq_len * (EAGER_ACTIVATION_FACTOR if eager else 1.0)  # scaled per-token bytes
     n_stages = layout.pp * layout.stages_per_rank
     bounds = stage_units(len(prof.units), n_stages)
     gathered = max(u.gathered(tp, ep) for u in [*prof.units, prof.embedding, prof.head])  # largest FSDP unit
@@ -248,21 +293,30 @@ def estimate_memory(
         # backward as soon as their loss is computed, one micro-batch at a time.
         blocks, outputs = [u for u in units if u < prof.n_blocks], [u for u in units if u >= prof.n_blocks]
         head = prof.head_act.per_rank(tp) if last else 0.0
+        # Chunked losses: the heads' logits are not kept (bytes a token), one chunk's exist at a time.
+        unkept = prof.logits * ((1 if last else 0) + len(outputs)) if loss_chunk_tokens else 0
+        chunk_rows = min(loss_chunk_tokens, micro_batch * seq_len) if last else 0
+        chunk = 2 * prof.logits * chunk_rows  # one chunk's logits and their gradient (bytes)
         full = held * sum(prof.acts[u].per_rank(tp) for u in blocks)
-        full += sum(prof.acts[u].per_rank(tp) for u in outputs) + head
+        full += sum(prof.acts[u].per_rank(tp) for u in outputs) + head - unkept
         # Recomputation keeps each block's input and rebuilds one block at a time during backward.
         rebuilt = max((prof.rebuilt[u].per_rank(tp) for u in units), default=0.0)
         kept = held * sum(prof.acts_recompute[u].per_rank(tp) for u in blocks) + rebuilt
-        kept += sum(prof.acts_recompute[u].per_rank(tp) for u in outputs) + head
+        kept += sum(prof.acts_recompute[u].per_rank(tp) for u in outputs) + head - unkept
+        # Selective recomputation keeps GEMM and attention outputs, rebuilding the rest one block at a time.
+        selective = held * sum(prof.acts_selective[u].per_rank(tp) for u in blocks) + rebuilt
+        selective += sum(prof.acts_selective[u].per_rank(tp) for u in outputs) + head - unkept
         est = MemoryEstimate(
             weights=int(weights),
             gradients=int(grads),
             optimizer=0 if layout.cpu_offload else int(OPTIM_BYTES * local),
-            activations=int(full * tokens),
-            activations_recompute=int(kept * tokens),
+            activations=int(full * tokens + chunk),
+            activations_recompute=int(kept * tokens + chunk),
             recompute=recompute,
             stage=rank,
             micro_batches_in_flight=held,
+            activations_selective=int(selective * tokens + chunk),
+            gradients_in_forward=n_micro > 1 or layout.pp > 1,
         )
         if best is None or est.total > best.total:
             best = est
@@ -277,12 +331,14 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
     over dp_shard (16 bytes per parameter), plus bf16 compute copies. Routed experts are split over ep
     (then FSDP over the rest of dp_shard), attention and dense FFN matrices over tp, blocks over the
     pipeline stages as the trainer cuts them (`dsv3.scaling.layout`; the heaviest pp rank is reported).
-    Activations are those of recomputation when `train.activation_checkpointing` is true; selective
-    recomputation is counted as none (an upper bound: it keeps the GEMM and attention outputs).
+    Activations follow `train.activation_checkpointing` (none, whole blocks, or selective: GEMM and
+    attention outputs kept), `train.loss_chunk_tokens` (the heads' logits one chunk at a time) and
+    `train.compile` (an eager step keeps more: EAGER_ACTIVATION_FACTOR).
     """
     n_micro = max(1, train.global_batch_size // (train.micro_batch_size * parallel.dp))
     return estimate_memory(
         memory_profile(cfg), parallel, seq_len=train.seq_len, micro_batch=train.micro_batch_size,
         n_micro=n_micro,
-        recompute=train.activation_checkpointing is True,
+        recompute=train.activation_checkpointing, loss_chunk_tokens=train.loss_chunk_tokens,
+        eager=not train.compile,
     )

@@ -246,7 +246,8 @@ def _judge(
     for recompute in (False, True):  # recomputation costs a forward pass: only when nothing else fits
         for layout, mbs, n_micro in layouts:
             mem = estimate_memory(prof, layout, seq_len=train.seq_len, micro_batch=mbs, n_micro=n_micro,
-                          recompute=recompute)
+                                  recompute=recompute, loss_chunk_tokens=train.loss_chunk_tokens,
+                                  eager=not train.compile)
             if not mem.fits(gpu_memory_gb, headroom):
                 smallest = mem if smallest is None or mem.total < smallest.total else smallest
                 continue

@@ -93,7 +93,8 @@ def plan_sections(plans: list[Plan]) -> list[Section]:
             row("optimizer states", lambda p: human_bytes(p.memory.optimizer)),
             row("activations", lambda p: human_bytes(p.memory.activations)),
             row("activations, recomputed", lambda p: human_bytes(p.memory.activations_recompute)),
-            row("total", lambda p: human_bytes(p.memory.total) + (" (recompute)" * p.memory.recompute)),
+            row("activations, selective", lambda p: human_bytes(p.memory.activations_selective)),
+            row("total", lambda p: human_bytes(p.memory.total) + _total_note(p.memory)),
             row(f"fits in {1 - HEADROOM:.0%} of", lambda p: f"{p.parallel.gpu_memory_gb:g} GB: "
                 + ("yes" if p.memory.fits(p.parallel.gpu_memory_gb) else "NO")),
         ]),
@@ -218,3 +219,9 @@ def markdown_report(plans: list[Plan]) -> str:
                   "|---|" + "---:|" * len(plans)]
         lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
     return "\n".join(lines) + "\n\n" + _CONVENTIONS
+
+
+def _total_note(memory) -> str:
+    """Which activations the total counts, and whether gradients overlap them (see MemoryEstimate)."""
+    kind = {True: " (recompute)", "selective": " (selective recomputation)"}.get(memory.recompute, "")
+    return kind + ("" if memory.gradients_in_forward else " (no accumulation)")
