@@ -71,6 +71,25 @@ def test_a_prompt_never_matches_its_last_token():
     assert len(bm.match_prefix(longer)[0]) == 2
 
 
+def test_without_speculation_a_block_is_keyed_by_its_own_tokens():
+    """No MTP layer in the cache: a prefix that ends on a block edge is reused whole."""
+    bm = BlockManager(num_blocks=16, block_size=4, key_next_token=False)
+    system = list(range(100, 108))  # exactly two blocks
+    a = _seq(system + [1, 2, 3])
+    _run(bm, a)
+    b = _seq(system + [7, 8])
+    assert _run(bm, b) == a.block_table[:2] and bm.prefix_hits == 8
+    exact = _seq(system)  # the whole prompt cached: its last block is still fed, for the logits
+    assert bm.match_prefix(exact)[0] == a.block_table[:1]
+    # a computed full block registers even when no token follows it yet (a decode step's last token)
+    c = _seq(list(range(300, 308)))
+    bm.admit(c, [], [])
+    bm.grow(c, 8)
+    c.num_computed = 8
+    bm.register(c)
+    assert len(c.block_keys) == 2
+
+
 def test_freed_blocks_stay_matchable_until_reused_lru():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = _seq([1, 2, 3, 4, 5])

@@ -99,9 +99,18 @@ def test_prefix_hits_give_identical_outputs_and_skip_the_shared_tokens(reference
                 if out.finished:
                     assert out.outputs[0].token_ids == refs[i]
                     cached = out.num_cached_tokens
-        # blocks of 4 whose tokens and next token match: 6 shares 10 tokens with 5, 7 shares 13
+        # blocks of 4 whose tokens match: 6 shares 10 tokens with 5, 7 shares 13
         assert cached == {5: 0, 6: 8, 7: 12}[i]
     assert engine.prefix_hit_rate > 0
+    # Without speculation the token after a block is not in its key: a prompt sharing exactly two
+    # blocks reuses both, whatever follows them.
+    edge = SHARED[:8] + [42, 43]
+    engine.add_request("edge", edge, GREEDY)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.outputs[0].token_ids == generate(model, [edge], N_NEW)[0].tolist()
+                assert out.num_cached_tokens == 8
 
 
 def test_fp8_cache_generates_the_same_tokens_on_a_decisive_model():

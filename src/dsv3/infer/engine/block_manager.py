@@ -2,12 +2,12 @@
 
 The cache is `num_blocks` blocks of `block_size` token slots; a sequence's `block_table` lists its
 blocks in token order. A full block whose latent has been computed is registered under a key
-that chains the previous block's key with the block's tokens *and the token after it*; a new
-sequence whose prompt starts with the same tokens takes those blocks (reference count + 1)
-instead of computing them. The next token is in the key because the MTP module's latent at a
-block's last position depends on it (speculative decoding caches the MTP layer in the same
-blocks); it also means a prompt never matches all of its own tokens, so at least one is always
-fed to produce the next token's logits.
+that chains the previous block's key with the block's tokens; a new sequence whose prompt starts
+with the same tokens takes those blocks (reference count + 1) instead of computing them. With
+speculative decoding (`key_next_token`) the key also covers the token after the block, because the
+MTP module's latent at a block's last position depends on it (the MTP layer is cached in the same
+blocks); a prefix ending exactly on a block edge then recomputes its last block. Either way a
+prompt never matches all of its own tokens: at least one is fed, to produce the next token's logits.
 
 A block whose count drops to 0 joins the free list with its key kept: it can still be matched
 until it is handed out again, oldest freed first (an LRU cache of prefixes). A sequence frees its
@@ -30,10 +30,13 @@ __all__ = ["BlockManager"]
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, prefix_caching: bool = True, key_next_token: bool = True
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"BlockManager: num_blocks {num_blocks} and block_size {block_size} must be ≥ 1")
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.key_next_token = key_next_token
         self.ref = [0] * num_blocks
         self.key_of: list[int | None] = [None] * num_blocks
         self.tokens_of: list[tuple[int, ...] | None] = [None] * num_blocks
@@ -67,8 +70,8 @@ class BlockManager:
         return h.intdigest()
 
     def _block_tokens(self, seq: Sequence, i: int) -> tuple[int, ...]:
-        """The tokens block i's key covers: its own and the next one."""
-        return tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size + 1])
+        """The tokens block i's key covers: its own, and the next one with `key_next_token`."""
+        return tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size + self.key_next_token])
 
     # --- admission ---------------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
@@ -131,7 +134,7 @@ class BlockManager:
         while True:
             i = len(seq.block_keys)
             end = (i + 1) * self.block_size
-            if end > seq.num_computed or end >= seq.num_tokens:
+            if end > seq.num_computed or (self.key_next_token and end >= seq.num_tokens):
                 return
             tokens = self._block_tokens(seq, i)
             key = self._key(seq.block_keys[-1] if seq.block_keys else None, tokens)

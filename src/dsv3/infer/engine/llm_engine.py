@@ -132,7 +132,8 @@ class LLMEngine:
         self.eos_ids = frozenset(eos_token_ids)
         self.runner = ModelRunner(model, self.config, tuple(self.eos_ids))
         self.blocks = BlockManager(
-            self.runner.cache.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+            self.runner.cache.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+            key_next_token=self.config.speculative_tokens > 0,  # the MTP layer's cache depends on it
         )
         self.scheduler = Scheduler(self.config, self.blocks)
         self.requests: dict[str, _Request] = {}
