@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -24,10 +25,22 @@ __all__ = ["run_on_ranks"]
 Job = tuple[Callable[..., Any], dict[str, Any]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n ports free now, below Linux's ephemeral range (32768-60999): the ports are picked before the
+    jobs run, and an earlier job's gloo connections take ephemeral ports, which once collided with a
+    later job's store port (EADDRINUSE)."""
+    ports: list[int] = []
+    rng = random.Random()
+    while len(ports) < n:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _worker(rank: int, world: int, jobs: list[Job], ports: list[int], results: str) -> None:
@@ -43,7 +56,7 @@ def _worker(rank: int, world: int, jobs: list[Job], ports: list[int], results: s
 def run_on_ranks(world: int, jobs: list[Job], results: Path, timeout_s: float = 600) -> list[Any]:
     """Run `jobs` in order on `world` spawned ranks; rank 0's return values, in job order."""
     results.mkdir(parents=True, exist_ok=True)
-    ports = [_free_port() for _ in jobs]
+    ports = _free_ports(len(jobs))
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
     os.environ["OMP_NUM_THREADS"] = "1"  # the children share the cores, as torchrun arranges
     try:
