@@ -232,24 +232,28 @@ def test_deepseek_v3_count_equals_transformers():
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_like_eager(make_config):
-    """compile_blocks (every block and the head's loss, fullgraph) keeps the losses and the grads."""
+@pytest.mark.parametrize("checkpointing", [False, True, "selective"])
+def test_compiled_model_trains_like_eager(make_config, checkpointing):
+    """compile_blocks (every block with its checkpoint, and the head's loss, fullgraph) keeps the losses,
+    the grads and the expert loads the bias update reads (a buffer written inside the checkpoint)."""
     cfg = make_config()
     ids, labels = _batch(cfg)
     results = []
     for compiled in (False, True):
         model = _model(cfg, seed=2)
+        model.activation_checkpointing = checkpointing
         if compiled:
             torch._dynamo.reset()
             model.compile_blocks()
         out = model.forward_with_losses(ids, labels, mtp_lambda=0.3, balance_alpha=0.01)
         out.loss.backward()
-        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
-    (eager, eager_grads), (comp, comp_grads) = results
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}, model.expert_load().clone()))
+    (eager, eager_grads, eager_load), (comp, comp_grads, comp_load) = results
     for a, b in ((eager.loss, comp.loss), (eager.logits, comp.logits), (eager.mtp_losses, comp.mtp_losses)):
         assert torch.allclose(a, b, atol=1e-5)
     for name, g in eager_grads.items():
         assert torch.allclose(g, comp_grads[name], atol=1e-5), name
+    assert torch.equal(eager_load, comp_load) and comp_load.sum() > 0
 
 
 def test_the_models_own_methods_never_call_its_public_entry_points(make_config):

@@ -10,7 +10,7 @@ API (what the trainer, generation and the HF interchange build on):
     model.expert_load()                         # (n_moe_layers, E) tokens per expert, last forward
     model.moe_layers(), model.blocks()          # iterate MoE layers / decoder blocks (main, then MTP)
     model.activation_checkpointing = True       # recompute each block in backward ("selective": all
-                                                # but its GEMM and attention outputs)
+                                                # but its GEMM and attention outputs; compiles with it)
     model.loss_chunk_tokens = 4096              # training losses a chunk of positions at a time
     model.compile_blocks()                      # torch.compile(fullgraph=True) per block
     model.mtp_logits(input_ids)                 # (D, B, T, vocab), e.g. for speculative drafts
@@ -44,7 +44,7 @@ from dsv3.model.rope import rope_cos_sin, rope_inv_freq
 
 __all__ = [
     "Block", "MTP", "ModelOutput", "Transformer", "INIT_STD", "IGNORE_INDEX", "initial_value",
-    "cross_entropy", "shift_left", "run_block",
+    "cross_entropy", "shift_left", "set_activation_checkpointing",
 ]
 
 INIT_STD = 0.006  # DeepSeek-V3 §4.2: every learnable matrix ~ N(0, 0.006²)
@@ -61,6 +61,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.checkpointing: bool | str = False  # see forward; set through set_activation_checkpointing
 
     def forward(
         self,
@@ -70,13 +71,37 @@ class Block(nn.Module):
         balance: bool = False,
         cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, d) → (x (B, T, d), this block's balance loss or None); `cache`: generation only."""
+        """x (B, T, d) → (x (B, T, d), this block's balance loss or None); `cache`: generation only.
+
+        With `checkpointing` the block is recomputed in the backward (whole, keeping its input, or
+        "selective": all but its GEMM and attention outputs). The checkpoint is inside the forward so
+        that a compiled block traces it: the compiler then applies the selective policy to its graph,
+        where wrapping a compiled block in a checkpoint would run it under a Python dispatch mode
+        (slower than recomputing everything)."""
+        if self.checkpointing and torch.is_grad_enabled() and cache is None:
+            context = {"context_fn": _save_matmuls} if self.checkpointing == "selective" else {}
+            return checkpoint(self._layer, x, cos, sin, balance, use_reentrant=False, **context)
+        return self._layer(x, cos, sin, balance, cache)
+
+    def _layer(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, balance: bool,
+        cache: LayerCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, aux = self.mlp(h, balance)
             return x + y, aux
         return x + self.mlp(h), None
+
+
+def set_activation_checkpointing(root: nn.Module, mode: bool | str) -> None:
+    """Recompute every decoder block under `root` in the backward: False, True (whole) or "selective"."""
+    if mode not in (False, True, "selective"):
+        raise ValueError(f"activation checkpointing: expected false, true or selective, got {mode!r}")
+    for module in root.modules():
+        if isinstance(module, Block):
+            module.checkpointing = mode
 
 
 class MTP(nn.Module):
@@ -158,15 +183,6 @@ def _save_matmuls():
     return create_selective_checkpoint_contexts(policy)
 
 
-def run_block(block: nn.Module, *args, checkpointing: bool | str = False):
-    """block(*args), recomputed in the backward when `checkpointing` is true (all of it, keeping its
-    input) or "selective" (all but its GEMM and attention outputs); no recomputation without grad."""
-    if checkpointing and torch.is_grad_enabled():
-        extra = {"context_fn": _save_matmuls} if checkpointing == "selective" else {}
-        return checkpoint(block, *args, use_reentrant=False, **extra)
-    return block(*args)
-
-
 def _summed_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Σ cross-entropy of head(h) (M, d) against targets (M,) in float32: one chunk of a chunked loss."""
     return F.cross_entropy(head(h).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -220,7 +236,6 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTP(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
         inv_freq, self.rope_attention_factor = rope_inv_freq(cfg)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
-        self.activation_checkpointing = False
         self.loss_chunk_tokens = 0  # > 0: training losses without the whole logits (chunked_cross_entropy)
         self._chunk_loss = _summed_cross_entropy
         self.init_weights(seed)
@@ -230,8 +245,14 @@ class Transformer(nn.Module):
         """cos, sin (…, T, qk_rope_head_dim/2) for positions (T,) or (B, T)."""
         return rope_cos_sin(self.rope_inv_freq, positions, self.rope_attention_factor)
 
-    def _run(self, block: nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return run_block(block, *args, checkpointing=self.activation_checkpointing)
+    @property
+    def activation_checkpointing(self) -> bool | str:
+        """Whether (True / "selective") the decoder blocks are recomputed in the backward."""
+        return next(self.blocks()).checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: bool | str) -> None:
+        set_activation_checkpointing(self, mode)
 
     def _hidden_states(
         self,
@@ -250,7 +271,7 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         aux = None
         for i, block in enumerate(self.model.layers):
-            h, a = self._run(block, h, cos, sin, balance, None if cache is None else cache[i])
+            h, a = block(h, cos, sin, balance, None if cache is None else cache[i])
             aux = _add(aux, a)
         return self.model.norm(h), aux, (cos, sin)
 
@@ -291,7 +312,7 @@ class Transformer(nn.Module):
         """Yield each depth's normed hidden state (B, T, d) and balance loss, depth 1 first."""
         for depth, layer in enumerate(self.mtp, start=1):
             emb = self.model.embed_tokens(shift_left(input_ids, depth, 0))
-            h, aux = self._run(layer, h, emb, *rope, balance)
+            h, aux = layer(h, emb, *rope, balance)
             yield h, aux
 
     def forward_with_losses(

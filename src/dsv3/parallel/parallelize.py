@@ -20,7 +20,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from dsv3.config import RunConfig
 from dsv3.model.moe import MoE
 from dsv3.model.norm import RMSNorm
-from dsv3.model.transformer import Block, Transformer, initial_value
+from dsv3.model.transformer import Block, Transformer, initial_value, set_activation_checkpointing
 from dsv3.parallel.expert import apply_ep
 from dsv3.parallel.fsdp import apply_fsdp
 from dsv3.parallel.mesh import Meshes
@@ -52,9 +52,10 @@ class ParallelModel:
 
 
 def apply_ac(roots: list[nn.Module], mode: bool | str = True) -> None:
-    """Recompute every block in backward, whole or selectively (the modules' own switch)."""
+    """Recompute every block in backward, whole or selectively (the blocks' own switch; before compile,
+    so a compiled block traces its checkpoint)."""
     for root in roots:
-        root.activation_checkpointing = mode
+        set_activation_checkpointing(root, mode)
 
 
 def apply_compile(blocks: list[nn.Module], fullgraph: bool) -> None:

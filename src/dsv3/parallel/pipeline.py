@@ -38,7 +38,7 @@ from torch.distributed.pipelining import (
 from dsv3.config import ParallelConfig
 from dsv3.model.moe import MoE
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
-from dsv3.model.transformer import IGNORE_INDEX, Transformer, cross_entropy, run_block, shift_left
+from dsv3.model.transformer import IGNORE_INDEX, Transformer, cross_entropy, shift_left
 from dsv3.scaling.layout import rank_stages, stage_units
 
 __all__ = ["Stage", "LossParts", "pipeline_loss", "split_stages", "build_schedule", "forward_only"]
@@ -61,7 +61,6 @@ class Stage(nn.Module):
         self.first, self.last, self.balance = first, last, balance
         self.mtp_on = mtp and cfg.num_nextn_predict_layers > 0
         self.n_mtp = cfg.num_nextn_predict_layers
-        self.activation_checkpointing = False
         self.model = nn.ModuleDict({"layers": nn.ModuleDict({str(i): model.model.layers[i] for i in units
                                                              if i < L})})
         if first:
@@ -75,9 +74,6 @@ class Stage(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
-
-    def _run(self, block: nn.Module, *args):
-        return run_block(block, *args, checkpointing=self.activation_checkpointing)
 
     def _add(self, aux: torch.Tensor | None, a: torch.Tensor | None) -> torch.Tensor | None:
         return aux if a is None else a.reshape(1) if aux is None else aux + a.reshape(1)
@@ -98,7 +94,7 @@ class Stage(nn.Module):
         positions = torch.arange(h.shape[1], device=h.device)
         cos, sin = rope_cos_sin(self.inv_freq.to(h.device), positions, self.attention_factor)
         for block in self.model.layers.values():
-            h, a = self._run(block, h, cos, sin, self.balance)
+            h, a = block(h, cos, sin, self.balance)
             aux = self._add(aux, a)
         outputs = [h]
         if self.last:
@@ -107,7 +103,7 @@ class Stage(nn.Module):
             if self.mtp_on:
                 states = []
                 for depth, layer in enumerate(self.mtp):
-                    h, a = self._run(layer, h, mtp_emb[:, :, depth], cos, sin, self.balance)
+                    h, a = layer(h, mtp_emb[:, :, depth], cos, sin, self.balance)
                     aux = self._add(aux, a)
                     states.append(self.lm_head(h))
                 outputs.append(torch.stack(states))  # (D, B, T, vocab)
