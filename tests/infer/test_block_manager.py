@@ -23,6 +23,16 @@ def _run(bm: BlockManager, seq: Sequence) -> list[int]:
     return hits
 
 
+def _computed(bm: BlockManager, tokens: list[int], n_computed: int) -> Sequence:
+    """A sequence admitted without hits whose first `n_computed` tokens are computed, registered."""
+    seq = _seq(tokens)
+    bm.admit(seq, [], [])
+    bm.grow(seq, seq.num_tokens)
+    seq.num_computed = n_computed
+    bm.register(seq)
+    return seq
+
+
 def test_blocks_are_counted_and_released_last_first():
     bm = BlockManager(num_blocks=6, block_size=4)
     seq = _seq(list(range(10)))
@@ -52,11 +62,7 @@ def test_a_shared_prefix_is_matched_block_by_block_and_only_once_computed():
     c = _seq(system[:8] + [55, 56])
     assert bm.match_prefix(c)[0] == a.block_table[:1]
     # blocks that are not computed yet are not matched (another sequence mid-prefill)
-    d = _seq(list(range(200, 213)))
-    bm.admit(d, [], [])
-    bm.grow(d, 13)
-    d.num_computed = 4
-    bm.register(d)
+    _computed(bm, list(range(200, 213)), 4)
     assert len(bm.match_prefix(_seq(list(range(200, 213))))[0]) == 1
 
 
@@ -82,12 +88,7 @@ def test_without_speculation_a_block_is_keyed_by_its_own_tokens():
     exact = _seq(system)  # the whole prompt cached: its last block is still fed, for the logits
     assert bm.match_prefix(exact)[0] == a.block_table[:1]
     # a computed full block registers even when no token follows it yet (a decode step's last token)
-    c = _seq(list(range(300, 308)))
-    bm.admit(c, [], [])
-    bm.grow(c, 8)
-    c.num_computed = 8
-    bm.register(c)
-    assert len(c.block_keys) == 2
+    assert len(_computed(bm, list(range(300, 308)), 8).block_keys) == 2
 
 
 def test_freed_blocks_stay_matchable_until_reused_lru():
