@@ -171,37 +171,37 @@ class _GatherRows(torch.autograd.Function):
 class _PairWeightedSum(torch.autograd.Function):
     """out (M, d) = Σ over a row's pairs p of w[p] · y[p], from y (P, d) with pairs in any order.
 
-    `slot_pair` (M, k) names each row's pair in slot order (P, a zero row, where a slot has none), so
-    the float32 sum runs over a row's slots in a fixed order — the order `_WeightedSum` uses — without
-    an (M, k, d) copy of y being kept for the backward (expert parallelism: a received token has only
-    its experts on this rank, 1 to k of its k slots).
+    `pair_slot` (P,) names each pair's place row · k + slot in w (M, k). The float32 sum runs over a
+    row's slots in a fixed order — the order `_WeightedSum` uses — without an (M, k, d) copy of y
+    being kept for the backward (expert parallelism: a received token has only its experts on this
+    rank, 1 to k of its k slots; a slot without a pair adds nothing).
     """
 
     @staticmethod
-    def forward(
-        ctx, w: torch.Tensor, y: torch.Tensor, slot_pair: torch.Tensor, row: torch.Tensor
-    ) -> torch.Tensor:
-        ctx.save_for_backward(w, y, slot_pair, row)
+    def forward(ctx, w: torch.Tensor, y: torch.Tensor, pair_slot: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, y, pair_slot)
+        M, k = w.shape
+        P = y.shape[0]
+        slot_pair = torch.full((M * k,), P, dtype=torch.long, device=y.device)  # P: the zero row
+        slot_pair[pair_slot] = torch.arange(P, device=y.device)
+        slot_pair = slot_pair.view(M, k)
         padded = torch.cat([y, y.new_zeros(1, y.shape[1])])
-        out = torch.zeros(slot_pair.shape[0], y.shape[1], dtype=torch.float32, device=y.device)
-        for j in range(slot_pair.shape[1]):
+        out = torch.zeros(M, y.shape[1], dtype=torch.float32, device=y.device)
+        for j in range(k):
             out += w[:, j : j + 1].float() * padded.index_select(0, slot_pair[:, j]).float()
         return out.to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w, y, slot_pair, row = ctx.saved_tensors
-        g = grad.float().index_select(0, row)  # (P, d) the gradient of each pair's row
-        # w (M, k) in pair order: the pair p sits at (row[p], its slot); slot_pair inverts that.
-        pair_w = torch.zeros(y.shape[0] + 1, dtype=w.dtype, device=w.device)
-        pair_w.index_put_((slot_pair.view(-1),), w.reshape(-1))  # unique pairs; the zero row takes junk
-        grad_y = (g * pair_w[:-1, None].float()).to(y.dtype) if ctx.needs_input_grad[1] else None
-        grad_w = None
+        w, y, pair_slot = ctx.saved_tensors
+        g = grad.float().index_select(0, pair_slot // w.shape[1])  # (P, d) the gradient of each pair's row
+        grad_w = grad_y = None
+        if ctx.needs_input_grad[1]:
+            grad_y = (g * w.view(-1).index_select(0, pair_slot).float().unsqueeze(1)).to(y.dtype)
         if ctx.needs_input_grad[0]:
-            per_pair = torch.cat([(g * y.float()).sum(-1), g.new_zeros(1)])  # (P + 1,)
-            grad_w = per_pair.index_select(0, slot_pair.view(-1)).view_as(w).to(w.dtype)
-            grad_w = torch.where(slot_pair < y.shape[0], grad_w, 0)
-        return grad_w, grad_y, None, None
+            per_pair = (g * y.float()).sum(-1).to(w.dtype)  # (P,)
+            grad_w = w.new_zeros(w.numel()).index_copy(0, pair_slot, per_pair).view_as(w)
+        return grad_w, grad_y, None
 
 
 class _Bf16RouterLogits(torch.autograd.Function):
@@ -250,9 +250,7 @@ def weighted_sum(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _WeightedSum.apply(w, y)
 
 
-def pair_weighted_sum(
-    w: torch.Tensor, y: torch.Tensor, slot_pair: torch.Tensor, row: torch.Tensor
-) -> torch.Tensor:
-    """Σ over each row's (row, slot) pairs of w (M, k) · y (P, d) → (M, d) in y's dtype, float32 sums;
-    slot_pair (M, k): a slot's pair index or P; row (P,): each pair's row (see `_PairWeightedSum`)."""
-    return _PairWeightedSum.apply(w, y, slot_pair, row)
+def pair_weighted_sum(w: torch.Tensor, y: torch.Tensor, pair_slot: torch.Tensor) -> torch.Tensor:
+    """Σ over each row's pairs of w (M, k) · y (P, d) → (M, d) in y's dtype, summed in float32;
+    pair_slot (P,): each pair's row · k + slot (see `_PairWeightedSum`)."""
+    return _PairWeightedSum.apply(w, y, pair_slot)

@@ -136,9 +136,7 @@ class AllToAllDispatcher:
         ys = expert_ffn(xs, local_ends, _local(experts.gate_up_proj), _local(experts.down_proj))  # (P, d)
         # One weighted sum per received row over its slots in a fixed order: the same float32 sum as
         # one process (a slot whose expert is elsewhere has weight 0 and no pair).
-        slot_pair = torch.full((e_in.shape[0] * k,), n_pairs, dtype=torch.long, device=x.device)
-        slot_pair[by_expert] = torch.arange(n_pairs, device=x.device)
-        partial = pair_weighted_sum(w_in, ys, slot_pair.view(-1, k), row)  # (M, d)
+        partial = pair_weighted_sum(w_in, ys, by_expert)  # (M, d)
 
         back = _AllToAll.apply(partial, send_sizes, recv_sizes, self.group)  # (S, d) in send order
         out = torch.zeros(N, back.shape[1], dtype=torch.float32, device=back.device)
