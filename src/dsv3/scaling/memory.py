@@ -262,7 +262,8 @@ def estimate_memory(
     and their gradient exist at a time instead. `eager` (no `train.compile`): activations times
     EAGER_ACTIVATION_FACTOR."""
     dp_shard, tp, ep = layout.dp_shard, layout.tp, layout.ep
-    tokens = micro_batch * seq_len * (EAGER_ACTIVATION_FACTOR if eager else 1.0)  # scaled per-token bytes
+    tokens = micro_batch * seq_len
+    weighted_tokens = tokens * (EAGER_ACTIVATION_FACTOR if eager else 1.0)  # what activations scale with
     n_stages = layout.pp * layout.stages_per_rank
     bounds = stage_units(len(prof.units), n_stages)
     gathered = max(u.gathered(tp, ep) for u in [*prof.units, prof.embedding, prof.head])  # largest FSDP unit
@@ -295,7 +296,7 @@ def estimate_memory(
         head = prof.head_act.per_rank(tp) if last else 0.0
         # Chunked losses: the heads' logits are not kept (bytes a token), one chunk's exist at a time.
         unkept = prof.logits * ((1 if last else 0) + len(outputs)) if loss_chunk_tokens else 0
-        chunk_rows = min(loss_chunk_tokens, micro_batch * seq_len) if last else 0
+        chunk_rows = min(loss_chunk_tokens, tokens) if last else 0
         chunk = 2 * prof.logits * chunk_rows  # one chunk's logits and their gradient (bytes)
         full = held * sum(prof.acts[u].per_rank(tp) for u in blocks)
         full += sum(prof.acts[u].per_rank(tp) for u in outputs) + head - unkept
@@ -310,12 +311,12 @@ def estimate_memory(
             weights=int(weights),
             gradients=int(grads),
             optimizer=0 if layout.cpu_offload else int(OPTIM_BYTES * local),
-            activations=int(full * tokens + chunk),
-            activations_recompute=int(kept * tokens + chunk),
+            activations=int(full * weighted_tokens + chunk),
+            activations_recompute=int(kept * weighted_tokens + chunk),
             recompute=recompute,
             stage=rank,
             micro_batches_in_flight=held,
-            activations_selective=int(selective * tokens + chunk),
+            activations_selective=int(selective * weighted_tokens + chunk),
             gradients_in_forward=n_micro > 1 or layout.pp > 1,
         )
         if best is None or est.total > best.total:
