@@ -8,11 +8,12 @@ trace for chrome://tracing or Perfetto). Both are written to a temporary name an
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from dsv3.io import commit, temp_path, write_text_atomic
 
 __all__ = ["StepProfiler"]
 
@@ -56,11 +57,8 @@ class StepProfiler:
             + averages.table(sort_by=key, row_limit=40, max_name_column_width=70)
             for key in (self.device_time, "self_cpu_time_total")
         )
-        _write_atomic(self.out / f"rank{self.rank}.txt", lambda p: p.write_text(table))
-        _write_atomic(self.out / f"rank{self.rank}.json", lambda p: self.prof.export_chrome_trace(str(p)))
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    tmp.replace(path)
+        write_text_atomic(self.out / f"rank{self.rank}.txt", table)
+        trace = self.out / f"rank{self.rank}.json"
+        tmp = temp_path(trace)
+        self.prof.export_chrome_trace(str(tmp))  # the profiler writes the file itself
+        commit(tmp, trace)
