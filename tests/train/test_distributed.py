@@ -35,6 +35,9 @@ LAYOUTS_2 = {
     "pp_1f1b": ("parallel.pp=2",),
     "pp_dualpipev": ("parallel.pp=2", "parallel.pp_schedule=DualPipeV"),
     "tp": ("parallel.tp=2",),
+    # ZeRO-3 (weights freed after the forward) with blocks recomputed in the backward from inside their
+    # forward: the recompute must find its weights gathered again
+    "fsdp_selective_ac": ("parallel.dp_shard=2", "train.activation_checkpointing=selective"),
 }
 LAYOUTS_4 = {
     "ep_fsdp": ("parallel.dp_shard=4", "parallel.ep=2"),
