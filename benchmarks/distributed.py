@@ -10,6 +10,7 @@ compare: weak scaling, target ≥ 90 % of one GPU).
     python benchmarks/distributed.py run    OUT single # 1 GPU, `small` preset, 200 steps
     python benchmarks/distributed.py run    OUT fsdp   # 2 GPUs, FSDP2 (dp_shard=2)
     python benchmarks/distributed.py run    OUT ep     # 2 GPUs, FSDP2 + expert parallel (ep=2)
+    python benchmarks/distributed.py run    OUT ep-allgather # the same, parallel.ep_dispatch=all_gather
     python benchmarks/distributed.py run    OUT fsdp-offload     # 2 GPUs, FSDP2 with CPU offload, 20 steps
     python benchmarks/distributed.py run    OUT save-1gpu-sync   # then -async, save-2gpu-sync, -async:
     python benchmarks/distributed.py report OUT        # JSON lines: curves, scaling, memory, stalls
@@ -52,6 +53,9 @@ RUNS: dict[str, tuple[int, list[str], int, int, bool]] = {
     "single": (1, [], 200, 0, False),
     "fsdp": (2, ["parallel.dp_shard=2"], 200, 0, False),
     "ep": (2, ["parallel.dp_shard=2", "parallel.ep=2"], 200, 0, False),
+    # every rank gets both ranks' tokens (fixed-size messages: no host sync per MoE layer)
+    "ep-allgather": (2, ["parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather"], 200, 0,
+                     False),
     # FSDP2's CPU offload (GPU only): weights, gradients and AdamW state in host memory
     "fsdp-offload": (2, ["parallel.dp_shard=2", "parallel.cpu_offload=true"], 20, 0, False),
     # saves at 40, 80 and 120: the first one's stall includes allocating host buffers where the run
@@ -148,7 +152,8 @@ def summarize(out: Path, name: str) -> dict:
     peak = max((r.get("peak_gpu_mem_gb", 0.0) for r in train), default=0.0)
     saves = [r for r in records if r["kind"] == "save"]
     return {
-        "run": name, "gpus": cfg.parallel.gpus, "layout": cfg.parallel.model_dump(include={"dp_shard", "ep"}),
+        "run": name, "gpus": cfg.parallel.gpus,
+        "layout": cfg.parallel.model_dump(include={"dp_shard", "ep", "ep_dispatch"}),
         "steps": train[-1]["step"] if train else 0, "final_loss": train[-1]["lm_loss"] if train else None,
         "tokens_per_s_per_gpu": statistics.median(steady) if steady else None,
         "peak_gpu_mem_gb": peak or None, "estimate_gb": estimate.total / 1e9,
@@ -163,7 +168,7 @@ def report(out: Path) -> list[dict]:
     lines = []
     single = summarize(out, "single") if _records(out, "single") else None
     curve = {r["step"]: r["lm_loss"] for r in _records(out, "single") if r["kind"] == "train"}
-    for name in ("fsdp", "ep"):
+    for name in ("fsdp", "ep", "ep-allgather"):
         if not _records(out, name) or single is None:
             continue
         s = summarize(out, name)

@@ -11,6 +11,8 @@ skip compute what the plain path computes; this checks the same on a GPU, where 
   0: rounding differs between eager and Inductor code, and where two experts' scores nearly tie a
   token's top-k choice can flip, which moves that router's gradient a lot (seen on CPU: the median
   stays small while a gate weight's worst entry moves by tens of per cent); in fp32 all agree to ~1e-6;
+- grouped_mm fed rows past its last group (expert parallelism's all-gather dispatch): the covered rows'
+  results and the weight gradient are those of the trimmed rows, bit for bit;
 - fused AdamW with the trainer's `found_inf` flag: a flagged step leaves parameters and step count
   exactly as they were; an unflagged one equals a step without the flag, bit for bit.
 
@@ -85,6 +87,29 @@ def _fused_adamw_flag(device: torch.device) -> dict:
     return {"flagged_step_changes_nothing": unchanged and steps_unchanged, "unflagged_equals_plain": same}
 
 
+def _expert_rows_past_the_end(device: torch.device) -> dict:
+    """grouped_mm fed more rows than its groups cover (the all-gather expert dispatch does): the covered
+    rows' outputs and the weight gradient equal those of the trimmed rows, whatever the extra rows hold."""
+    from dsv3.model.moe_ops import expert_matmul
+
+    torch.manual_seed(0)
+    experts, rows, covered = 32, 8192, 4000
+    ends = torch.linspace(0, covered, experts + 1, device=device)[1:].long()
+    x = torch.randn(rows, 1024, device=device, dtype=torch.bfloat16)
+    x[covered:] = float("nan")
+    w = torch.randn(experts, 1024, 1024, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(rows, 1024, device=device, dtype=torch.bfloat16)
+    g[covered:] = 0
+    x.requires_grad_()
+    y = expert_matmul(x, w, ends)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    x_in = x.detach()[:covered].clone().requires_grad_()
+    ry = expert_matmul(x_in, w, ends)
+    rgx, rgw = torch.autograd.grad(ry, (x_in, w), g[:covered])
+    return {"outputs_equal": torch.equal(y[:covered], ry), "weight_grad_equal": torch.equal(gw, rgw),
+            "input_grad_equal": torch.equal(gx[:covered], rgx)}
+
+
 def main() -> None:
     args = _parse()
     device = torch.device(args.device)
@@ -111,6 +136,7 @@ def main() -> None:
     check("compiled_and_selective", "selective")
     check("compiled_and_chunked_loss", chunk=args.chunk)
     result["fused_adamw_found_inf"] = _fused_adamw_flag(device)
+    result["expert_rows_past_the_end"] = _expert_rows_past_the_end(device)
     print(json.dumps(result), flush=True)
 
 

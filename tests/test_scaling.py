@@ -241,6 +241,14 @@ def test_selective_recomputation_keeps_between_full_recomputation_and_none():
     assert sel.activations_selective == none.activations_selective  # the same profile, another choice
 
 
+def test_all_gather_expert_dispatch_keeps_the_routed_rows_of_every_ep_rank():
+    batch = {"micro_batch_size": 4, "global_batch_size": 8, "seq_len": 1024, "compile": True}
+    cfg, a2a = _mem("small", batch, gpus=2, dp_shard=2, ep=2)
+    _, gathered = _mem("small", batch, gpus=2, dp_shard=2, ep=2, ep_dispatch="all_gather")
+    routed = sum(a.routed for a in memory_profile(cfg).acts)  # bytes a token, every MoE block and MTP
+    assert routed > 0 and gathered.activations - a2a.activations == pytest.approx(routed * 4 * 1024, rel=1e-6)
+
+
 def test_chunked_losses_drop_every_heads_logits_but_one_chunk():
     batch = {"micro_batch_size": 4, "global_batch_size": 8, "seq_len": 1024, "compile": True}
     cfg, whole = _mem("small", batch, gpus=1)

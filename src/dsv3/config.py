@@ -371,6 +371,12 @@ class ParallelConfig(_Strict):
     tp: int = Field(default=1, gt=0, description="tensor-parallel degree (attention and dense FFNs)")
     pp: int = Field(default=1, gt=0, description="pipeline-parallel ranks")
     ep: int = Field(default=1, gt=0, description="expert-parallel degree, carved out of the dp_shard ranks")
+    ep_dispatch: Literal["all_to_all", "all_gather"] = Field(
+        default="all_to_all", description="how tokens reach their experts' ranks: all_to_all sends each "
+        "token to the ranks holding its experts (one host sync per MoE layer for the message sizes); "
+        "all_gather gives every rank all of its group's tokens (fixed sizes, no host sync; traffic grows "
+        "with ep, so for ep within a node)",
+    )
     pp_schedule: Literal["1F1B", "interleaved1F1B", "ZBVZeroBubble", "DualPipeV"] = "1F1B"
     reshard_after_forward: bool | None = Field(
         default=None, description="FSDP2: true frees gathered weights after forward (ZeRO-3); false keeps "

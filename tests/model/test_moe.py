@@ -144,6 +144,27 @@ def test_grouped_mm_path_matches_fallback_in_bf16():
         assert torch.allclose(a.float(), b.float(), atol=0.1, rtol=0.02)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the padded fallback, grouped_mm
+def test_rows_past_the_last_expert_touch_no_result_or_weight_gradient(dtype):
+    """The all-gather expert dispatch feeds more rows than its experts take: the in-group outputs and
+    the weight gradients equal those of the trimmed rows, whatever the extra rows hold (NaN here), and
+    whatever the kernels leave in the extra output rows (their gradients are zero)."""
+    gen = torch.Generator().manual_seed(0)
+    ends = torch.tensor([5, 5, 20])  # 20 rows in 3 experts of 32 rows fed
+    x = torch.randn(32, 32, generator=gen).to(dtype)
+    x[20:] = float("nan")
+    x.requires_grad_()
+    w = torch.randn(3, 16, 32, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(32, 16, generator=gen).to(dtype)
+    g[20:] = 0  # the dispatcher masks the extra rows' output before it reaches a loss
+    y = expert_matmul(x, w, ends)
+    (gw,) = torch.autograd.grad(y, (w,), g)
+    x_in = x.detach()[:20].clone().requires_grad_()
+    ry = expert_matmul(x_in, w, ends)
+    (rgw,) = torch.autograd.grad(ry, (w,), g[:20])
+    assert torch.equal(y[:20], ry) and torch.equal(gw, rgw)
+
+
 def test_moe_output_equals_per_token_reference(make_config):
     cfg = make_config(hidden_size=24, moe_intermediate_size=12)  # odd widths: the fallback path
     moe = MoE(cfg)

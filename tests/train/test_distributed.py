@@ -32,6 +32,7 @@ MODEL = ("model.num_hidden_layers=3", "train.micro_batch_size=2")
 LAYOUTS_2 = {
     "fsdp": ("parallel.dp_shard=2",),
     "ep": ("parallel.dp_shard=2", "parallel.ep=2"),
+    "ep_all_gather": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather"),
     "pp_1f1b": ("parallel.pp=2",),
     "pp_dualpipev": ("parallel.pp=2", "parallel.pp_schedule=DualPipeV"),
     "tp": ("parallel.tp=2",),
@@ -41,6 +42,7 @@ LAYOUTS_2 = {
 }
 LAYOUTS_4 = {
     "ep_fsdp": ("parallel.dp_shard=4", "parallel.ep=2"),
+    "ep4_all_gather": ("parallel.dp_shard=4", "parallel.ep=4", "parallel.ep_dispatch=all_gather"),
     # micro-batches of 1: 4 per data-parallel rank, DualPipeV's minimum for pp=2 (same samples, same
     # loss; validation batches of 1, so 4 of them for the same 4 windows)
     "pp_dualpipev_fsdp": ("parallel.dp_shard=2", "parallel.pp=2", "parallel.pp_schedule=DualPipeV",
@@ -167,9 +169,10 @@ def dist_world() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-def dispatch_job(tokens: int = 64) -> dict:
+def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all") -> dict:
     """Route random tokens (k = 6 of 16 experts) through an expert-parallel MoE and through the same
-    experts in one process: the outputs, and how many rows the dispatch all-to-all moved."""
+    experts in one process: the outputs and their gradients (to the tokens and to the combine weights),
+    and how many rows the dispatch all-to-all moved."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -187,8 +190,9 @@ def dispatch_job(tokens: int = 64) -> dict:
             torch.nn.init.normal_(p, std=0.1)
         full = [p.detach().clone() for p in (moe.experts.gate_up_proj, moe.experts.down_proj)]
         torch.manual_seed(1 + dist.get_rank())  # each rank its own tokens
-        x = torch.randn(tokens, cfg.hidden_size)
-        weights = torch.rand(tokens, 6)
+        x = torch.randn(tokens, cfg.hidden_size, requires_grad=True)
+        weights = torch.rand(tokens, 6, requires_grad=True)
+        probe = torch.randn(tokens, cfg.hidden_size)  # loss = Σ probe · output
         indices = torch.stack([torch.randperm(16)[:6] for _ in range(tokens)])
         order, ends = sort_by_expert(indices, 16)
 
@@ -196,7 +200,8 @@ def dispatch_job(tokens: int = 64) -> dict:
             gate_up_proj, down_proj = full
 
         expected = LocalDispatcher()(x, weights, indices, order, ends, _Full())
-        ep.apply_ep([moe], init_device_mesh("cpu", (dist.get_world_size(),)))
+        expected_grads = torch.autograd.grad((expected * probe).sum(), [x, weights])
+        ep.apply_ep([moe], init_device_mesh("cpu", (dist.get_world_size(),)), dispatch)
         moved, original = [], ep.dist.all_to_all_single
 
         def counting(out, inp, *args, **kwargs):
@@ -209,7 +214,11 @@ def dispatch_job(tokens: int = 64) -> dict:
             got = moe.experts(x, weights, indices, order, ends)
         finally:
             ep.dist.all_to_all_single = original
-        return {"max_abs_diff": (got - expected).abs().max().item(), "rows_moved": moved,
+        grads = torch.autograd.grad((got * probe).sum(), [x, weights])
+        return {"max_abs_diff": (got - expected).abs().max().item(),
+                "max_grad_diff": max((g - e).abs().max().item() for g, e in zip(grads, expected_grads,
+                                                                                strict=True)),
+                "rows_moved": moved,
                 "token_rank_pairs": sum(len(set((row // 8).tolist())) for row in indices),
                 "token_expert_pairs": tokens * 6}
     finally:
@@ -293,9 +302,11 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
                               "overrides": [*SAMPLING, f"data.tokenizer={tokenizer}", "parallel.dp_shard=2",
                                             "parallel.ep=2"]}))
     jobs.append((dispatch_job, {}))
+    jobs.append((dispatch_job, {"dispatch": "all_gather"}))
     results = run_on_ranks(2, jobs, tmp / "results")
-    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-4],
-            "from_one": results[-3], "sample": results[-2], "dispatch": results[-1]}
+    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-5],
+            "from_one": results[-4], "sample": results[-3], "dispatch": results[-2],
+            "dispatch_all_gather": results[-1]}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
@@ -308,7 +319,9 @@ def test_four_rank_layouts_give_the_single_process_losses(name, four_ranks, refe
     _assert_same_training(name, four_ranks["layouts"][name], reference)
 
 
-@pytest.mark.parametrize(("ranks", "name"), [("two_ranks", "ep"), ("four_ranks", "ep_fsdp")])
+@pytest.mark.parametrize(("ranks", "name"), [("two_ranks", "ep"), ("four_ranks", "ep_fsdp"),
+                                             ("two_ranks", "ep_all_gather"),
+                                             ("four_ranks", "ep4_all_gather")])
 def test_sharded_expert_gradients_equal_the_unsharded_ones(ranks, name, request):
     result = request.getfixturevalue(ranks)["layouts"][name]
     # gate_up and down of the two MoE blocks and the MTP block, split by expert (and by FSDP on 4 ranks)
@@ -323,10 +336,18 @@ def test_expert_parallel_sends_each_token_once_per_rank(two_ranks):
     """k = 6 experts on 2 ranks: a token's rows travel once to each rank holding one of its experts
     (at most 2), not once per expert (6), and the result is the one-process one."""
     got = two_ranks["dispatch"]
-    assert got["max_abs_diff"] < 1e-5
+    assert got["max_abs_diff"] < 1e-5 and got["max_grad_diff"] < 1e-5
     dispatched, combined = got["rows_moved"]  # rank 0's rows out, and the partial sums it sends back
     assert dispatched == got["token_rank_pairs"] and combined <= 2 * 64
     assert got["token_rank_pairs"] <= 2 * 64 < got["token_expert_pairs"]
+
+
+def test_all_gather_dispatch_equals_one_process_without_all_to_all(two_ranks):
+    """Every rank gets the group's tokens and runs only its experts: outputs and gradients are the
+    one-process ones, and no variable-size all-to-all (which needs a host sync) is posted."""
+    got = two_ranks["dispatch_all_gather"]
+    assert got["max_abs_diff"] < 1e-5 and got["max_grad_diff"] < 1e-5
+    assert got["rows_moved"] == []
 
 
 def test_resume_on_another_world_size_and_layout_reproduces_the_losses(two_ranks, four_ranks, reference):

@@ -57,16 +57,24 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _pad_by_expert(x: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of x (M, n) sorted by expert → (E, capacity, n) zero-padded, and each row's (expert, slot)."""
+    """Rows of x (M, n) sorted by expert → (E, capacity + 1, n) zero-padded, and each row's (expert, slot).
+
+    Rows past the last expert's end (expert parallelism gathers more rows than this rank's experts
+    take) belong to no expert: they go to the extra last slot, which is zeroed, so they add nothing to
+    the weight gradients and their outputs are 0 (grouped_mm leaves them unwritten instead).
+    """
     rows = torch.arange(x.shape[0], device=x.device)
     starts = torch.cat((ends.new_zeros(1), ends[:-1]))
-    expert = torch.searchsorted(ends, rows, right=True)  # (M,) the expert of each sorted row
-    slot = rows - starts[expert]
+    expert = torch.searchsorted(ends, rows, right=True)  # (M,) the expert of each sorted row, E past the end
+    inside = expert < ends.shape[0]
+    expert = expert.clamp_max(ends.shape[0] - 1)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         capacity = x.shape[0]  # a CUDA graph allows no host sync: room for every row in one expert
     else:
         capacity = int((ends - starts).max())  # a host sync; this op is opaque to torch.compile
-    batch = x.new_zeros(ends.shape[0], capacity, x.shape[1]).index_put_((expert, slot), x)
+    slot = torch.where(inside, rows - starts[expert], capacity)
+    batch = x.new_zeros(ends.shape[0], capacity + 1, x.shape[1]).index_put_((expert, slot), x)
+    batch[:, capacity] = 0
     return batch, expert, slot
 
 

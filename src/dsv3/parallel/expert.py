@@ -20,8 +20,9 @@ Every all-to-all of rows or weights is an autograd function whose backward is th
 On a GPU the backward adds a row's expert gradients with atomic adds (and, with more than two ranks,
 the forward a token's partial sums), so their last bits can differ between runs unless
 `torch.use_deterministic_algorithms(True)`.
-Another transport (e.g. DeepEP's fused dispatch/combine kernels) slots in as another `ExpertDispatcher`:
-the model only calls `dispatcher(x, weights, indices, order, ends, experts)`.
+`parallel.ep_dispatch: all_gather` picks expert_allgather.py's dispatcher instead (no host sync, more
+traffic). Another transport (e.g. DeepEP's fused dispatch/combine kernels) slots in as another
+`ExpertDispatcher`: the model only calls `dispatcher(x, weights, indices, order, ends, experts)`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from dsv3.model.moe import MoE, expert_ffn
 from dsv3.model.moe_ops import compute_dtype, pair_weighted_sum
+from dsv3.parallel.expert_allgather import AllGatherDispatcher
 
-__all__ = ["AllToAllDispatcher", "apply_ep"]
+__all__ = ["AllToAllDispatcher", "DISPATCHERS", "apply_ep"]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -152,10 +154,14 @@ def _shard_experts(param: nn.Parameter, mesh: DeviceMesh) -> nn.Parameter:
                                            stride=param.stride()))
 
 
-def apply_ep(moe_layers: list[MoE], mesh: DeviceMesh) -> None:
-    """Split every MoE layer's routed experts over the expert-parallel `mesh`; tokens go by all-to-all."""
+DISPATCHERS = {"all_to_all": AllToAllDispatcher, "all_gather": AllGatherDispatcher}
+
+
+def apply_ep(moe_layers: list[MoE], mesh: DeviceMesh, dispatch: str = "all_to_all") -> None:
+    """Split every MoE layer's routed experts over the expert-parallel `mesh`; tokens reach them by
+    `dispatch` (a key of DISPATCHERS)."""
     for moe in moe_layers:
         experts = moe.experts
         experts.gate_up_proj = _shard_experts(experts.gate_up_proj, mesh)
         experts.down_proj = _shard_experts(experts.down_proj, mesh)
-        experts.dispatcher = AllToAllDispatcher(mesh.get_group(), moe.n_experts)
+        experts.dispatcher = DISPATCHERS[dispatch](mesh.get_group(), moe.n_experts)

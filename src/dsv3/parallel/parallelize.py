@@ -109,7 +109,7 @@ def parallelize(
     if p.tp > 1:
         apply_tp(blocks, meshes.tp)
     if p.ep > 1:
-        apply_ep([m for m in parts.modules() if isinstance(m, MoE)], meshes.ep)
+        apply_ep([m for m in parts.modules() if isinstance(m, MoE)], meshes.ep, p.ep_dispatch)
     if tc.activation_checkpointing:
         apply_ac(roots, tc.activation_checkpointing)
     if tc.compile:

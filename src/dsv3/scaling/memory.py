@@ -82,13 +82,15 @@ def kv_cache_bytes_per_token(cfg: ModelConfig) -> KVCacheBytes:
 
 @dataclass(frozen=True)
 class _Acts:
-    """Activation bytes per token: the part tensor parallelism splits (heads, FFN widths) and the rest."""
+    """Activation bytes per token: the part tensor parallelism splits (heads, FFN widths), the rest, and
+    of the rest the routed experts' rows (an all-gather expert dispatch keeps them for ep ranks' tokens)."""
 
     split: int
     replicated: int
+    routed: int = 0
 
-    def per_rank(self, tp: int) -> float:
-        return self.split / tp + self.replicated
+    def per_rank(self, tp: int, routed_copies: int = 1) -> float:
+        return self.split / tp + self.replicated + self.routed * routed_copies
 
 
 def _layer_activation_bytes(cfg: ModelConfig, moe: bool) -> _Acts:
@@ -112,7 +114,7 @@ def _layer_activation_bytes(cfg: ModelConfig, moe: bool) -> _Acts:
     routed = cfg.num_experts_per_tok * (2 * d + 4 * cfg.moe_intermediate_size)  # per copy: in, SwiGLU, out
     shared = 4 * cfg.n_shared_experts * cfg.moe_intermediate_size
     return _Acts(ACT_BYTES * (attn_heads + shared) + 4 * h,
-                 ACT_BYTES * (attn_whole + norm + routed) + 4 * cfg.n_routed_experts)
+                 ACT_BYTES * (attn_whole + norm) + 4 * cfg.n_routed_experts, ACT_BYTES * routed)
 
 
 def _layer_selective_bytes(cfg: ModelConfig, moe: bool) -> _Acts:
@@ -128,7 +130,8 @@ def _layer_selective_bytes(cfg: ModelConfig, moe: bool) -> _Acts:
     shared = 2 * cfg.n_shared_experts * cfg.moe_intermediate_size  # shared gate/up outputs (split)
     routed = cfg.num_experts_per_tok * (2 * cfg.moe_intermediate_size + d)  # grouped GEMM outputs per copy
     return _Acts(ACT_BYTES * (heads + shared) + 4 * h,  # + float32 softmax statistics
-                 ACT_BYTES * (whole + d + routed) + 4 * cfg.n_routed_experts)  # shared down; router logits
+                 ACT_BYTES * (whole + d) + 4 * cfg.n_routed_experts,  # shared down; router logits
+                 ACT_BYTES * routed)
 
 
 @dataclass(frozen=True)
@@ -224,12 +227,14 @@ def memory_profile(cfg: ModelConfig) -> MemoryProfile:
         units=[_block_unit(layer_params(cfg, m)) for m in moe]
         + [_block_unit(mtp_block_params(cfg), extra_matrices=2 * d * d, extra_norms=3 * d)] * n_mtp,
         n_blocks=len(moe),
-        acts=blocks + [_Acts(mtp_block.split, mtp_block.replicated + mtp_around)] * n_mtp,
+        acts=blocks
+        + [_Acts(mtp_block.split, mtp_block.replicated + mtp_around, mtp_block.routed)] * n_mtp,
         acts_recompute=[_Acts(0, ACT_BYTES * d)] * len(moe)
         + [_Acts(0, ACT_BYTES * 2 * d + mtp_around)] * n_mtp,
         rebuilt=blocks + [mtp_block] * n_mtp,
         acts_selective=[_layer_selective_bytes(cfg, m) for m in moe]
-        + [_Acts(mtp_selective.split, mtp_selective.replicated + ACT_BYTES * d + mtp_around)] * n_mtp,
+        + [_Acts(mtp_selective.split, mtp_selective.replicated + ACT_BYTES * d + mtp_around,
+                 mtp_selective.routed)] * n_mtp,
         embedding=_Unit(V * d, 0),
         head=_Unit(0 if cfg.tie_word_embeddings else V * d, d),
         head_act=head_act,
@@ -262,6 +267,7 @@ def estimate_memory(
     and their gradient exist at a time instead. `eager` (no `train.compile`): activations times
     EAGER_ACTIVATION_FACTOR."""
     dp_shard, tp, ep = layout.dp_shard, layout.tp, layout.ep
+    copies = ep if layout.ep_dispatch == "all_gather" else 1  # routed rows kept per token of this rank
     tokens = micro_batch * seq_len
     weighted_tokens = tokens * (EAGER_ACTIVATION_FACTOR if eager else 1.0)  # what activations scale with
     n_stages = layout.pp * layout.stages_per_rank
@@ -293,20 +299,20 @@ def estimate_memory(
         # The warm-up forwards pile up in the blocks; the last stage's outputs (head, MTP) go into
         # backward as soon as their loss is computed, one micro-batch at a time.
         blocks, outputs = [u for u in units if u < prof.n_blocks], [u for u in units if u >= prof.n_blocks]
-        head = prof.head_act.per_rank(tp) if last else 0.0
+        head = prof.head_act.per_rank(tp, copies) if last else 0.0
         # Chunked losses: the heads' logits are not kept (bytes a token), one chunk's exist at a time.
         unkept = prof.logits * ((1 if last else 0) + len(outputs)) if loss_chunk_tokens else 0
         chunk_rows = min(loss_chunk_tokens, tokens) if last else 0
         chunk = 2 * prof.logits * chunk_rows  # one chunk's logits and their gradient (bytes)
-        full = held * sum(prof.acts[u].per_rank(tp) for u in blocks)
-        full += sum(prof.acts[u].per_rank(tp) for u in outputs) + head - unkept
+        full = held * sum(prof.acts[u].per_rank(tp, copies) for u in blocks)
+        full += sum(prof.acts[u].per_rank(tp, copies) for u in outputs) + head - unkept
         # Recomputation keeps each block's input and rebuilds one block at a time during backward.
-        rebuilt = max((prof.rebuilt[u].per_rank(tp) for u in units), default=0.0)
-        kept = held * sum(prof.acts_recompute[u].per_rank(tp) for u in blocks) + rebuilt
-        kept += sum(prof.acts_recompute[u].per_rank(tp) for u in outputs) + head - unkept
+        rebuilt = max((prof.rebuilt[u].per_rank(tp, copies) for u in units), default=0.0)
+        kept = held * sum(prof.acts_recompute[u].per_rank(tp, copies) for u in blocks) + rebuilt
+        kept += sum(prof.acts_recompute[u].per_rank(tp, copies) for u in outputs) + head - unkept
         # Selective recomputation keeps GEMM and attention outputs, rebuilding the rest one block at a time.
-        selective = held * sum(prof.acts_selective[u].per_rank(tp) for u in blocks) + rebuilt
-        selective += sum(prof.acts_selective[u].per_rank(tp) for u in outputs) + head - unkept
+        selective = held * sum(prof.acts_selective[u].per_rank(tp, copies) for u in blocks) + rebuilt
+        selective += sum(prof.acts_selective[u].per_rank(tp, copies) for u in outputs) + head - unkept
         est = MemoryEstimate(
             weights=int(weights),
             gradients=int(grads),
