@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from dsv3.model.moe import MoE, expert_ffn
 from dsv3.model.moe_ops import compute_dtype, pair_weighted_sum
-from dsv3.parallel.expert_allgather import AllGatherDispatcher
+from dsv3.parallel.expert_allgather import AllGatherDispatcher, local_part
 
 __all__ = ["AllToAllDispatcher", "DISPATCHERS", "apply_ep"]
 
@@ -88,10 +88,6 @@ class _Dispatch(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class AllToAllDispatcher:
     """The experts of this rank's slice; each token travels once to every rank holding its experts."""
 
@@ -135,7 +131,7 @@ class AllToAllDispatcher:
         row = by_expert // k
         local_ends = recv[:, 1:].sum(0).cumsum(0)  # (El,)
         xs = _Dispatch.apply(x, token, row, recv_sizes, send_sizes, self.group, compute_dtype(x))  # (P, d)
-        ys = expert_ffn(xs, local_ends, _local(experts.gate_up_proj), _local(experts.down_proj))  # (P, d)
+        ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj))
         # One weighted sum per received row over its slots in a fixed order: the same float32 sum as
         # one process (a slot whose expert is elsewhere has weight 0 and no pair).
         partial = pair_weighted_sum(w_in, ys, by_expert)  # (M, d)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dsv3.model.moe import expert_ffn
 from dsv3.model.moe_ops import compute_dtype, gather_rows, weighted_sum
@@ -94,8 +95,9 @@ class _GatherDispatch(torch.autograd.Function):
         return _reduce_scatter(per_token, ctx.group).to(ctx.x_dtype), None, None, None, None, None, None
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of an expert-sharded weight (the tensor itself where it is not a DTensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class AllGatherDispatcher:
@@ -127,7 +129,7 @@ class AllGatherDispatcher:
         )
         valid = (torch.arange(key.numel(), device=key.device) < local_ends[-1]).unsqueeze(1)
         xs = _GatherDispatch.apply(x, pair_order // k, inverse, valid, k, self.group, compute_dtype(x))
-        ys = expert_ffn(xs, local_ends, _local(experts.gate_up_proj), _local(experts.down_proj))
+        ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj))
         ys = torch.where(valid, ys, 0)  # the rows past the last local pair were never computed
         ys = gather_rows(ys, inverse, pair_order, 1).view(-1, k, ys.shape[-1])  # (R·N, k, d)
         partial = weighted_sum(torch.where(mine, routing[:, :k], 0).to(weights.dtype), ys)  # (R·N, d)

@@ -59,9 +59,10 @@ def apply_ac(roots: list[nn.Module], mode: bool | str = True) -> None:
 
 
 def apply_compile(blocks: list[nn.Module], fullgraph: bool) -> None:
-    """torch.compile each block in place (parameter names unchanged). Expert parallelism's split sizes
-    come from the host and tensor parallelism reduces a gradient in a hook: their blocks compile with
-    graph breaks."""
+    """torch.compile each block in place (parameter names unchanged). Expert parallelism shards the
+    experts in their own FSDP unit (its hooks break the graph; the all-to-all dispatch's host-read split
+    sizes do too, the all-gather dispatch's fixed-size collectives trace) and tensor parallelism
+    reduces a gradient in a hook: their blocks compile with graph breaks."""
     for block in blocks:
         block.compile(fullgraph=fullgraph)
 
