@@ -71,6 +71,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--suffix-len", type=int, default=32, help="each request's own tokens after it")
     p.add_argument("--repeats", type=int, default=5, help="prefix part: requests timed")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    p.add_argument("--no-compile", action="store_true",
+                   help="the engine captures its step functions without torch.compile (EngineConfig.compile)")
     p.add_argument("--checkpoint", help="speculative part: a trained checkpoint with MTP and its tokenizer")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -135,6 +137,7 @@ def _engine(model, args, max_num_seqs: int, max_len: int, **options) -> tuple[LL
         max_model_len=max_len,
         num_blocks=blocks,
         kv_cache_dtype=args.kv_cache_dtype,
+        compile=False if args.no_compile else None,
         **options,
     )
     return LLMEngine(model, None, config), time.perf_counter() - start
@@ -394,6 +397,7 @@ def main() -> None:
             "torch": torch.__version__,
             "parts": args.parts,
             "systems": args.systems,
+            "engine_compile": not args.no_compile and args.device == "cuda",
         }
     )
     parts = {"prefix": prefix_part, "speculative": speculative_part, "load": load_part}

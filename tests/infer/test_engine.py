@@ -69,6 +69,8 @@ CONFIGS = {
     "chunked-prefill": {"block_size": 4, "max_prefill_chunk": 3, "max_num_batched_tokens": 8},
     "tiny-cache-preempts": {"block_size": 4, "num_blocks": 12, "max_model_len": 44, "max_num_seqs": 8},
     "one-at-a-time": {"max_num_seqs": 1},
+    # the step functions through torch.compile (dynamic shapes), as on a GPU before graph capture
+    "compiled": {"block_size": 4, "compile": True},
 }
 
 

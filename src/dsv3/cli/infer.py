@@ -37,6 +37,8 @@ def _engine_flags(p: argparse.ArgumentParser, max_num_seqs: int) -> None:
     g.add_argument("--speculative-tokens", type=int, default=0, choices=[0, 1],
                    help="MTP speculative decoding: tokens drafted per step by the model's MTP module")
     g.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on a GPU")
+    g.add_argument("--no-compile", action="store_true",
+                   help="capture the step functions without torch.compile (no compile time, slower steps)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -51,6 +53,7 @@ def _engine_config(args: argparse.Namespace):
             num_blocks=args.num_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
             speculative_tokens=args.speculative_tokens, cuda_graphs=False if args.no_cuda_graphs else None,
+            compile=False if args.no_compile else None,
         )
     except ValidationError as e:
         first = e.errors()[0]

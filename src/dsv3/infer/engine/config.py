@@ -44,6 +44,10 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool | None = Field(
         default=None, description="capture decode steps in CUDA graphs; default: on a GPU"
     )
+    compile: bool | None = Field(
+        default=None, description="torch.compile the step functions (fused kernels, then captured in "
+        "the CUDA graphs); costs compile time at each new shape family; default: with cuda_graphs",
+    )
     seed: int = Field(default=0, description="draws the seeds of requests that bring none")
 
     def resolved(self, model: ModelConfig) -> EngineConfig:

@@ -8,7 +8,11 @@ tokens to a power of two, block tables to a power-of-two width, inputs copied in
 buffers. On a GPU that function is a CUDA graph, captured the first time its shape is needed (all
 graphs share one memory pool), so a decode step or a short prefill (a prompt past a prefix-cache
 hit) costs one launch instead of one per kernel; on a CPU the same function runs eagerly, so the
-tests exercise this code. Longer prefills run eagerly at their exact shape. Attention takes the
+tests exercise this code. With `compile` (default: with CUDA graphs) the step functions are
+torch.compile'd first (dynamic shapes: one compile per family such as decode or short prefill, not
+per shape), so each captured graph replays Inductor's fused kernels instead of one kernel per op:
+at batch 1 a decode step's time is mostly its number of kernels. Longer prefills run eagerly at their
+exact shape. Attention takes the
 absorbed form for one or two tokens a row, the expand path for longer chunks.
 
 Then one sampler call covers every row that fed its sequence's last token (two positions for a row
@@ -73,6 +77,20 @@ class _Forward:
     tables: torch.Tensor | None = None
 
 
+def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn` through torch.compile with dynamic shapes, callable inside `execute`'s force-eager stance
+    (which keeps a model compiled for training from recompiling at every serving shape). Sizes 1 and
+    the attention form are specialised, so a server meets a handful of variants (6 in the engine
+    tests); the raised limit keeps later ones compiled instead of falling back to eager code."""
+    compiled = torch.compile(fn, dynamic=True)
+
+    def call(*args) -> torch.Tensor:
+        with torch.compiler.set_stance("default"), torch._dynamo.config.patch(recompile_limit=64):
+            return compiled(*args)
+
+    return call
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_ids: Sequence[int] = ()) -> None:
         self.model, self.config, self.eos_ids = model, config, tuple(eos_ids)
@@ -84,6 +102,9 @@ class ModelRunner:
         if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs: needs a model on a CUDA device, not {self.device}")
         self.graphs = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
+        compiled = self.graphs if config.compile is None else config.compile
+        self._main_fn = _compiled(self._hidden_states) if compiled else self._hidden_states
+        self._draft_fn = _compiled(self._draft_tokens) if compiled else self._draft_tokens
         self.max_blocks = config.blocks_per_seq()
         self.buckets = batch_buckets(config.max_num_seqs)
         cache_layers = self.num_layers + int(self.speculative)
@@ -175,7 +196,7 @@ class ModelRunner:
             ids, slots = buf["ids"][:B], buf["slots"][:B]
 
             def step() -> torch.Tensor:
-                h = self._hidden_states(ids, positions, self.cache.batch(slots, tables, positions, absorb))
+                h = self._main_fn(ids, positions, self.cache.batch(slots, tables, positions, absorb))
                 self._hidden[(B, NB, T)] = h
                 return h
         else:
@@ -183,7 +204,7 @@ class ModelRunner:
 
             def step() -> torch.Tensor:
                 batch = self.cache.batch(slots, tables, positions, absorb)
-                return self._draft_tokens(self._hidden[(B, NB, T)], ids, positions, batch)
+                return self._draft_fn(self._hidden[(B, NB, T)], ids, positions, batch)
 
         if self.graphs:
             step = self._graphed(step, key)
