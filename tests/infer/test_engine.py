@@ -161,6 +161,28 @@ def test_speculative_greedy_equals_plain_greedy_and_drafts_are_the_mtp_heads(mtp
             assert draft == int(expected)
 
 
+@pytest.mark.slow
+def test_compiled_speculation_gives_the_eager_greedy_tokens(mtp_model):
+    """The main and the draft step functions through torch.compile (warmed up at start, as on a GPU):
+    the same greedy tokens and the same drafts as the eager engine."""
+    prompts = _prompts()[:4]
+    runs = []
+    for compiled in (False, True):
+        config = EngineConfig(block_size=4, speculative_tokens=1, compile=compiled)
+        engine = LLMEngine(mtp_model, None, config)
+        drafts, step = [], engine.step
+
+        def recording_step(engine=engine, step=step, drafts=drafts):
+            outs = step()
+            drafts.extend((s.request_id, s.num_output, s.draft) for s in engine.scheduler.running)
+            return outs
+
+        engine.step = recording_step
+        runs.append((run_staggered(engine, prompts, GREEDY), drafts))
+    (eager_tokens, eager_drafts), (tokens, drafts) = runs
+    assert tokens == eager_tokens and drafts == eager_drafts and len(drafts) > 20
+
+
 def test_accepted_and_rejected_drafts_give_the_same_tokens_and_fewer_steps(mtp_model):
     """Drafts from an oracle that is right two times in three: every right draft is accepted, every
     wrong one replaced, the output equals plain greedy and takes fewer steps."""

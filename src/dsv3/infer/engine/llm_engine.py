@@ -16,6 +16,7 @@ Counters for the server's /metrics live in `EngineStats`.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import deque
@@ -31,6 +32,8 @@ from dsv3.infer.engine.scheduler import Scheduler
 from dsv3.infer.engine.sequence import Sequence
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LLMEngine", "RequestOutput", "CompletionOutput", "EngineStats", "RequestError"]
 
@@ -131,6 +134,10 @@ class LLMEngine:
             eos_token_ids = () if tokenizer is None else (tokenizer.eos_id,)
         self.eos_ids = frozenset(eos_token_ids)
         self.runner = ModelRunner(model, self.config, tuple(self.eos_ids))
+        if self.runner.compiled:
+            start = time.perf_counter()
+            self.runner.warm_up()
+            log.info("engine: step functions compiled in %.1f s", time.perf_counter() - start)
         self.blocks = BlockManager(
             self.runner.cache.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
             key_next_token=self.config.speculative_tokens > 0,  # the MTP layer's cache depends on it

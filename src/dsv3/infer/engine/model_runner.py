@@ -80,12 +80,17 @@ class _Forward:
 def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """`fn` through torch.compile with dynamic shapes, callable inside `execute`'s force-eager stance
     (which keeps a model compiled for training from recompiling at every serving shape). Sizes 1 and
-    the attention form are specialised, so a server meets a handful of variants (6 in the engine
-    tests); the raised limit keeps later ones compiled instead of falling back to eager code."""
+    the attention form are specialised, so a server meets a handful of variants, which `warm_up`
+    compiles ahead. Duck sizing is off: it would assume that two sizes equal in the first call (a
+    prompt's length and its context) stay equal, and recompile at the first prefix-cache hit."""
     compiled = torch.compile(fn, dynamic=True)
 
     def call(*args) -> torch.Tensor:
-        with torch.compiler.set_stance("default"), torch._dynamo.config.patch(recompile_limit=64):
+        with (
+            torch.compiler.set_stance("default"),
+            torch._dynamo.config.patch(recompile_limit=64),
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+        ):
             return compiled(*args)
 
     return call
@@ -102,7 +107,8 @@ class ModelRunner:
         if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs: needs a model on a CUDA device, not {self.device}")
         self.graphs = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
-        compiled = self.graphs if config.compile is None else config.compile
+        self.compiled = self.graphs if config.compile is None else config.compile
+        compiled = self.compiled
         self._main_fn = _compiled(self._hidden_states) if compiled else self._hidden_states
         self._draft_fn = _compiled(self._draft_tokens) if compiled else self._draft_tokens
         self.max_blocks = config.blocks_per_seq()
@@ -211,6 +217,25 @@ class ModelRunner:
         self._steps[key] = step
         return step
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run the step functions once for each family of shapes the compiler specialises (1 row or
+        more; 1 or 2 tokens a row in the absorbed form, or a longer chunk), so their compiles happen
+        now instead of stalling requests later. The dummy rows write
+        only to the scratch block; on a GPU their graphs are captured and kept for real steps."""
+        rows = sorted({1, min(2, self.buckets[-1])})
+        width = min(2, self.max_blocks)  # the narrowest table a step function gets (see `_forward`)
+        for T in (1, 2, 4):
+            buf = self._buffer(T)
+            buf["ids"].zero_(), buf["draft_ids"].zero_(), buf["positions"].zero_()
+            buf["slots"].fill_(self.cache.scratch_slot), buf["draft_slots"].fill_(self.cache.scratch_slot)
+            buf["tables"].fill_(self.cache.scratch_block)
+            for B in rows:
+                with torch.compiler.set_stance("force_eager"):
+                    self._step("main", B, width, T)()
+                    if self.speculative:
+                        self._step("draft", B, width, T)()
+
     def _graphed(self, step: Callable[[], torch.Tensor], key: tuple) -> Callable[[], torch.Tensor]:
         try:
             graph, out = capture(step, self._pool)
@@ -242,7 +267,8 @@ class ModelRunner:
         fed = [s.fed for s in items]
         valid = [len(f) for f in fed]
         if Bb * Tb <= GRAPH_TOKENS:
-            NB = min(_pow2(self._width(items)), self.max_blocks)
+            # at least 2 blocks wide: a width of 1 would be one more shape family for the compiler
+            NB = min(max(2, _pow2(self._width(items))), self.max_blocks)
             ids, positions, slots = self._rows(items, Tb, valid, fed)
             buf, scratch = self._buffer(Tb), self.cache.scratch_slot
             self._fill(buf["ids"][:Bb], ids, 0)
