@@ -11,9 +11,9 @@ hit) costs one launch instead of one per kernel; on a CPU the same function runs
 tests exercise this code. With `compile` (default: with CUDA graphs) the step functions are
 torch.compile'd first (dynamic shapes: one compile per family such as decode or short prefill, not
 per shape), so each captured graph replays Inductor's fused kernels instead of one kernel per op:
-at batch 1 a decode step's time is mostly its number of kernels. Longer prefills run eagerly at their
-exact shape. Attention takes the
-absorbed form for one or two tokens a row, the expand path for longer chunks.
+at batch 1 a decode step's time is mostly its number of kernels. Longer prefills run eagerly at
+their exact shape. Attention takes the absorbed form for one or two tokens a row, the expand path
+for longer chunks.
 
 Then one sampler call covers every row that fed its sequence's last token (two positions for a row
 that verifies a draft). With speculative decoding the MTP module runs over the positions the main
@@ -108,9 +108,8 @@ class ModelRunner:
             raise ValueError(f"cuda_graphs: needs a model on a CUDA device, not {self.device}")
         self.graphs = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
         self.compiled = self.graphs if config.compile is None else config.compile
-        compiled = self.compiled
-        self._main_fn = _compiled(self._hidden_states) if compiled else self._hidden_states
-        self._draft_fn = _compiled(self._draft_tokens) if compiled else self._draft_tokens
+        self._main_fn = _compiled(self._hidden_states) if self.compiled else self._hidden_states
+        self._draft_fn = _compiled(self._draft_tokens) if self.compiled else self._draft_tokens
         self.max_blocks = config.blocks_per_seq()
         self.buckets = batch_buckets(config.max_num_seqs)
         cache_layers = self.num_layers + int(self.speculative)
@@ -221,8 +220,8 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Run the step functions once for each family of shapes the compiler specialises (1 row or
         more; 1 or 2 tokens a row in the absorbed form, or a longer chunk), so their compiles happen
-        now instead of stalling requests later. The dummy rows write
-        only to the scratch block; on a GPU their graphs are captured and kept for real steps."""
+        now instead of stalling requests later. The dummy rows write only to the scratch block; on
+        a GPU their graphs are captured and kept for real steps."""
         rows = sorted({1, min(2, self.buckets[-1])})
         width = min(2, self.max_blocks)  # the narrowest table a step function gets (see `_forward`)
         for T in (1, 2, 4):
