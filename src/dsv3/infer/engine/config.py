@@ -46,7 +46,7 @@ class EngineConfig(BaseModel):
     )
     compile: bool | None = Field(
         default=None, description="torch.compile the step functions (fused kernels, then captured in "
-        "the CUDA graphs); costs compile time at each new shape family; default: with cuda_graphs",
+        "the CUDA graphs), every shape family at engine start; default: with cuda_graphs",
     )
     seed: int = Field(default=0, description="draws the seeds of requests that bring none")
 
