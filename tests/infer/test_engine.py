@@ -126,6 +126,28 @@ def test_fp8_cache_generates_the_same_tokens_on_a_decisive_model():
     assert fp8 == exact  # the logit-level bound (2^-4) is tests/infer/test_paged_cache.py's
 
 
+def test_a_step_function_the_compiler_fails_on_runs_eagerly(monkeypatch, caplog):
+    """torch.compile failing (Inductor on CPU cannot compile the FP8 cache's conversions) costs speed,
+    not the server: one warning, then the eager function, whose own errors still surface."""
+    from dsv3.infer.engine import model_runner
+
+    def broken_compile(fn, **_):
+        def run(*args):
+            raise RuntimeError("backend failed")
+
+        return run
+
+    monkeypatch.setattr(model_runner.torch, "compile", broken_compile)
+    calls = []
+    step = model_runner._compiled(lambda x: calls.append(x) or x + 1)
+    with caplog.at_level("WARNING"):
+        assert step(1) == 2 and step(2) == 3
+    assert calls == [1, 2]
+    assert sum("torch.compile failed: backend failed" in r.message for r in caplog.records) == 1
+    with pytest.raises(TypeError):
+        step(None)  # the eager function's own error
+
+
 # --- MTP speculative decoding ----------------------------------------------------------------------
 
 

@@ -82,16 +82,28 @@ def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     (which keeps a model compiled for training from recompiling at every serving shape). Sizes 1 and
     the attention form are specialised, so a server meets a handful of variants, which `warm_up`
     compiles ahead. Duck sizing is off: it would assume that two sizes equal in the first call (a
-    prompt's length and its context) stay equal, and recompile at the first prefix-cache hit."""
+    prompt's length and its context) stay equal, and recompile at the first prefix-cache hit.
+    Where the compiler fails (seen: Inductor on CPU with the FP8 cache), it warns once and runs `fn`
+    eagerly from then on; an error of `fn` itself is raised again by that eager call."""
     compiled = torch.compile(fn, dynamic=True)
+    failed = False
 
     def call(*args) -> torch.Tensor:
-        with (
-            torch.compiler.set_stance("default"),
-            torch._dynamo.config.patch(recompile_limit=64),
-            torch.fx.experimental._config.patch(use_duck_shape=False),
-        ):
-            return compiled(*args)
+        nonlocal failed
+        if failed:
+            return fn(*args)
+        try:
+            with (
+                torch.compiler.set_stance("default"),
+                torch._dynamo.config.patch(recompile_limit=64),
+                torch.fx.experimental._config.patch(use_duck_shape=False),
+            ):
+                return compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure; fn's own errors recur below
+            failed = True
+            log.warning("engine: running the step functions uncompiled (torch.compile failed: %s)",
+                        str(err).strip().splitlines()[0])
+            return fn(*args)
 
     return call
 
