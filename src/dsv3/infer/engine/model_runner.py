@@ -238,8 +238,10 @@ class ModelRunner:
         width = min(2, self.max_blocks)  # the narrowest table a step function gets (see `_forward`)
         for T in (1, 2, 4):
             buf = self._buffer(T)
-            buf["ids"].zero_(), buf["draft_ids"].zero_(), buf["positions"].zero_()
-            buf["slots"].fill_(self.cache.scratch_slot), buf["draft_slots"].fill_(self.cache.scratch_slot)
+            for name in ("ids", "draft_ids", "positions"):
+                buf[name].zero_()
+            for name in ("slots", "draft_slots"):
+                buf[name].fill_(self.cache.scratch_slot)
             buf["tables"].fill_(self.cache.scratch_block)
             for B in rows:
                 with torch.compiler.set_stance("force_eager"):
