@@ -31,6 +31,7 @@ from dsv3.model.moe_ops import (
     compute_dtype,
     expert_matmul,
     gather_rows,
+    inverse_permutation,
     router_logits,
     sort_by_expert,
     weighted_sum,
@@ -169,7 +170,7 @@ class LocalDispatcher:
         ends: torch.Tensor, experts: Experts,
     ) -> torch.Tensor:
         N, k = weights.shape
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        inverse = inverse_permutation(order)
         xs = gather_rows(x, order // k, inverse, k, compute_dtype(x))  # (N·k, d) sorted by expert
         ys = expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj)
         ys = gather_rows(ys, inverse, order, 1).view(N, k, -1)  # back to (token, slot)

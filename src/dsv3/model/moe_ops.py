@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "sort_by_expert",
+    "inverse_permutation",
     "grouped_mm_supported",
     "padded_expert_mm",
     "expert_matmul",
@@ -37,6 +38,11 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
         flat[order], torch.arange(n_experts, device=flat.device, dtype=flat.dtype), right=True
     )
     return order, ends
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order`: x[order][inverse] == x."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dsv3.model.moe import expert_ffn
-from dsv3.model.moe_ops import compute_dtype, gather_rows, weighted_sum
+from dsv3.model.moe_ops import compute_dtype, gather_rows, inverse_permutation, sort_by_expert, weighted_sum
 
 __all__ = ["AllGatherDispatcher"]
 
@@ -105,9 +105,8 @@ class AllGatherDispatcher:
 
     def __init__(self, group: dist.ProcessGroup, n_experts: int) -> None:
         self.group = group
-        self.ranks = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.local = n_experts // self.ranks  # experts per rank
+        self.local = n_experts // dist.get_world_size(group)  # experts per rank
 
     def __call__(
         self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
@@ -119,15 +118,10 @@ class AllGatherDispatcher:
         routing = _AllGather.apply(torch.cat([weights.float(), indices.float()], 1), self.group)
         expert = routing[:, k:].long() - self.rank * El  # (R·N, k) local expert ids, others out of range
         mine = (expert >= 0) & (expert < El)
-        key = torch.where(mine, expert, El).view(-1)  # (R·N·k,) the others' slots sort last
-        pair_order = key.argsort(stable=True)
-        local_ends = torch.searchsorted(
-            key.index_select(0, pair_order), torch.arange(El, device=key.device, dtype=key.dtype), right=True
-        )
-        inverse = torch.empty_like(pair_order).scatter_(
-            0, pair_order, torch.arange(pair_order.numel(), device=key.device)
-        )
-        valid = (torch.arange(key.numel(), device=key.device) < local_ends[-1]).unsqueeze(1)
+        # the (token, slot) pairs grouped by local expert, the others' slots (id El) last
+        pair_order, local_ends = sort_by_expert(torch.where(mine, expert, El), El)
+        inverse = inverse_permutation(pair_order)
+        valid = (torch.arange(pair_order.numel(), device=x.device) < local_ends[-1]).unsqueeze(1)
         xs = _GatherDispatch.apply(x, pair_order // k, inverse, valid, k, self.group, compute_dtype(x))
         ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj))
         ys = torch.where(valid, ys, 0)  # the rows past the last local pair were never computed
