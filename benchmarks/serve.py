@@ -13,6 +13,8 @@ lines, one per measurement:
 - `load`: for each offered concurrency C, C clients each sending a request as soon as their last
   one finished (closed loop, --requests-per-client each): output tokens/s, TTFT and TPOT
   percentiles. Systems: `dsv3-engine` (continuous batching, paged cache, CUDA graphs per shape),
+  `dsv3-engine-sync` (the same engine reading every step back before scheduling the next: no
+  overlap of the host's work with the GPU's),
   `dsv3-generate` (dsv3.infer.generate: one static batch of C prompts, its decode step captured in
   a CUDA graph), `hf-static` (transformers' generate with cache_implementation="static", which
   compiles its decode step: the strongest transformers setup; GPU only, at --hf-concurrency since
@@ -47,7 +49,8 @@ from dsv3.model import Transformer
 from dsv3.model.hf import load_hf, save_hf
 
 PARTS = ("prefix", "speculative", "load")
-SYSTEMS = ("dsv3-engine", "dsv3-generate", "hf-static")
+SYSTEMS = ("dsv3-engine", "dsv3-engine-sync", "dsv3-generate", "hf-static")
+ENGINES = {"dsv3-engine": {}, "dsv3-engine-sync": {"async_scheduling": False}}  # EngineConfig options
 
 
 def _parse() -> argparse.Namespace:
@@ -314,27 +317,29 @@ def load_part(args) -> None:
             return out[:, ids.shape[1] :]
 
         fns["hf-static"] = hf_static
-    engine = None
-    if "dsv3-engine" in args.systems:
-        engine, init_s = _engine(model, args, max(args.levels), max_len)
-        _emit({"bench": "engine_init", "seconds": round(init_s, 3), "cache_blocks": engine.blocks.num_blocks})
+    engines = {}
+    for name, options in ENGINES.items():
+        if name in args.systems:
+            engines[name], init_s = _engine(model, args, max(args.levels), max_len, **options)
+            _emit({"bench": "engine_init", "system": name, "seconds": round(init_s, 3),
+                   "cache_blocks": engines[name].blocks.num_blocks})  # fmt: skip
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     for c in args.levels:
         prompts = _prompts(c * args.requests_per_client, args.prompt_len, vocab, args.seed + c)
         rows, tokens = {}, {}
-        if engine is not None:
+        for name, engine in engines.items():
             t0 = time.perf_counter()
             _drive(engine, prompts[:c], c, params)  # captures this load's shapes
             capture_s = time.perf_counter() - t0
             r = _drive(engine, prompts, c, params)
-            rows["dsv3-engine"] = {
+            rows[name] = {
                 "output_tokens_per_s": round(r["tokens"] / r["wall_s"], 1),
                 "ttft_ms": _percentiles(r["ttft"]),
                 "tpot_ms": _percentiles(r["tpot"]),
                 "wall_s": round(r["wall_s"], 3),
                 "warmup_s": round(capture_s, 3),
             }
-            tokens["dsv3-engine"] = torch.tensor([o.outputs[0].token_ids for o in r["outputs"][:c]])
+            tokens[name] = torch.tensor([o.outputs[0].token_ids for o in r["outputs"][:c]])
         for name, fn in fns.items():
             if name == "hf-static" and c not in args.hf_levels:
                 continue
@@ -362,7 +367,7 @@ def load_part(args) -> None:
                     "bench": "load",
                     "system": name,
                     "concurrency": c,
-                    "requests": len(prompts) if name == "dsv3-engine" else c,
+                    "requests": len(prompts) if name in engines else c,
                     "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

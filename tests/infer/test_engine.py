@@ -69,6 +69,9 @@ CONFIGS = {
     "chunked-prefill": {"block_size": 4, "max_prefill_chunk": 3, "max_num_batched_tokens": 8},
     "tiny-cache-preempts": {"block_size": 4, "num_blocks": 12, "max_model_len": 44, "max_num_seqs": 8},
     "one-at-a-time": {"max_num_seqs": 1},
+    "async-scheduling": {"async_scheduling": True},  # on by default on a GPU only
+    "async-scheduling-preempts": {"async_scheduling": True, "block_size": 4, "num_blocks": 12, "max_model_len": 44,
+                                  "max_num_seqs": 8},
     # the step functions through torch.compile (dynamic shapes), as on a GPU before graph capture
     "compiled": {"block_size": 4, "compile": True},
 }
@@ -213,7 +216,7 @@ def test_accepted_and_rejected_drafts_give_the_same_tokens_and_fewer_steps(mtp_m
     refs = run_staggered(plain_engine, prompts, GREEDY)
     engine = LLMEngine(mtp_model, None, EngineConfig(speculative_tokens=1))
     by_seq = {}
-    execute, step = engine.runner.execute, engine.step
+    collect, step = engine.runner.collect, engine.step
     verdicts = []
 
     def oracle_step():
@@ -226,15 +229,15 @@ def test_accepted_and_rejected_drafts_give_the_same_tokens_and_fewer_steps(mtp_m
             by_seq[s.seq_id] = s
         return outs
 
-    def checking_execute(batch):
-        results = execute(batch)
+    def checking_collect(launched):
+        results = collect(launched)
         for res in results:
             if res.accepted is not None:
                 ref = refs[int(res.item.seq.request_id)]
                 verdicts.append((res.accepted, res.item.draft == ref[res.item.seq.num_output]))
         return results
 
-    engine.step, engine.runner.execute = oracle_step, checking_execute
+    engine.step, engine.runner.collect = oracle_step, checking_collect
     assert run_staggered(engine, prompts, GREEDY) == refs
     assert verdicts and all(accepted == right for accepted, right in verdicts)
     assert 0 < engine.stats.spec_accepted < engine.stats.spec_drafts
@@ -336,6 +339,79 @@ def test_abort_releases_blocks_at_once(references):
     engine.abort_request("0")
     engine.abort_request("1")
     assert engine.blocks.num_used == 0 and not engine.has_unfinished_requests()
+
+
+def _counting_launches(engine: LLMEngine) -> list[bool]:
+    """Record, per launched step, whether it was overlapped (launched after a step not yet read back)."""
+    launch, overlapped = engine.runner.launch, []
+
+    def counting(batch, after=None):
+        overlapped.append(after is not None)
+        return launch(batch, after)
+
+    engine.runner.launch = counting
+    return overlapped
+
+
+def test_overlapped_steps_give_the_same_outputs_as_read_back_steps(references):
+    """With async scheduling the engine launches a step's decode rows again before reading it back;
+    every output (greedy, seeded sampling with top-p/top-k, min_tokens, stop token ids, max_tokens,
+    logprobs; penalties, which fall back to read-back steps) is what the engine gives when it reads
+    every step back first, under staggered arrivals and a preempting cache."""
+    model, prompts, refs = references
+    stop = refs[1][4]
+    special = {
+        1: SamplingParams(max_tokens=N_NEW, temperature=0, stop_token_ids=[stop]),
+        2: SamplingParams(max_tokens=N_NEW, temperature=1.0, top_p=0.9, top_k=20, seed=5, logprobs=2),
+        3: SamplingParams(max_tokens=N_NEW, temperature=0.7, seed=6, min_tokens=10, stop_token_ids=[refs[3][2]]),
+        4: SamplingParams(max_tokens=5, temperature=0),
+        6: SamplingParams(max_tokens=N_NEW, temperature=0.9, seed=9, repetition_penalty=1.3),
+    }
+    for options in ({}, {"block_size": 4, "num_blocks": 12, "max_model_len": 44, "max_num_seqs": 8}):
+        runs = []
+        for overlap in (False, True):
+            engine = LLMEngine(model, None, EngineConfig(async_scheduling=overlap, **options))
+            overlapped = _counting_launches(engine)
+            outs, step, pending = {}, 0, list(enumerate(prompts))
+            while pending or engine.has_unfinished_requests():
+                while pending and ARRIVALS[pending[0][0]] <= step:
+                    i, p = pending.pop(0)
+                    engine.add_request(str(i), p, special.get(i, GREEDY))
+                for out in engine.step():
+                    if out.finished:
+                        c = out.outputs[0]
+                        outs[int(out.request_id)] = (c.token_ids, c.finish_reason, c.stop_reason, c.logprobs)
+                step += 1
+            assert engine.blocks.num_used == 0
+            runs.append([outs[i] for i in range(len(prompts))])
+            assert any(overlapped) == overlap
+            if "num_blocks" in options:
+                assert engine.stats.preemptions > 0
+        for (tokens, reason, stop_reason, logprobs), again in zip(runs[0], runs[1], strict=True):
+            assert (tokens, reason, stop_reason) == again[:3]  # logprobs: the batch's padding differs
+            assert logprobs is None or max(abs(a - b) for a, b in zip(logprobs, again[3], strict=True)) < 1e-4
+        assert runs[1][1][:3] == (refs[1][: refs[1].index(stop) + 1], "stop", stop) and len(runs[1][4][0]) == 5
+        assert runs[1][0][0] == refs[0]
+
+
+def test_abort_while_a_step_is_in_flight(references):
+    """A request aborted while an overlapped step carries it: its blocks go at once, the step's
+    output for it is dropped, and the others finish as if it had never been there."""
+    model, prompts, refs = references
+    engine = LLMEngine(model, None, EngineConfig(block_size=4, async_scheduling=True))
+    for i in (0, 2):
+        engine.add_request(str(i), prompts[i], GREEDY)
+    engine.step()  # prefill; the first decode step is launched before it is read back
+    engine.step()
+    assert engine._inflight is not None
+    engine.abort_request("2")
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == "0"
+            if out.finished:
+                outs[0] = out.outputs[0].token_ids
+    assert outs[0] == refs[0] and engine.blocks.num_used == 0
 
 
 def test_requests_the_engine_cannot_serve_name_the_field(references):

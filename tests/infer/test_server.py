@@ -19,8 +19,8 @@ MAX_LEN = 96
 
 @pytest.fixture(scope="module")
 def server(served_checkpoint):
-    """(client, the LLM whose engine the app serves)."""
-    llm = LLM(served_checkpoint, max_num_seqs=8, max_model_len=MAX_LEN)
+    """(client, the LLM whose engine the app serves), overlapping its steps as on a GPU."""
+    llm = LLM(served_checkpoint, max_num_seqs=8, max_model_len=MAX_LEN, async_scheduling=True)
     app = build_app(AsyncEngine(llm.engine, max_waiting=64), "tiny", llm.engine.tokenizer)
     with TestClient(app) as client:
         yield client, llm
@@ -190,19 +190,20 @@ def test_a_full_queue_is_429_with_retry_after(server, monkeypatch):
     assert isinstance(QueueFull(3, 1), RuntimeError)
 
 
-def test_a_failing_step_fails_its_requests_not_the_server(server, monkeypatch):
+@pytest.mark.parametrize("failing_call", [1, 2])  # 2: the overlapped launch of the first decode step
+def test_a_failing_step_fails_its_requests_not_the_server(server, monkeypatch, failing_call):
     client, llm = server
     runner = llm.engine.runner
-    real = runner.execute
+    real = runner.launch
     calls = []
 
-    def failing(batch):
+    def failing(batch, after=None):
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == failing_call:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(batch)
+        return real(batch, after)
 
-    monkeypatch.setattr(runner, "execute", failing)
+    monkeypatch.setattr(runner, "launch", failing)
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
     assert "simulated" in _error(r, 500)
     assert llm.engine.blocks.num_used == 0

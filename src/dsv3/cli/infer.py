@@ -39,6 +39,8 @@ def _engine_flags(p: argparse.ArgumentParser, max_num_seqs: int) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on a GPU")
     g.add_argument("--no-compile", action="store_true",
                    help="capture the step functions without torch.compile (no compile time, slower steps)")
+    g.add_argument("--no-async-scheduling", action="store_true",
+                   help="read every step back before scheduling the next (no overlap of host and GPU)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -54,6 +56,7 @@ def _engine_config(args: argparse.Namespace):
             kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
             speculative_tokens=args.speculative_tokens, cuda_graphs=False if args.no_cuda_graphs else None,
             compile=False if args.no_compile else None,
+            async_scheduling=False if args.no_async_scheduling else None,
         )
     except ValidationError as e:
         first = e.errors()[0]

@@ -32,6 +32,8 @@ __all__ = [
     "MAX_LOGPROBS",
     "uniform",
     "sample",
+    "sample_async",
+    "PendingSample",
     "params_error",
 ]
 
@@ -158,24 +160,30 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]] | None  # the row's `params.logprobs` best
 
 
+def _tensor(values: Sequence, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values on `device` without waiting for the device: `torch.tensor(..., device=cuda)`
+    would synchronize the stream, which the engine's overlapped steps must never do."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Repetition (prompt and output), presence and frequency (output) penalties, in place, where asked."""
     which = [i for i, r in enumerate(rows) if r.params.penalized]
     if not which:
         return logits
     device = logits.device
-    idx = torch.tensor(which, device=device)
+    idx = _tensor(which, device)
     sub = logits[idx]
     counts = torch.zeros_like(sub)
     seen = torch.zeros_like(sub, dtype=torch.bool)
     for j, i in enumerate(which):
-        out = torch.tensor(list(rows[i].output), dtype=torch.long, device=device)
+        out = _tensor(list(rows[i].output), device, torch.long)
         counts[j].index_add_(0, out, torch.ones_like(out, dtype=sub.dtype))
-        seen[j, torch.tensor(list(rows[i].prompt), dtype=torch.long, device=device)] = True
+        seen[j, _tensor(list(rows[i].prompt), device, torch.long)] = True
     seen |= counts > 0
 
     def column(name: str) -> torch.Tensor:
-        return torch.tensor([getattr(rows[i].params, name) for i in which], device=device).unsqueeze(1)
+        return _tensor([getattr(rows[i].params, name) for i in which], device).unsqueeze(1)
 
     rep = column("repetition_penalty")
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
@@ -187,19 +195,19 @@ def _penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
 def _filter(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """min_p, top_k and top_p: probs (N, V) with the excluded tokens zeroed, possibly sorted
     (descending) with the order that maps sorted columns back to token ids."""
-    device = probs.device
-    min_p = torch.tensor([r.params.min_p for r in rows], device=device)
-    if (min_p > 0).any():
+    device, vocab = probs.device, probs.shape[1]
+    if any(r.params.min_p > 0 for r in rows):
+        min_p = _tensor([r.params.min_p for r in rows], device)
         probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
-    top_k = [r.params.top_k if r.params.top_k > 0 else probs.shape[1] for r in rows]
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device)
-    if min(top_k) >= probs.shape[1] and bool((top_p >= 1).all()):
+    top_k = [r.params.top_k if r.params.top_k > 0 else vocab for r in rows]
+    if min(top_k) >= vocab and all(r.params.top_p >= 1 for r in rows):
         return probs, None
     probs, order = probs.sort(-1, descending=True)
-    rank = torch.arange(probs.shape[1], device=device)
-    probs = probs.masked_fill(rank >= torch.tensor(top_k, device=device).unsqueeze(1), 0.0)
+    rank = torch.arange(vocab, device=device)
+    probs = probs.masked_fill(rank >= _tensor(top_k, device).unsqueeze(1), 0.0)
     mass = probs.cumsum(-1)
     before = (mass - probs) / mass[:, -1:]  # the kept mass ranked above each token, normalized
+    top_p = _tensor([r.params.top_p for r in rows], device)
     return probs.masked_fill(before >= top_p.unsqueeze(1), 0.0), order
 
 
@@ -210,9 +218,40 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
+@dataclass
+class PendingSample:
+    """A sampler call's results still on the device: `result()` reads them back (and waits for them).
+
+    `tokens` (N,) may feed the next step's forward on the device before the host has read them."""
+
+    tokens: torch.Tensor
+    accepted: torch.Tensor
+    logprobs: torch.Tensor | None  # (N,) of the chosen tokens
+    top: tuple[torch.Tensor, torch.Tensor] | None  # (values, ids), (N, the most asked) each
+    top_counts: list[int]  # per row, how many top logprobs it asked for
+
+    def result(self) -> SampleOutput:
+        tokens, accepted = self.tokens.tolist(), self.accepted.tolist()
+        logprobs = top = None
+        if self.logprobs is not None:
+            logprobs = self.logprobs.tolist()
+            top = [[] for _ in tokens]
+            if self.top is not None:
+                values, ids = self.top[0].tolist(), self.top[1].tolist()
+                top = [list(zip(ids[i][:k], values[i][:k], strict=True)) for i, k in enumerate(self.top_counts)]
+        return SampleOutput(tokens, accepted, logprobs, top)
+
+
 @torch.no_grad()
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
     """Tokens for logits (N, V), one row per `rows` entry (see the module docstring)."""
+    return sample_async(logits, rows).result()
+
+
+@torch.no_grad()
+def sample_async(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+    """`sample`, enqueued on the device without waiting for it: host values reach the device by
+    non-blocking copies and every decision that depends on them is taken on the host."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"sample: {logits.shape[0]} rows of logits for {len(rows)} sampling rows")
     device = logits.device
@@ -223,20 +262,21 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
     if banned:
         logits = logits.clone() if logits is raw else logits
         rows_i, toks = zip(*banned, strict=True)
-        logits[list(rows_i), list(toks)] = float("-inf")
+        logits[_tensor(rows_i, device, torch.long), _tensor(toks, device, torch.long)] = float("-inf")
     tokens = logits.argmax(-1)
-    if all(r.draft is None for r in rows):
+    draft_list = [-1 if r.draft is None else r.draft for r in rows]
+    if all(d < 0 for d in draft_list):
         drafts = torch.full_like(tokens, -1)
         accepted = torch.zeros_like(tokens, dtype=torch.bool)
     else:
-        drafts = torch.tensor([-1 if r.draft is None else r.draft for r in rows], device=device)
+        drafts = _tensor(draft_list, device, torch.long)
         accepted = (drafts >= 0) & (tokens == drafts)
 
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        idx = torch.tensor(sampled, device=device)
+        idx = _tensor(sampled, device, torch.long)
         sub = [rows[i] for i in sampled]
-        temp = torch.tensor([r.params.temperature for r in sub], device=device).unsqueeze(1)
+        temp = _tensor([r.params.temperature for r in sub], device).unsqueeze(1)
         probs = (logits[idx] / temp).softmax(-1)
         probs, order = _filter(probs, sub)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -245,15 +285,14 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
         if order is not None:  # the draft's column in sorted order
             col = (order == col).int().argmax(-1, keepdim=True)
         p_draft = probs.gather(1, col).squeeze(1)
-        u_accept = torch.tensor(
-            [uniform(r.seed, r.index, 1) for r in sub], device=device, dtype=torch.float64
-        )
+        u_accept = _tensor([uniform(r.seed, r.index, 1) for r in sub], device, torch.float64)
         accept = (sub_drafts >= 0) & (u_accept < p_draft.double())
-        residual = probs.scatter(1, col, 0.0) if bool((sub_drafts >= 0).any()) else probs
-        residual = torch.where((sub_drafts >= 0).unsqueeze(1), residual, probs)
+        residual = probs
+        if any(r.draft is not None for r in sub):
+            residual = torch.where((sub_drafts >= 0).unsqueeze(1), probs.scatter(1, col, 0.0), probs)
         empty = residual.sum(-1) <= 0  # p(draft) = 1: always accepted, nothing left to draw from
         residual = torch.where(empty.unsqueeze(1), probs, residual)
-        u = torch.tensor([uniform(r.seed, r.index, 0) for r in sub], device=device, dtype=torch.float64)
+        u = _tensor([uniform(r.seed, r.index, 0) for r in sub], device, torch.float64)
         drawn = _draw(residual, u)
         if order is not None:
             drawn = order.gather(1, drawn.unsqueeze(1)).squeeze(1)
@@ -261,16 +300,11 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
         accepted[idx] = accept
 
     logprobs = top = None
+    counts = [r.params.logprobs or 0 for r in rows]
     if want is not None:
         lp = raw.log_softmax(-1)
-        logprobs = lp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        logprobs = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
         if want > 0:
-            values, ids = lp.topk(want, dim=-1)
-            values, ids = values.tolist(), ids.tolist()
-            top = [
-                list(zip(ids[i][: r.params.logprobs or 0], values[i][: r.params.logprobs or 0], strict=True))
-                for i, r in enumerate(rows)
-            ]
-        else:
-            top = [[] for _ in rows]
-    return SampleOutput(tokens.tolist(), accepted.tolist(), logprobs, top)
+            top = lp.topk(want, dim=-1)
+            top = (top.values, top.indices)
+    return PendingSample(tokens, accepted, logprobs, top, counts)

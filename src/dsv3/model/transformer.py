@@ -28,7 +28,7 @@ State-dict keys are the Hugging Face DeepSeek-V3 names except the stacked expert
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -260,18 +260,22 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         balance: bool = False,
         cache: Sequence[LayerCache] | None = None,
+        run_block: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         """input_ids (B, T) → (final normed hidden (B, T, d), summed balance loss or None, (cos, sin)).
 
         With a `cache` (dsv3.infer), each layer stores the chunk's latent and attends over the cached
-        tokens too; `positions` then say where each row's tokens sit (left padding shifts them)."""
+        tokens too; `positions` then say where each row's tokens sit (left padding shifts them).
+        `run_block(block, h, cos, sin, balance, cache)` runs each decoder block in place of calling
+        it: the inference engine passes a compiled one (one compile for all blocks alike)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions)
         h = self.model.embed_tokens(input_ids)
         aux = None
         for i, block in enumerate(self.model.layers):
-            h, a = block(h, cos, sin, balance, None if cache is None else cache[i])
+            args = (h, cos, sin, balance, None if cache is None else cache[i])
+            h, a = block(*args) if run_block is None else run_block(block, *args)
             aux = _add(aux, a)
         return self.model.norm(h), aux, (cos, sin)
 

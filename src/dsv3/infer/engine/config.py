@@ -48,6 +48,11 @@ class EngineConfig(BaseModel):
         default=None, description="torch.compile the step functions (fused kernels, then captured in "
         "the CUDA graphs), every shape family at engine start; default: with cuda_graphs",
     )
+    async_scheduling: bool | None = Field(
+        default=None, description="launch the next decode step before reading this one back, so the "
+        "host's work overlaps the device's; default: on a GPU (a CPU runs a launch to its end, so "
+        "there it only delays each output by a step)",
+    )
     seed: int = Field(default=0, description="draws the seeds of requests that bring none")
 
     def resolved(self, model: ModelConfig) -> EngineConfig:

@@ -27,8 +27,8 @@ import torch
 
 from dsv3.infer.engine.block_manager import BlockManager
 from dsv3.infer.engine.config import EngineConfig
-from dsv3.infer.engine.model_runner import ModelRunner, RowResult
-from dsv3.infer.engine.scheduler import Scheduler
+from dsv3.infer.engine.model_runner import Launched, ModelRunner, RowResult
+from dsv3.infer.engine.scheduler import Batch, Scheduled, Scheduler
 from dsv3.infer.engine.sequence import Sequence
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -134,6 +134,8 @@ class LLMEngine:
             eos_token_ids = () if tokenizer is None else (tokenizer.eos_id,)
         self.eos_ids = frozenset(eos_token_ids)
         self.runner = ModelRunner(model, self.config, tuple(self.eos_ids))
+        overlap = self.config.async_scheduling
+        self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
         if self.runner.compiled:
             start = time.perf_counter()
             self.runner.warm_up()
@@ -146,6 +148,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         self._rng = random.Random(self.config.seed)
+        self._inflight: Launched | None = None  # a step launched before its predecessor was read back
 
     # --- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -226,19 +229,43 @@ class LLMEngine:
 
     # --- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, apply the results; the outputs of requests that advanced."""
-        batch = self.scheduler.schedule()
-        self.stats.preemptions += len(batch.preempted)
-        if not batch:
-            return []
-        results = self.runner.execute(batch)
+        """Schedule, run the model, apply the results; the outputs of requests that advanced.
+
+        With `async_scheduling` a step's decode rows are launched again, fed the tokens the device
+        is still sampling, before the host reads that step back: the host's work (reading back,
+        stop rules, detokenizing, scheduling, preparing inputs) overlaps the GPU's next forward
+        instead of adding to it. A row that turns out to have stopped wastes its place in the
+        overlapped step, whose output for it is dropped."""
+        launched, self._inflight = self._inflight, None
+        try:
+            if launched is None:
+                batch = self.scheduler.schedule()
+                self.stats.preemptions += len(batch.preempted)
+                if not batch:
+                    return []
+                launched = self.runner.launch(batch)
+            chained = self._continue(launched)
+            if chained is not None:
+                self._inflight = self.runner.launch(chained, after=launched)
+            results = self.runner.collect(launched)
+        except BaseException:
+            self._inflight = None
+            raise
         now = time.monotonic()
         touched: dict[str, _Request] = {}
         generated = 0
         for res in results:
             seq = res.item.seq
+            if seq.finished:  # aborted while in flight, or stopped before an overlapped step
+                continue
             generated += self._apply(seq, res, now)
             touched[seq.request_id] = self.requests[seq.request_id]
+        if self._inflight is not None:
+            if all(s.seq.finished for s in self._inflight.batch.decode):
+                self._inflight = None  # nothing left to read from it
+            else:
+                for s in self._inflight.batch.decode:
+                    s.pending = False  # the token it feeds is on the host now
         self.stats.record_step(now, generated)
         outputs = []
         for req in touched.values():
@@ -247,6 +274,39 @@ class LLMEngine:
                 del self.requests[req.request_id]
                 self.stats.requests_finished += 1
         return outputs
+
+    def _continue(self, launched: Launched) -> Batch | None:
+        """The next step's batch, launched before `launched` is read back: each of its rows decodes the
+        token it is sampling now, and waiting sequences are admitted as in any step. None (the host
+        reads back first, then schedules) when the engine speculates (drafts are chosen on the
+        host), a row is still prefilling or uses penalties (which need its tokens on the host), or
+        the cache cannot grow every row by a token."""
+        if not self.overlap or self.runner.speculative:
+            return None
+        items = [*launched.batch.decode, *launched.batch.prefill]
+        if not all(s.samples for s in items):
+            return None
+        rows = []
+        for s in items:
+            seq = s.seq
+            if seq.finished:
+                continue
+            if seq.params.penalized:
+                return None
+            after = seq.num_output + 1  # output tokens once the one in flight is in
+            if (seq.params.max_tokens is not None and after >= seq.params.max_tokens) or (
+                seq.num_tokens + 1 >= self.config.max_model_len
+            ):
+                continue  # it ends with the token in flight
+            rows.append(seq)
+        need = sum(self.blocks.blocks_for(seq.num_tokens + 1) - len(seq.block_table) for seq in rows)
+        if not rows or need > self.blocks.num_free:
+            return None
+        for seq in rows:
+            self.blocks.grow(seq, seq.num_tokens + 1)
+        batch = Batch(decode=[Scheduled(seq, seq.num_tokens, 1, pending=True) for seq in rows])
+        self.scheduler.admit(batch)
+        return batch
 
     def _apply(self, seq: Sequence, res: RowResult, now: float) -> int:
         """Record a row's result on its sequence; the number of tokens it kept."""

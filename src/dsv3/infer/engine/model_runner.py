@@ -33,9 +33,9 @@ from dsv3.infer.cuda_graph import capture
 from dsv3.infer.engine.config import EngineConfig
 from dsv3.infer.engine.paged_cache import PagedBatch, PagedLatentCache
 from dsv3.infer.engine.scheduler import Batch, Scheduled
-from dsv3.infer.sampling import SampleOutput, SamplingRow, sample
+from dsv3.infer.sampling import PendingSample, SampleOutput, SamplingRow, sample_async
 
-__all__ = ["ModelRunner", "RowResult", "batch_buckets", "GRAPH_TOKENS"]
+__all__ = ["ModelRunner", "Launched", "RowResult", "batch_buckets", "GRAPH_TOKENS"]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,32 @@ class _Forward:
     tables: torch.Tensor | None = None
 
 
+@dataclass
+class _Group:
+    """One forward's sampling: the (row, position) pairs sampled, the sampler's pending output, and,
+    when speculating (drafts need the tokens on the host), the rows' results already read back."""
+
+    items: list[Scheduled]
+    picks: list[tuple[int, int]]
+    pending: PendingSample | None
+    results: list[RowResult] | None = None
+
+
+@dataclass
+class Launched:
+    """A step enqueued on the device (`ModelRunner.launch`); `ModelRunner.collect` reads it back.
+
+    `last_tokens[row_of[seq_id]]` is the token a row sampled, on the device, for a next step that is
+    launched before this one is read back."""
+
+    batch: Batch
+    groups: list[_Group]
+    last_tokens: torch.Tensor | None
+    row_of: dict[int, int]
+
+
 def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`fn` through torch.compile with dynamic shapes, callable inside `execute`'s force-eager stance
+    """`fn` through torch.compile with dynamic shapes, callable inside `launch`'s force-eager stance
     (which keeps a model compiled for training from recompiling at every serving shape). Sizes 1 and
     the attention form are specialised, so a server meets a handful of variants, which `warm_up`
     compiles ahead. Duck sizing is off: it would assume that two sizes equal in the first call (a
@@ -108,6 +132,13 @@ def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return call
 
 
+def _run_block(block: torch.nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A decoder block's forward, as a function the engine compiles once for every block alike:
+    compiling per block rather than the whole model costs one compile per kind of block (dense,
+    MoE) instead of one over every layer, for the same fused kernels inside each block."""
+    return block(*args)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_ids: Sequence[int] = ()) -> None:
         self.model, self.config, self.eos_ids = model, config, tuple(eos_ids)
@@ -120,7 +151,7 @@ class ModelRunner:
             raise ValueError(f"cuda_graphs: needs a model on a CUDA device, not {self.device}")
         self.graphs = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
         self.compiled = self.graphs if config.compile is None else config.compile
-        self._main_fn = _compiled(self._hidden_states) if self.compiled else self._hidden_states
+        self._block_fn = _compiled(_run_block) if self.compiled else None  # one compile per kind of block
         self._draft_fn = _compiled(self._draft_tokens) if self.compiled else self._draft_tokens
         self.max_blocks = config.blocks_per_seq()
         self.buckets = batch_buckets(config.max_num_seqs)
@@ -150,8 +181,11 @@ class ModelRunner:
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     # --- the model's pieces ----------------------------------------------------------------------
-    def _hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        h, _, _ = self.model.hidden_states(ids, positions, cache=batch.layers(0, self.num_layers))
+    def _hidden_states(
+        self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch, run_block: Callable | None = None
+    ) -> torch.Tensor:
+        layers = batch.layers(0, self.num_layers)
+        h, _, _ = self.model.hidden_states(ids, positions, cache=layers, run_block=run_block)
         return h  # (B, T, d), normed
 
     def _mtp_states(
@@ -213,7 +247,8 @@ class ModelRunner:
             ids, slots = buf["ids"][:B], buf["slots"][:B]
 
             def step() -> torch.Tensor:
-                h = self._main_fn(ids, positions, self.cache.batch(slots, tables, positions, absorb))
+                batch = self.cache.batch(slots, tables, positions, absorb)
+                h = self._hidden_states(ids, positions, batch, self._block_fn)
                 self._hidden[(B, NB, T)] = h
                 return h
         else:
@@ -272,9 +307,10 @@ class ModelRunner:
         buf.copy_(host, non_blocking=True)
 
     # --- forwards ------------------------------------------------------------------------------------
-    def _forward(self, items: list[Scheduled]) -> _Forward:
+    def _forward(self, items: list[Scheduled], after: Launched | None) -> _Forward:
         """The main model over rows that each feed `item.fed`: through a step function when the padded
-        shape is small enough (see the module docstring), else eagerly."""
+        shape is small enough (see the module docstring), else eagerly. A `pending` row's token is
+        the one it sampled in `after`, copied on the device."""
         B, T = len(items), max(len(s.fed) for s in items)
         Bb, Tb = next(b for b in self.buckets if b >= B), _pow2(T)
         fed = [s.fed for s in items]
@@ -285,6 +321,7 @@ class ModelRunner:
             ids, positions, slots = self._rows(items, Tb, valid, fed)
             buf, scratch = self._buffer(Tb), self.cache.scratch_slot
             self._fill(buf["ids"][:Bb], ids, 0)
+            self._feed_pending(buf["ids"][:B, 0], items, after)
             self._fill(buf["positions"][:Bb], positions, 0)
             self._fill(buf["slots"][:Bb], slots, scratch)
             buf["tables"][:Bb, :NB].copy_(self._tables(items, Bb, NB), non_blocking=True)
@@ -293,8 +330,24 @@ class ModelRunner:
         dev = self.device
         pos, tables = torch.tensor(positions, device=dev), self._tables(items, B, self._width(items)).to(dev)
         batch = self.cache.batch(torch.tensor(slots, device=dev), tables, pos, absorb=T <= 2)
-        h = self._hidden_states(torch.tensor(ids, device=dev), pos, batch)
+        ids = torch.tensor(ids, device=dev)
+        self._feed_pending(ids[:, 0], items, after)
+        h = self._hidden_states(ids, pos, batch)
         return _Forward(items, h, None, pos, tables)
+
+    def _feed_pending(self, ids: torch.Tensor, items: list[Scheduled], after: Launched | None) -> None:
+        """Copy into `ids` (one per row) the token each pending row sampled in `after`, on the device."""
+        rows = [r for r, s in enumerate(items) if s.pending]
+        if not rows:
+            return
+        if after is None or after.last_tokens is None:
+            raise ValueError("model runner: a pending row needs the launched step it continues")
+        src = [after.row_of[items[r].seq.seq_id] for r in rows]
+        if rows == list(range(len(items))) and src == list(range(len(src))):
+            ids.copy_(after.last_tokens[: len(src)])  # the common case: the same rows, in order
+            return
+        to = torch.tensor(rows).to(self.device, non_blocking=True)
+        ids.index_copy_(0, to, after.last_tokens[torch.tensor(src).to(self.device, non_blocking=True)])
 
     def _draft(self, fwd: _Forward, results: list[RowResult]) -> None:
         """The MTP module over each row's newly computed positions, fed the token after each; the next
@@ -329,33 +382,68 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def execute(self, batch: Batch) -> list[RowResult]:
+        """Run a step and read its results back."""
+        return self.collect(self.launch(batch))
+
+    @torch.no_grad()
+    def launch(self, batch: Batch, after: Launched | None = None) -> Launched:
+        """Enqueue a step's forwards and sampling on the device without waiting for them (when
+        speculating, the drafts need the sampled tokens, so the step is read back here). `after`:
+        the launched step whose sampled tokens this one's `pending` rows feed."""
         # A model compiled for training would recompile for every batch shape: run it eagerly here.
         with torch.compiler.set_stance("force_eager"):
-            return self._execute(batch)
+            groups = []
+            for items in (batch.decode, batch.prefill):
+                if items:  # one group at a time: two groups may share a step function and its output
+                    groups.append(self._sample(self._forward(items, after)))
+        last, row_of = None, {}
+        if not self.speculative:  # one sampled position per sampling row, in pick order
+            tokens = [g.pending.tokens for g in groups if g.pending is not None]
+            if tokens:
+                last = tokens[0] if len(tokens) == 1 else torch.cat(tokens)
+            k = 0
+            for g in groups:
+                for r, _ in g.picks:
+                    row_of[g.items[r].seq.seq_id] = k
+                    k += 1
+        return Launched(batch, groups, last, row_of)
 
-    def _execute(self, batch: Batch) -> list[RowResult]:
+    def collect(self, launched: Launched) -> list[RowResult]:
+        """The results of a launched step (waits for the device)."""
         results = []
-        for items in (batch.decode, batch.prefill):
-            if items:  # one group at a time: two groups may share a step function and its output
-                results += self._run(self._forward(items))
+        for g in launched.groups:
+            results += g.results if g.results is not None else self._results(g)
         return results
 
-    def _run(self, fwd: _Forward) -> list[RowResult]:
-        """Sample the rows of a forward that reached their last token; draft their next tokens."""
+    def _sample(self, fwd: _Forward) -> _Group:
+        """Enqueue the sampling of the rows of a forward that reached their last token; when
+        speculating, read them back and draft their next tokens."""
         picks = [
             (r, j) for r, s in enumerate(fwd.items) if s.samples for j in range(s.num_tokens - 1, len(s.fed))
         ]
-        out, taken = None, {}
+        pending = None
         if picks:
-            h = fwd.hidden[[r for r, _ in picks], [j for _, j in picks]]
-            rows = [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
-            out = sample(self.model.lm_head(h).float(), rows)
-            for k, (r, _) in enumerate(picks):
-                taken.setdefault(r, []).append(k)
-        results = [self._result(s, out, taken.get(r, [])) for r, s in enumerate(fwd.items)]
+            B = len(fwd.items)
+            if picks == [(r, 0) for r in range(B)]:  # decode without drafts: a view, no index to copy
+                h = fwd.hidden[:B, 0]
+            else:
+                rows = torch.tensor([r for r, _ in picks]).to(self.device, non_blocking=True)
+                cols = torch.tensor([j for _, j in picks]).to(self.device, non_blocking=True)
+                h = fwd.hidden[rows, cols]
+            sampling = [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
+            pending = sample_async(self.model.lm_head(h).float(), sampling)
+        group = _Group(fwd.items, picks, pending)
         if self.speculative:
-            self._draft(fwd, results)
-        return results
+            group.results = self._results(group)
+            self._draft(fwd, group.results)
+        return group
+
+    def _results(self, g: _Group) -> list[RowResult]:
+        out = None if g.pending is None else g.pending.result()
+        taken: dict[int, list[int]] = {}
+        for k, (r, _) in enumerate(g.picks):
+            taken.setdefault(r, []).append(k)
+        return [self._result(s, out, taken.get(r, [])) for r, s in enumerate(g.items)]
 
     def _result(self, s: Scheduled, out: SampleOutput | None, ks: list[int]) -> RowResult:
         """A row's outcome from its sampled positions `ks` (none: a non-final chunk)."""
@@ -377,11 +465,14 @@ class ModelRunner:
         """Sampled position j of a row (j = 1: the position after its draft)."""
         seq = s.seq
         output = seq.output_ids if j == 0 else [*seq.output_ids, s.draft]
+        index = len(output) + s.pending  # a pending row's previous token is not on the host yet
+        if s.pending and seq.params.penalized:
+            raise ValueError("model runner: penalties need every output token on the host; no pending rows")
         banned = ()
-        if len(output) < seq.params.min_tokens:
+        if index < seq.params.min_tokens:
             banned = (*(() if seq.params.ignore_eos else self.eos_ids), *seq.params.stop_token_ids)
         return SamplingRow(
-            seq.params, seq.seed, len(output), seq.prompt_ids, output, banned, s.draft if j == 0 else None
+            seq.params, seq.seed, index, seq.prompt_ids, output, banned, s.draft if j == 0 else None
         )
 
     # --- memory --------------------------------------------------------------------------------------

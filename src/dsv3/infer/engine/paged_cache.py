@@ -51,11 +51,17 @@ class PagedBatch:
 
 
 class PagedLayer:
-    """One cached layer's view of a `PagedBatch`: what `MLA.forward_cached` writes to and reads from."""
+    """One cached layer's view of a `PagedBatch`: what `MLA.forward_cached` writes to and reads from.
+
+    It holds the layer's slices of the cache tensors, not the layer's index, so a compiled decoder
+    block sees every layer's cache as the same kind of input and one compile serves them all."""
 
     def __init__(self, batch: PagedBatch, index: int) -> None:
-        self.batch, self.index = batch, index
+        self.batch = batch
         self.absorb = batch.absorb
+        cache = batch.cache
+        self.latent = cache.latent[index]  # (num_slots, width)
+        self.scale = None if cache.scale is None else cache.scale[index]  # (num_slots,)
 
     def update(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store c_kv (B, T, r) and k_pe (B, T, rope) at the batch's slots; return every row's cached
@@ -66,7 +72,7 @@ class PagedLayer:
         if tuple(b.slots.shape) != (B, T):
             raise ValueError(f"PagedLayer: a chunk of shape {(B, T)} for slots {tuple(b.slots.shape)}")
         slots = b.slots.reshape(-1)
-        latent = c.latent[self.index]  # (num_slots, width)
+        latent = self.latent
         blocks = b.block_tables.reshape(-1)
         S = b.block_tables.shape[1] * c.block_size
         if c.scale is None:
@@ -75,9 +81,9 @@ class PagedLayer:
             return gathered.view(B, S, width), b.mask
         values, scale = quantize_per_token(new.reshape(B * T, width))
         latent.view(torch.uint8).index_copy_(0, slots, values.view(torch.uint8))  # no float8 index_copy_
-        c.scale[self.index].index_copy_(0, slots, scale)
+        self.scale.index_copy_(0, slots, scale)
         gathered = latent.view(torch.uint8).view(-1, c.block_size, width).index_select(0, blocks).view(FP8)
-        scales = c.scale[self.index].view(-1, c.block_size).index_select(0, blocks)
+        scales = self.scale.view(-1, c.block_size).index_select(0, blocks)
         return dequantize_per_token(gathered.view(B, S, width), scales.view(B, S), c.dtype), b.mask
 
 

@@ -29,20 +29,26 @@ __all__ = ["Scheduled", "Batch", "Scheduler"]
 
 @dataclass
 class Scheduled:
-    """`seq` feeds token_ids[start : start + num_tokens], then `draft` when it is not None."""
+    """`seq` feeds token_ids[start : start + num_tokens], then `draft` when it is not None.
+
+    A `pending` row (the engine's overlapped decode) feeds the token the step still in flight is
+    sampling: it is not in `token_ids` yet, and the model runner takes it from the device."""
 
     seq: Sequence
     start: int
     num_tokens: int
     draft: int | None = None
+    pending: bool = False
 
     @property
     def samples(self) -> bool:
         """Whether this step feeds the sequence's last token, so its next token is sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens == self.seq.num_tokens + self.pending
 
     @property
     def fed(self) -> list[int]:
+        if self.pending:
+            return [0]  # a stand-in: the runner copies the real id on the device
         tokens = self.seq.token_ids[self.start : self.start + self.num_tokens]
         return tokens if self.draft is None else [*tokens, self.draft]
 
@@ -106,7 +112,7 @@ class Scheduler:
             (batch.decode if item.num_tokens == 1 and item.samples else batch.prefill).append(item)
             i += 1
         if not batch.preempted:
-            self._admit(batch)
+            self.admit(batch)
         return batch
 
     def _may_keep_two(self, seq: Sequence) -> bool:
@@ -144,7 +150,8 @@ class Scheduler:
         batch.preempted.append(seq)
         self.num_preemptions += 1
 
-    def _admit(self, batch: Batch) -> None:
+    def admit(self, batch: Batch) -> None:
+        """Admit waiting sequences into `batch` (step 2 above)."""
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             hits, keys = self.blocks.match_prefix(seq)
