@@ -381,11 +381,6 @@ class ModelRunner:
 
     # --- one step ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def execute(self, batch: Batch) -> list[RowResult]:
-        """Run a step and read its results back."""
-        return self.collect(self.launch(batch))
-
-    @torch.no_grad()
     def launch(self, batch: Batch, after: Launched | None = None) -> Launched:
         """Enqueue a step's forwards and sampling on the device without waiting for them (when
         speculating, the drafts need the sampled tokens, so the step is read back here). `after`:
