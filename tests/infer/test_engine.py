@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsv3.infer import generate
-from dsv3.infer.engine import EngineConfig, LLMEngine, RequestError
+from dsv3.infer.engine import EngineConfig, LLMEngine, RequestError, model_runner
 from dsv3.infer.llm import LLM
 from dsv3.infer.sampling import SamplingParams
 from dsv3.model.hf import load_hf
@@ -159,11 +159,20 @@ def mtp_model():
     return scaled_model(base_config(num_nextn_predict_layers=1, max_position_embeddings=128), blocks=5.0)
 
 
-@pytest.mark.parametrize("options", [{}, {"block_size": 4, "num_blocks": 14, "max_model_len": 44}],
-                         ids=["roomy", "tiny-cache"])  # fmt: skip
-def test_speculative_greedy_equals_plain_greedy_and_drafts_are_the_mtp_heads(mtp_model, options):
+@pytest.mark.parametrize(
+    "options, graph_tokens",
+    [({}, None), ({"block_size": 4, "num_blocks": 14, "max_model_len": 44}, None),
+     ({"block_size": 4, "max_prefill_chunk": 3, "max_num_batched_tokens": 8}, 4)],
+    ids=["roomy", "tiny-cache", "chunked-eager"],
+)  # fmt: skip
+def test_speculative_greedy_equals_plain_greedy_and_drafts_are_the_mtp_heads(
+    mtp_model, options, graph_tokens, monkeypatch
+):
     """Speculation never changes greedy output; each draft is the MTP head's argmax computed without a
-    cache (`mtp_logits` over the whole sequence), so its latent cache is right, preemption included."""
+    cache (`mtp_logits` over the whole sequence), so its latent cache is right, preemption included,
+    and through chunked prefills and the eager forwards past the step functions' size."""
+    if graph_tokens is not None:
+        monkeypatch.setattr(model_runner, "GRAPH_TOKENS", graph_tokens)
     prompts = _prompts()
     plain = run_staggered(LLMEngine(mtp_model, None, EngineConfig(**options)), prompts, GREEDY)
     engine = LLMEngine(mtp_model, None, EngineConfig(speculative_tokens=1, **options))

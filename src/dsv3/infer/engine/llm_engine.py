@@ -278,8 +278,8 @@ class LLMEngine:
     def _continue(self, launched: Launched) -> Batch | None:
         """The next step's batch, launched before `launched` is read back: each of its rows decodes the
         token it is sampling now, and waiting sequences are admitted as in any step. None (the host
-        reads back first, then schedules) when the engine speculates (drafts are chosen on the
-        host), a row is still prefilling or uses penalties (which need its tokens on the host), or
+        reads back first, then schedules) when the engine speculates (where the next step's rows
+        start depends on whether their drafts were accepted), a row is still prefilling or uses penalties (which need its tokens on the host), or
         the cache cannot grow every row by a token."""
         if not self.overlap or self.runner.speculative:
             return None

@@ -79,13 +79,13 @@ class _Forward:
 
 @dataclass
 class _Group:
-    """One forward's sampling: the (row, position) pairs sampled, the sampler's pending output, and,
-    when speculating (drafts need the tokens on the host), the rows' results already read back."""
+    """One forward's sampling: the (row, position) pairs sampled, the sampler's pending output and,
+    when speculating, the MTP module's next drafts."""
 
     items: list[Scheduled]
     picks: list[tuple[int, int]]
     pending: PendingSample | None
-    results: list[RowResult] | None = None
+    drafts: torch.Tensor | None = None  # speculating: the next draft of each sampling row, in row order
 
 
 @dataclass
@@ -349,42 +349,66 @@ class ModelRunner:
         to = torch.tensor(rows).to(self.device, non_blocking=True)
         ids.index_copy_(0, to, after.last_tokens[torch.tensor(src).to(self.device, non_blocking=True)])
 
-    def _draft(self, fwd: _Forward, results: list[RowResult]) -> None:
-        """The MTP module over each row's newly computed positions, fed the token after each; the next
-        draft of every row that sampled is its argmax at the last of them."""
-        items = fwd.items
-        valid = [res.computed for res in results]
-        following = [
-            (s.seq.token_ids[s.start + 1 :] + res.tokens)[: res.computed]
-            for s, res in zip(items, results, strict=True)
-        ]
+    def _draft(self, fwd: _Forward, group: _Group) -> torch.Tensor:
+        """The MTP module over each row's newly computed positions, fed the token after each: the
+        next draft of every sampling row (its argmax at the last of them), on the device, in row
+        order. What the host does not know yet (the tokens just sampled, whether a draft was
+        accepted) is patched into the inputs on the device, so the step needs no read-back here."""
+        items, picks, out = fwd.items, group.picks, group.pending
+        first_pick = {}
+        for k, (r, _) in enumerate(picks):
+            first_pick.setdefault(r, k)
+        valid, following = [], []
+        drafted, plain = [], []  # rows verifying a draft; other sampling rows with their last column
+        for r, s in enumerate(items):
+            n = len(s.fed)
+            valid.append(n)
+            following.append((s.seq.token_ids[s.start + 1 : s.start + n + 1] + [0] * n)[:n])
+            if s.draft is not None:
+                drafted.append(r)
+            elif s.samples:
+                plain.append(r)
+        T = fwd.shape[2] if fwd.shape is not None else fwd.hidden.shape[1]
+        ids, _, slots = self._rows(items, T, valid, following)
         if fwd.shape is not None:
             Bb, NB, Tb = fwd.shape
-            ids, _, slots = self._rows(items, Tb, valid, following)
             buf = self._buffer(Tb)
-            self._fill(buf["draft_ids"][:Bb], ids, 0)
-            self._fill(buf["draft_slots"][:Bb], slots, self.cache.scratch_slot)
+            ids_buf, slots_buf = buf["draft_ids"][:Bb], buf["draft_slots"][:Bb]
+            self._fill(ids_buf, ids, 0)
+            self._fill(slots_buf, slots, self.cache.scratch_slot)
+        else:
+            ids_buf, slots_buf = torch.tensor(ids, device=self.device), torch.tensor(slots, device=self.device)
+        dev = self.device
+
+        def on_device(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(dev, non_blocking=True)
+
+        last = torch.zeros(len(items), dtype=torch.long, device=dev)  # each row's last valid column
+        if plain:
+            rows, cols = on_device(plain), on_device([items[r].num_tokens - 1 for r in plain])
+            ids_buf[rows, cols] = out.tokens[on_device([first_pick[r] for r in plain])]
+            last[rows] = cols
+        if drafted:  # fed [token, draft]: next come (draft, token after it) if accepted, else (token,)
+            rows = on_device(drafted)
+            k0 = on_device([first_pick[r] for r in drafted])
+            accepted = out.accepted[k0]
+            ids_buf[rows, 0] = torch.where(accepted, on_device([items[r].draft for r in drafted]), out.tokens[k0])
+            ids_buf[rows, 1] = out.tokens[k0 + 1]
+            slots_buf[rows, 1] = torch.where(accepted, slots_buf[rows, 1], self.cache.scratch_slot)
+            last[rows] = accepted.long()
+        if fwd.shape is not None:
             drafts = self._step("draft", Bb, NB, Tb)()
         else:
-            T = fwd.hidden.shape[1]
-            ids, _, slots = self._rows(items, T, valid, following)
-            dev = self.device
-            batch = self.cache.batch(
-                torch.tensor(slots, device=dev), fwd.tables, fwd.positions, absorb=T <= 2
-            )
-            drafts = self._draft_tokens(fwd.hidden, torch.tensor(ids, device=dev), fwd.positions, batch)
-        sampled = [r for r, res in enumerate(results) if res.item.samples]
-        if sampled:
-            picks = drafts[sampled, [valid[r] - 1 for r in sampled]].tolist()
-            for r, d in zip(sampled, picks, strict=True):
-                results[r].draft = d
+            batch = self.cache.batch(slots_buf, fwd.tables, fwd.positions, absorb=T <= 2)
+            drafts = self._draft_tokens(fwd.hidden, ids_buf, fwd.positions, batch)
+        sampling = on_device(sorted(first_pick))
+        return drafts[sampling, last[sampling]]
 
     # --- one step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def launch(self, batch: Batch, after: Launched | None = None) -> Launched:
-        """Enqueue a step's forwards and sampling on the device without waiting for them (when
-        speculating, the drafts need the sampled tokens, so the step is read back here). `after`:
-        the launched step whose sampled tokens this one's `pending` rows feed."""
+        """Enqueue a step's forwards, sampling and drafting on the device without waiting for them.
+        `after`: the launched step whose sampled tokens this one's `pending` rows feed."""
         # A model compiled for training would recompile for every batch shape: run it eagerly here.
         with torch.compiler.set_stance("force_eager"):
             groups = []
@@ -407,12 +431,12 @@ class ModelRunner:
         """The results of a launched step (waits for the device)."""
         results = []
         for g in launched.groups:
-            results += g.results if g.results is not None else self._results(g)
+            results += self._results(g)
         return results
 
     def _sample(self, fwd: _Forward) -> _Group:
-        """Enqueue the sampling of the rows of a forward that reached their last token; when
-        speculating, read them back and draft their next tokens."""
+        """Enqueue the sampling of the rows of a forward that reached their last token and, when
+        speculating, the drafting of their next tokens."""
         picks = [
             (r, j) for r, s in enumerate(fwd.items) if s.samples for j in range(s.num_tokens - 1, len(s.fed))
         ]
@@ -429,8 +453,7 @@ class ModelRunner:
             pending = sample_async(self.model.lm_head(h).float(), sampling)
         group = _Group(fwd.items, picks, pending)
         if self.speculative:
-            group.results = self._results(group)
-            self._draft(fwd, group.results)
+            group.drafts = self._draft(fwd, group)
         return group
 
     def _results(self, g: _Group) -> list[RowResult]:
@@ -438,7 +461,11 @@ class ModelRunner:
         taken: dict[int, list[int]] = {}
         for k, (r, _) in enumerate(g.picks):
             taken.setdefault(r, []).append(k)
-        return [self._result(s, out, taken.get(r, [])) for r, s in enumerate(g.items)]
+        results = [self._result(s, out, taken.get(r, [])) for r, s in enumerate(g.items)]
+        if g.drafts is not None:
+            for r, draft in zip(sorted(taken), g.drafts.tolist(), strict=True):
+                results[r].draft = draft
+        return results
 
     def _result(self, s: Scheduled, out: SampleOutput | None, ks: list[int]) -> RowResult:
         """A row's outcome from its sampled positions `ks` (none: a non-final chunk)."""
