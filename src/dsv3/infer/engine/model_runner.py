@@ -486,10 +486,12 @@ class ModelRunner:
     def _sampling_row(self, s: Scheduled, j: int) -> SamplingRow:
         """Sampled position j of a row (j = 1: the position after its draft)."""
         seq = s.seq
-        output = seq.output_ids if j == 0 else [*seq.output_ids, s.draft]
-        index = len(output) + s.pending  # a pending row's previous token is not on the host yet
-        if s.pending and seq.params.penalized:
-            raise ValueError("model runner: penalties need every output token on the host; no pending rows")
+        index = seq.num_output + j + s.pending  # a pending row's previous token is not on the host yet
+        output: Sequence[int] = ()  # only penalties read the output tokens: copy them only then
+        if seq.params.penalized:
+            if s.pending:
+                raise ValueError("model runner: penalties need every output token on the host; no pending rows")
+            output = seq.output_ids if j == 0 else [*seq.output_ids, s.draft]
         banned = ()
         if index < seq.params.min_tokens:
             banned = (*(() if seq.params.ignore_eos else self.eos_ids), *seq.params.stop_token_ids)
