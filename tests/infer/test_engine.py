@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from dsv3.infer import generate
 from dsv3.infer.engine import EngineConfig, LLMEngine, RequestError, model_runner
@@ -80,7 +81,12 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_equals_transformers_and_generate(references, name):
     model, prompts, refs = references
+    if name == "compiled":
+        torch._dynamo.reset()  # count this engine's compiles from nothing
+        counters.clear()
     engine = LLMEngine(model, None, EngineConfig(**CONFIGS[name]))
+    if name == "compiled":  # one graph per kind of block (dense, MoE) and shape family, not per layer
+        assert 0 < counters["stats"]["unique_graphs"] <= 2 * 6
     got = run_staggered(engine, prompts, GREEDY)
     assert got == refs
     if name == "small-blocks":

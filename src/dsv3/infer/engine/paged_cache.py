@@ -53,8 +53,7 @@ class PagedBatch:
 class PagedLayer:
     """One cached layer's view of a `PagedBatch`: what `MLA.forward_cached` writes to and reads from.
 
-    It holds the layer's slices of the cache tensors, not the layer's index, so a compiled decoder
-    block sees every layer's cache as the same kind of input and one compile serves them all."""
+    It holds the layer's slices (views) of the cache tensors: all a layer touches."""
 
     def __init__(self, batch: PagedBatch, index: int) -> None:
         self.batch = batch
