@@ -85,8 +85,8 @@ def test_greedy_equals_transformers_and_generate(references, name):
         torch._dynamo.reset()  # count this engine's compiles from nothing
         counters.clear()
     engine = LLMEngine(model, None, EngineConfig(**CONFIGS[name]))
-    if name == "compiled":  # one graph per kind of block (dense, MoE) and shape family, not per layer
-        assert 0 < counters["stats"]["unique_graphs"] <= 2 * 6
+    if name == "compiled":  # one graph per kind of block (dense, MoE) and shape family, not per layer:
+        assert 0 < counters["stats"]["unique_graphs"] <= 2 * 4  # 1 or more rows × 1 token or a chunk
     got = run_staggered(engine, prompts, GREEDY)
     assert got == refs
     if name == "small-blocks":

@@ -266,12 +266,12 @@ class ModelRunner:
     @torch.no_grad()
     def warm_up(self) -> None:
         """Run the step functions once for each family of shapes the compiler specialises (1 row or
-        more; 1 or 2 tokens a row in the absorbed form, or a longer chunk), so their compiles happen
-        now instead of stalling requests later. The dummy rows write only to the scratch block; on
-        a GPU their graphs are captured and kept for real steps."""
+        more; 1 token a row, 2 (a draft verified, when speculating), or a longer chunk), so their
+        compiles happen now instead of stalling requests later. The dummy rows write only to the
+        scratch block; on a GPU their graphs are captured and kept for real steps."""
         rows = sorted({1, min(2, self.buckets[-1])})
         width = min(2, self.max_blocks)  # the narrowest table a step function gets (see `_forward`)
-        for T in (1, 2, 4):
+        for T in (1, 2, 4) if self.speculative else (1, 4):
             buf = self._buffer(T)
             for name in ("ids", "draft_ids", "positions"):
                 buf[name].zero_()
@@ -313,6 +313,8 @@ class ModelRunner:
         the one it sampled in `after`, copied on the device."""
         B, T = len(items), max(len(s.fed) for s in items)
         Bb, Tb = next(b for b in self.buckets if b >= B), _pow2(T)
+        if Tb == 2 and all(s.draft is None for s in items):
+            Tb = 4  # two tokens a row are for verifying drafts: a 2-token chunk joins the longer chunks' family
         fed = [s.fed for s in items]
         valid = [len(f) for f in fed]
         if Bb * Tb <= GRAPH_TOKENS:
