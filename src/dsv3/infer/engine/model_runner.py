@@ -8,17 +8,18 @@ tokens to a power of two, block tables to a power-of-two width, inputs copied in
 buffers. On a GPU that function is a CUDA graph, captured the first time its shape is needed (all
 graphs share one memory pool), so a decode step or a short prefill (a prompt past a prefix-cache
 hit) costs one launch instead of one per kernel; on a CPU the same function runs eagerly, so the
-tests exercise this code. With `compile` (default: with CUDA graphs) the step functions are
-torch.compile'd first (dynamic shapes: one compile per family such as decode or short prefill, not
-per shape), so each captured graph replays Inductor's fused kernels instead of one kernel per op:
-at batch 1 a decode step's time is mostly its number of kernels. Longer prefills run eagerly at
-their exact shape. Attention takes the absorbed form for one or two tokens a row, the expand path
-for longer chunks.
+tests exercise this code. With `compile` (default: with CUDA graphs) the step functions run each
+decoder block through torch.compile first (dynamic shapes: one compile per kind of block and
+family such as decode or short prefill, not per shape or layer), so each captured graph replays
+Inductor's fused kernels instead of one kernel per op: at batch 1 a decode step's time is mostly
+its number of kernels. Longer prefills run eagerly at their exact shape. Attention takes the
+absorbed form for one or two tokens a row, the expand path for longer chunks.
 
 Then one sampler call covers every row that fed its sequence's last token (two positions for a row
 that verifies a draft). With speculative decoding the MTP module runs over the positions the main
 model just computed, fed the token after each, which fills its own cache layer and drafts the next
-token: the argmax of its head at the row's last accepted position.
+token: the argmax of its head at the row's last accepted position. `launch` enqueues all of it
+without waiting for the device; `collect` reads the step back.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 def _run_block(block: torch.nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A decoder block's forward, as a function the engine compiles once for every block alike:
     compiling per block rather than the whole model costs one compile per kind of block (dense,
-    MoE) instead of one over every layer, for the same fused kernels inside each block."""
+    MoE) instead of one over every layer; kernels fuse within a block, not across two."""
     return block(*args)
 
 
