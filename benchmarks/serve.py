@@ -10,6 +10,8 @@ lines, one per measurement:
   token a step): output tokens/s, acceptance rate, speedup, and whether greedy tokens are identical.
   Random weights draft at chance (acceptance ≈ 1/vocab): pass --checkpoint with a trained model
   (and its tokenizer) for a meaningful figure.
+- `step`: for each concurrency C, the engine's decode step function (its CUDA graph on a GPU)
+  replayed back to back: the device time of a step, against the engine's TPOT at C.
 - `load`: for each offered concurrency C, C clients each sending a request as soon as their last
   one finished (closed loop, --requests-per-client each): output tokens/s, TTFT and TPOT
   percentiles. Systems: `dsv3-engine` (continuous batching, paged cache, CUDA graphs per shape),
@@ -48,7 +50,7 @@ from dsv3.infer.sampling import SamplingParams
 from dsv3.model import Transformer
 from dsv3.model.hf import load_hf, save_hf
 
-PARTS = ("prefix", "speculative", "load")
+PARTS = ("prefix", "speculative", "load", "step")
 SYSTEMS = ("dsv3-engine", "dsv3-engine-sync", "dsv3-generate", "hf-static")
 ENGINES = {"dsv3-engine": {}, "dsv3-engine-sync": {"async_scheduling": False}}  # EngineConfig options
 
@@ -266,6 +268,41 @@ def speculative_part(args) -> None:
     )
 
 
+def step_part(args) -> None:
+    """The device time of the engine's decode step alone: its step function (a CUDA graph on a GPU)
+    replayed back to back, against the engine's time per output token at the same batch size, which
+    adds the head, the sampler and the host's work around each step."""
+    model = _model(args, mtp=False)
+    vocab = model.config.vocab_size
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    for c in args.levels:
+        engine, _ = _engine(model, args, c, args.prompt_len + args.new_tokens + 1)
+        r = _drive(engine, _prompts(c, args.prompt_len, vocab, args.seed + c), c, params)
+        runner = engine.runner
+        B = next(b for b in runner.buckets if b >= c)
+        key = max((k for k in runner._steps if k[0] == "main" and k[1] == B and k[3] == 1), key=lambda k: k[2])
+        step = runner._steps[key]
+        with torch.no_grad():
+            for _ in range(10):
+                step()
+            _sync(runner.device)
+            t0 = time.perf_counter()
+            for _ in range(args.repeats * 20):
+                step()
+            _sync(runner.device)
+        replay = (time.perf_counter() - t0) / (args.repeats * 20)
+        _emit(
+            {
+                "bench": "decode_step",
+                "concurrency": c,
+                "step": {"rows": key[1], "table_width": key[2], "tokens": key[3]},
+                "step_ms": round(replay * 1e3, 4),
+                "engine_tpot_ms": _percentiles(r["tpot"]),
+            }
+        )
+        del engine
+
+
 def _static_system(fn: Callable, prompts: list[list[int]], args, device) -> dict:
     """One static batch of every prompt: prefill time (a one-token call) and the full call."""
     ids = torch.tensor(prompts, device=device)
@@ -408,7 +445,7 @@ def main() -> None:
             "engine_compile": not args.no_compile and args.device == "cuda",
         }
     )
-    parts = {"prefix": prefix_part, "speculative": speculative_part, "load": load_part}
+    parts = {"prefix": prefix_part, "speculative": speculative_part, "load": load_part, "step": step_part}
     for name in args.parts:
         start = time.perf_counter()
         parts[name](args)
