@@ -340,6 +340,23 @@ def test_stop_token_ids_eos_and_max_tokens_end_a_sequence(references):
     assert (c.token_ids, c.finish_reason) == (ref[:3], "length")
 
 
+def test_final_only_requests_output_once_the_same_as_streamed_ones(references):
+    """A request added with final_only appears in step()'s outputs once, finished, equal to the last
+    output of the same request streamed step by step."""
+    model, prompts, _ = references
+    engine = LLMEngine(model, None, EngineConfig(block_size=4))
+    params = SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=4, logprobs=1)
+    engine.add_request("streamed", prompts[2], params)
+    engine.add_request("final", prompts[2], params, final_only=True)
+    seen: dict[str, list] = {"streamed": [], "final": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["streamed"]) == N_NEW and [o.finished for o in seen["final"]] == [True]
+    a, b = seen["streamed"][-1].outputs[0], seen["final"][0].outputs[0]
+    assert (a.token_ids, a.finish_reason, a.logprobs) == (b.token_ids, b.finish_reason, b.logprobs)
+
+
 def test_abort_releases_blocks_at_once(references):
     model, prompts, _ = references
     engine = LLMEngine(model, None, EngineConfig(block_size=4))

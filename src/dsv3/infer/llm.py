@@ -128,7 +128,7 @@ class LLM:
         ids = [f"offline-{next(_counter)}" for _ in prompts]
         try:
             for request_id, prompt, p in zip(ids, prompts, params, strict=True):
-                engine.add_request(request_id, prompt, p)
+                engine.add_request(request_id, prompt, p, final_only=True)
             done: dict[str, RequestOutput] = {}
             while engine.has_unfinished_requests():
                 for out in engine.step():

@@ -110,6 +110,7 @@ class _Request:
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer | None]
     arrival_time: float
+    final_only: bool = False  # output once, when finished (not at every step it advances)
 
     @property
     def finished(self) -> bool:
@@ -181,9 +182,17 @@ class LLMEngine:
             raise RequestError("stop", "stop strings need a tokenizer")
 
     def add_request(
-        self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        *,
+        final_only: bool = False,
     ) -> None:
-        """Queue a request (text or token ids); RequestError for one the engine cannot serve."""
+        """Queue a request (text or token ids); RequestError for one the engine cannot serve.
+        `step` returns its output at every step it advances (for streaming), or with `final_only`
+        once, when it finishes: a caller that waits for the end saves the engine building a
+        snapshot of every output so far at every step."""
         if request_id in self.requests:
             raise RequestError("request_id", f"{request_id!r} is already running")
         params = params or SamplingParams()
@@ -200,7 +209,7 @@ class LLMEngine:
             else IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             for _ in seqs
         ]
-        self.requests[request_id] = _Request(request_id, prompt_ids, params, seqs, detoks, now)
+        self.requests[request_id] = _Request(request_id, prompt_ids, params, seqs, detoks, now, final_only)
         for seq in seqs:
             self.scheduler.add(seq)
         self.stats.prompt_tokens += len(prompt_ids) * len(seqs)
@@ -269,8 +278,10 @@ class LLMEngine:
         self.stats.record_step(now, generated)
         outputs = []
         for req in touched.values():
-            outputs.append(self._output(req))
-            if req.finished:
+            finished = req.finished
+            if finished or not req.final_only:
+                outputs.append(self._output(req))
+            if finished:
                 del self.requests[req.request_id]
                 self.stats.requests_finished += 1
         return outputs

@@ -173,7 +173,7 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
             body.check()
             params = api.sampling_params(body)
             for i, ids in enumerate(body.prompts(tokenizer)):
-                streams.append(engine.add(f"{request_id}-{i}", ids, params))
+                streams.append(engine.add(f"{request_id}-{i}", ids, params, final_only=not body.stream))
         except Exception as err:
             for s in streams:
                 s.close()

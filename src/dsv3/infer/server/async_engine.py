@@ -79,7 +79,7 @@ class AsyncEngine:
         self.draining = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._adds: list[tuple[str, list[int], SamplingParams, bool]] = []  # ..., final_only
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
@@ -109,9 +109,12 @@ class AsyncEngine:
         return len(self._adds) + self.engine.num_waiting
 
     # --- requests --------------------------------------------------------------------------------
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+    def add(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, final_only: bool = False
+    ) -> RequestStream:
         """Queue a request now (QueueFull, Draining or the engine's RequestError are raised here,
-        before any response is sent); iterate the stream for its outputs."""
+        before any response is sent); iterate the stream for its outputs (`final_only`: just the
+        finished one, for a response that is not streamed)."""
         if self.draining:
             raise Draining("the server is shutting down")
         if self.num_waiting >= self.max_waiting:
@@ -120,7 +123,7 @@ class AsyncEngine:
         stream = RequestStream(self, request_id)
         with self._lock:
             self._streams[request_id] = (asyncio.get_running_loop(), stream.queue)
-            self._adds.append((request_id, prompt_ids, params))
+            self._adds.append((request_id, prompt_ids, params, final_only))
         self._wake.set()
         return stream
 
@@ -152,11 +155,11 @@ class AsyncEngine:
                 aborts, self._aborts = self._aborts, []
             for request_id in aborts:
                 engine.abort_request(request_id)
-            for request_id, prompt_ids, params in adds:
+            for request_id, prompt_ids, params, final_only in adds:
                 if request_id in aborts:
                     continue
                 try:
-                    engine.add_request(request_id, prompt_ids, params)
+                    engine.add_request(request_id, prompt_ids, params, final_only=final_only)
                 except Exception as err:  # a request the engine refuses fails alone
                     self._deliver(request_id, err)
             if self._stopping:
