@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 
 from rich.markup import escape
 
@@ -173,6 +174,10 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or llm.directory.name
     engine = AsyncEngine(llm.engine, max_waiting=args.max_waiting)
     app = build_app(engine, name, llm.engine.tokenizer)
+    # What start-up made (the model, the compiled code) lives as long as the server: keep it out of
+    # the cyclic collector's full passes, which otherwise walk it while requests wait (vLLM does too).
+    gc.collect()
+    gc.freeze()
     console.print(f"serving [bold]{escape(name)}[/bold] ({llm.directory}) on http://{args.host}:{args.port}/v1",
                   highlight=False)
     serve(app, args.host, args.port)
