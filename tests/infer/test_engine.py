@@ -426,6 +426,35 @@ def test_overlapped_steps_give_the_same_outputs_as_read_back_steps(references):
         assert runs[1][0][0] == refs[0]
 
 
+def test_a_prompt_admitted_into_an_overlapped_step_is_prefilled_once(references):
+    """A request admitted into an overlapped step whose only decode row turns out to have stopped:
+    the step is still read back for the new prompt, not dropped and its prefill done again."""
+    model, prompts, refs = references
+    stop = refs[0][5]
+    first = refs[0].index(stop)
+    engine = LLMEngine(model, None, EngineConfig(async_scheduling=True))
+    prefills = []
+    launch = engine.runner.launch
+
+    def counting(batch, after=None):
+        prefills.extend(s.seq.request_id for s in batch.prefill)
+        return launch(batch, after)
+
+    engine.runner.launch = counting
+    engine.add_request("a", prompts[0], SamplingParams(max_tokens=N_NEW, temperature=0, stop_token_ids=[stop]))
+    outs = {}
+    for call in range(1, 200):
+        if call == first + 1:  # the call that reads back a's stop token
+            engine.add_request("b", prompts[2], GREEDY)
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out.outputs[0].token_ids
+        if not engine.has_unfinished_requests():
+            break
+    assert outs == {"a": refs[0][: first + 1], "b": refs[2]}
+    assert prefills.count("b") == 1 and engine.blocks.num_used == 0
+
+
 def test_abort_while_a_step_is_in_flight(references):
     """A request aborted while an overlapped step carries it: its blocks go at once, the step's
     output for it is dropped, and the others finish as if it had never been there."""

@@ -270,7 +270,8 @@ class LLMEngine:
             generated += self._apply(seq, res, now)
             touched[seq.request_id] = self.requests[seq.request_id]
         if self._inflight is not None:
-            if all(s.seq.finished for s in self._inflight.batch.decode):
+            inflight = self._inflight.batch
+            if all(s.seq.finished for s in (*inflight.decode, *inflight.prefill)):
                 self._inflight = None  # nothing left to read from it
             else:
                 for s in self._inflight.batch.decode:
@@ -290,8 +291,8 @@ class LLMEngine:
         """The next step's batch, launched before `launched` is read back: each of its rows decodes the
         token it is sampling now, and waiting sequences are admitted as in any step. None (the host
         reads back first, then schedules) when the engine speculates (where the next step's rows
-        start depends on whether their drafts were accepted), a row is still prefilling or uses penalties (which need its tokens on the host), or
-        the cache cannot grow every row by a token."""
+        start depends on whether their drafts were accepted), a row is still prefilling or uses
+        penalties (which need its tokens on the host), or the cache cannot grow every row by a token."""
         if not self.overlap or self.runner.speculative:
             return None
         items = [*launched.batch.decode, *launched.batch.prefill]
