@@ -34,6 +34,7 @@ __all__ = [
     "sample",
     "sample_async",
     "PendingSample",
+    "to_device",
     "params_error",
 ]
 
@@ -160,7 +161,7 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]] | None  # the row's `params.logprobs` best
 
 
-def _tensor(values: Sequence, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def to_device(values: Sequence, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Host values on `device` without waiting for the device: `torch.tensor(..., device=cuda)`
     would synchronize the stream, which the engine's overlapped steps must never do."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -172,18 +173,18 @@ def _penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
     if not which:
         return logits
     device = logits.device
-    idx = _tensor(which, device)
+    idx = to_device(which, device)
     sub = logits[idx]
     counts = torch.zeros_like(sub)
     seen = torch.zeros_like(sub, dtype=torch.bool)
     for j, i in enumerate(which):
-        out = _tensor(list(rows[i].output), device, torch.long)
+        out = to_device(list(rows[i].output), device, torch.long)
         counts[j].index_add_(0, out, torch.ones_like(out, dtype=sub.dtype))
-        seen[j, _tensor(list(rows[i].prompt), device, torch.long)] = True
+        seen[j, to_device(list(rows[i].prompt), device, torch.long)] = True
     seen |= counts > 0
 
     def column(name: str) -> torch.Tensor:
-        return _tensor([getattr(rows[i].params, name) for i in which], device).unsqueeze(1)
+        return to_device([getattr(rows[i].params, name) for i in which], device).unsqueeze(1)
 
     rep = column("repetition_penalty")
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
@@ -197,17 +198,17 @@ def _filter(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Ten
     (descending) with the order that maps sorted columns back to token ids."""
     device, vocab = probs.device, probs.shape[1]
     if any(r.params.min_p > 0 for r in rows):
-        min_p = _tensor([r.params.min_p for r in rows], device)
+        min_p = to_device([r.params.min_p for r in rows], device)
         probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
     top_k = [r.params.top_k if r.params.top_k > 0 else vocab for r in rows]
     if min(top_k) >= vocab and all(r.params.top_p >= 1 for r in rows):
         return probs, None
     probs, order = probs.sort(-1, descending=True)
     rank = torch.arange(vocab, device=device)
-    probs = probs.masked_fill(rank >= _tensor(top_k, device).unsqueeze(1), 0.0)
+    probs = probs.masked_fill(rank >= to_device(top_k, device).unsqueeze(1), 0.0)
     mass = probs.cumsum(-1)
     before = (mass - probs) / mass[:, -1:]  # the kept mass ranked above each token, normalized
-    top_p = _tensor([r.params.top_p for r in rows], device)
+    top_p = to_device([r.params.top_p for r in rows], device)
     return probs.masked_fill(before >= top_p.unsqueeze(1), 0.0), order
 
 
@@ -262,21 +263,21 @@ def sample_async(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSa
     if banned:
         logits = logits.clone() if logits is raw else logits
         rows_i, toks = zip(*banned, strict=True)
-        logits[_tensor(rows_i, device, torch.long), _tensor(toks, device, torch.long)] = float("-inf")
+        logits[to_device(rows_i, device, torch.long), to_device(toks, device, torch.long)] = float("-inf")
     tokens = logits.argmax(-1)
     draft_list = [-1 if r.draft is None else r.draft for r in rows]
     if all(d < 0 for d in draft_list):
         drafts = torch.full_like(tokens, -1)
         accepted = torch.zeros_like(tokens, dtype=torch.bool)
     else:
-        drafts = _tensor(draft_list, device, torch.long)
+        drafts = to_device(draft_list, device, torch.long)
         accepted = (drafts >= 0) & (tokens == drafts)
 
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        idx = _tensor(sampled, device, torch.long)
+        idx = to_device(sampled, device, torch.long)
         sub = [rows[i] for i in sampled]
-        temp = _tensor([r.params.temperature for r in sub], device).unsqueeze(1)
+        temp = to_device([r.params.temperature for r in sub], device).unsqueeze(1)
         probs = (logits[idx] / temp).softmax(-1)
         probs, order = _filter(probs, sub)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -285,14 +286,14 @@ def sample_async(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSa
         if order is not None:  # the draft's column in sorted order
             col = (order == col).int().argmax(-1, keepdim=True)
         p_draft = probs.gather(1, col).squeeze(1)
-        u_accept = _tensor([uniform(r.seed, r.index, 1) for r in sub], device, torch.float64)
+        u_accept = to_device([uniform(r.seed, r.index, 1) for r in sub], device, torch.float64)
         accept = (sub_drafts >= 0) & (u_accept < p_draft.double())
         residual = probs
         if any(r.draft is not None for r in sub):
             residual = torch.where((sub_drafts >= 0).unsqueeze(1), probs.scatter(1, col, 0.0), probs)
         empty = residual.sum(-1) <= 0  # p(draft) = 1: always accepted, nothing left to draw from
         residual = torch.where(empty.unsqueeze(1), probs, residual)
-        u = _tensor([uniform(r.seed, r.index, 0) for r in sub], device, torch.float64)
+        u = to_device([uniform(r.seed, r.index, 0) for r in sub], device, torch.float64)
         drawn = _draw(residual, u)
         if order is not None:
             drawn = order.gather(1, drawn.unsqueeze(1)).squeeze(1)

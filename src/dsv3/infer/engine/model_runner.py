@@ -34,7 +34,7 @@ from dsv3.infer.cuda_graph import capture
 from dsv3.infer.engine.config import EngineConfig
 from dsv3.infer.engine.paged_cache import PagedBatch, PagedLatentCache
 from dsv3.infer.engine.scheduler import Batch, Scheduled
-from dsv3.infer.sampling import PendingSample, SampleOutput, SamplingRow, sample_async
+from dsv3.infer.sampling import PendingSample, SampleOutput, SamplingRow, sample_async, to_device
 
 __all__ = ["ModelRunner", "Launched", "RowResult", "batch_buckets", "GRAPH_TOKENS"]
 
@@ -91,15 +91,28 @@ class _Group:
 
 @dataclass
 class Launched:
-    """A step enqueued on the device (`ModelRunner.launch`); `ModelRunner.collect` reads it back.
-
-    `last_tokens[row_of[seq_id]]` is the token a row sampled, on the device, for a next step that is
-    launched before this one is read back."""
+    """A step enqueued on the device (`ModelRunner.launch`); `ModelRunner.collect` reads it back."""
 
     batch: Batch
     groups: list[_Group]
-    last_tokens: torch.Tensor | None
-    row_of: dict[int, int]
+
+    def sampled(self, seq_ids: list[int]) -> torch.Tensor:
+        """The token each of these sequences sampled in this step, still on the device: what a next
+        step launched before this one is read back feeds them (plain decoding: one sampled
+        position a row, in pick order)."""
+        tokens, where = [], {}
+        for g in self.groups:
+            if g.pending is not None:
+                tokens.append(g.pending.tokens)
+                for r, _ in g.picks:
+                    where[g.items[r].seq.seq_id] = len(where)
+        if len(where) != sum(len(g.picks) for g in self.groups):
+            raise ValueError("model runner: a step that sampled two positions of a row cannot be continued")
+        flat = tokens[0] if len(tokens) == 1 else torch.cat(tokens)
+        index = [where[i] for i in seq_ids]
+        if index == list(range(len(index))):
+            return flat[: len(index)]  # the common case: the same rows, in order
+        return flat[to_device(index, flat.device, torch.long)]
 
 
 def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -343,14 +356,13 @@ class ModelRunner:
         rows = [r for r, s in enumerate(items) if s.pending]
         if not rows:
             return
-        if after is None or after.last_tokens is None:
+        if after is None:
             raise ValueError("model runner: a pending row needs the launched step it continues")
-        src = [after.row_of[items[r].seq.seq_id] for r in rows]
-        if rows == list(range(len(items))) and src == list(range(len(src))):
-            ids.copy_(after.last_tokens[: len(src)])  # the common case: the same rows, in order
-            return
-        to = torch.tensor(rows).to(self.device, non_blocking=True)
-        ids.index_copy_(0, to, after.last_tokens[torch.tensor(src).to(self.device, non_blocking=True)])
+        tokens = after.sampled([items[r].seq.seq_id for r in rows])
+        if rows == list(range(len(items))):
+            ids.copy_(tokens)
+        else:
+            ids.index_copy_(0, to_device(rows, self.device, torch.long), tokens)
 
     def _draft(self, fwd: _Forward, group: _Group) -> torch.Tensor:
         """The MTP module over each row's newly computed positions, fed the token after each: the
@@ -381,12 +393,11 @@ class ModelRunner:
             self._fill(slots_buf, slots, self.cache.scratch_slot)
         else:
             ids_buf, slots_buf = torch.tensor(ids, device=self.device), torch.tensor(slots, device=self.device)
-        dev = self.device
 
         def on_device(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(dev, non_blocking=True)
+            return to_device(values, self.device, torch.long)
 
-        last = torch.zeros(len(items), dtype=torch.long, device=dev)  # each row's last valid column
+        last = torch.zeros(len(items), dtype=torch.long, device=self.device)  # each row's last valid column
         if plain:
             rows, cols = on_device(plain), on_device([items[r].num_tokens - 1 for r in plain])
             ids_buf[rows, cols] = out.tokens[on_device([first_pick[r] for r in plain])]
@@ -418,17 +429,7 @@ class ModelRunner:
             for items in (batch.decode, batch.prefill):
                 if items:  # one group at a time: two groups may share a step function and its output
                     groups.append(self._sample(self._forward(items, after)))
-        last, row_of = None, {}
-        if not self.speculative:  # one sampled position per sampling row, in pick order
-            tokens = [g.pending.tokens for g in groups if g.pending is not None]
-            if tokens:
-                last = tokens[0] if len(tokens) == 1 else torch.cat(tokens)
-            k = 0
-            for g in groups:
-                for r, _ in g.picks:
-                    row_of[g.items[r].seq.seq_id] = k
-                    k += 1
-        return Launched(batch, groups, last, row_of)
+        return Launched(batch, groups)
 
     def collect(self, launched: Launched) -> list[RowResult]:
         """The results of a launched step (waits for the device)."""
@@ -449,8 +450,8 @@ class ModelRunner:
             if picks == [(r, 0) for r in range(B)]:  # decode without drafts: a view, no index to copy
                 h = fwd.hidden[:B, 0]
             else:
-                rows = torch.tensor([r for r, _ in picks]).to(self.device, non_blocking=True)
-                cols = torch.tensor([j for _, j in picks]).to(self.device, non_blocking=True)
+                rows = to_device([r for r, _ in picks], self.device, torch.long)
+                cols = to_device([j for _, j in picks], self.device, torch.long)
                 h = fwd.hidden[rows, cols]
             sampling = [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
             pending = sample_async(self.model.lm_head(h).float(), sampling)
