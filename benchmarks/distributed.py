@@ -101,13 +101,13 @@ def run_config(out: Path, name: str, toy: bool) -> tuple[int, list[str]]:
         f"train.global_batch_size={2 * per_gpu}", f"train.micro_batch_size={per_gpu}",
         "train.warmup_steps=20", "train.log_every=10" if not toy else "train.log_every=2",
         "train.eval_every=100", "train.eval_batches=4", "train.tensorboard=false",
-        f"train.save_every={save_every or 10**6}", "train.keep_last=1",
+        f"train.save_every={save_every}", "train.keep_last=1",
         f"train.async_checkpoint={background}",
         f"parallel.gpus={n}", *layout,
     ]
     if toy:  # later keys win
         overrides += [*TOY_MODEL, "train.seq_len=64", "train.device=cpu", "train.eval_every=10",
-                      f"train.save_every={5 if save_every else 10**6}"]
+                      f"train.save_every={5 if save_every else 0}"]
     return n, overrides
 
 

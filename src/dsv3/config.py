@@ -303,7 +303,10 @@ class TrainConfig(_Strict):
     seed: int = 1234
     eval_every: int = Field(default=200, gt=0)
     eval_batches: int = Field(default=8, gt=0)
-    save_every: int = Field(default=500, gt=0)
+    save_every: int = Field(
+        default=500, ge=0, description="checkpoint every this many steps and at the end; 0 = never (a "
+        "throughput or sweep run that keeps nothing)",
+    )
     keep_last: int = Field(default=2, gt=0)
     async_checkpoint: bool = Field(
         default=False, description="write checkpoints in the background: training stalls only while the "

@@ -18,8 +18,9 @@ from torch.distributed.tensor import DTensor
 
 from dsv3.model import Transformer
 from dsv3.train.loader import build_data
+from dsv3.train.optim import build_optimizer
 from dsv3.train.trainer import Trainer, train
-from tests.conftest import micro_run
+from tests.conftest import micro_run, poison_loss
 from tests.ranks import run_on_ranks
 
 TOLERANCE = 1e-5  # relative, per step; measured ≤ 1e-6
@@ -169,10 +170,29 @@ def dist_world() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all") -> dict:
+def skip_job(out: str, shards: list[str], on_device: bool) -> dict:
+    """FSDP on 2 ranks with non-finite steps 3 and 4: fused AdamW skips them on the device from its flag
+    (the GPU path: no host sync, numbers read a step late) or after the host reads the flag."""
+    cfg = _config(Path(out), tuple(map(Path, shards)), "parallel.gpus=2", "parallel.dp_shard=2")
+    records: list[dict] = []
+    trainer = Trainer(cfg, on_record=records.append)
+    trainer.optimizer = build_optimizer(trainer.model, trainer.tc, fused=True)  # the GPU's choice
+    trainer.skip_on_device = trainer.read_late = on_device
+    poison_loss(trainer, {3, 4})
+    trainer.fit()
+    weights = {n: _full(n, p.detach()).double().square().sum().item() for n, p in trainer.model.named_parameters()}
+    dist.destroy_process_group()
+    return {"steps": [(r["kind"], r["step"], r["loss"], r["grad_norm"]) for r in records
+                      if r["kind"] in ("train", "skip")], "weights": weights}
+
+
+def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = False) -> dict:
     """Route random tokens (k = 6 of 16 experts) through an expert-parallel MoE and through the same
     experts in one process: the outputs and their gradients (to the tokens and to the combine weights),
-    and how many rows the dispatch all-to-all moved."""
+    and how many rows the dispatch all-to-all moved. `bf16`: both under bf16 autocast (the rows travel
+    in bf16 with the float32 weights and int32 ids reinterpreted as bf16 columns)."""
+    import contextlib
+
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -199,23 +219,26 @@ def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all") -> dict:
         class _Full(torch.nn.Module):
             gate_up_proj, down_proj = full
 
-        expected = LocalDispatcher()(x, weights, indices, order, ends, _Full())
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            expected = LocalDispatcher()(x, weights, indices, order, ends, _Full())
         expected_grads = torch.autograd.grad((expected * probe).sum(), [x, weights])
         ep.apply_ep([moe], init_device_mesh("cpu", (dist.get_world_size(),)), dispatch)
         moved, original = [], ep.dist.all_to_all_single
 
-        def counting(out, inp, *args, **kwargs):
-            if inp.dim() == 2 and inp.shape[1] == cfg.hidden_size:
+        def counting(out, inp, *args, **kwargs):  # rows of hidden states (the dispatch adds routing columns)
+            if inp.dim() == 2 and inp.shape[1] >= cfg.hidden_size:
                 moved.append(inp.shape[0])
             return original(out, inp, *args, **kwargs)
 
         ep.dist.all_to_all_single = counting
         try:
-            got = moe.experts(x, weights, indices, order, ends)
+            with autocast:
+                got = moe.experts(x, weights, indices, order, ends)
         finally:
             ep.dist.all_to_all_single = original
         grads = torch.autograd.grad((got * probe).sum(), [x, weights])
-        return {"max_abs_diff": (got - expected).abs().max().item(),
+        return {"max_abs_diff": (got - expected).abs().max().item(), "scale": expected.abs().max().item(),
                 "max_grad_diff": max((g - e).abs().max().item() for g, e in zip(grads, expected_grads,
                                                                                 strict=True)),
                 "rows_moved": moved,
@@ -303,10 +326,13 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
                                             "parallel.ep=2"]}))
     jobs.append((dispatch_job, {}))
     jobs.append((dispatch_job, {"dispatch": "all_gather"}))
+    jobs.append((dispatch_job, {"bf16": True}))
+    jobs += [(skip_job, {"out": str(tmp / f"skip_{d}"), "shards": s, "on_device": d}) for d in (False, True)]
     results = run_on_ranks(2, jobs, tmp / "results")
-    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-5],
-            "from_one": results[-4], "sample": results[-3], "dispatch": results[-2],
-            "dispatch_all_gather": results[-1]}
+    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-8],
+            "from_one": results[-7], "sample": results[-6], "dispatch": results[-5],
+            "dispatch_all_gather": results[-4], "dispatch_bf16": results[-3],
+            "skip": {"host": results[-2], "device": results[-1]}}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
@@ -340,6 +366,20 @@ def test_expert_parallel_sends_each_token_once_per_rank(two_ranks):
     dispatched, combined = got["rows_moved"]  # rank 0's rows out, and the partial sums it sends back
     assert dispatched == got["token_rank_pairs"] and combined <= 2 * 64
     assert got["token_rank_pairs"] <= 2 * 64 < got["token_expert_pairs"]
+
+
+def test_sharded_steps_skip_non_finite_steps_on_the_device_like_on_the_host(two_ranks):
+    """DTensor parameters take fused AdamW's on-device flag: the same records and weights as reading it."""
+    host, device = two_ranks["skip"]["host"], two_ranks["skip"]["device"]
+    assert [kind for kind, *_ in device["steps"]].count("skip") == 2
+    assert device["steps"] == host["steps"] and device["weights"] == host["weights"]
+
+
+def test_all_to_all_dispatch_in_bf16_equals_one_process(two_ranks):
+    """Under autocast the rows travel in bf16 with their routing packed into the same message: the
+    result and its gradients are one process's up to bf16 rounding of the partial sums."""
+    got = two_ranks["dispatch_bf16"]
+    assert got["max_abs_diff"] < 1e-2 * got["scale"] and got["max_grad_diff"] < 1e-2
 
 
 def test_all_gather_dispatch_equals_one_process_without_all_to_all(two_ranks):

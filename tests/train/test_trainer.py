@@ -279,6 +279,13 @@ def test_tensorboard_and_metrics_files(tmp_path, corpus_shards):
     assert ev["router_entropy"][1] is None  # the MTP layer does not run when validating the LM
 
 
+def test_save_every_zero_keeps_no_checkpoint(tmp_path, corpus_shards):
+    """A throughput run: it trains and validates, and writes no checkpoint, not even at the end."""
+    result = train(micro_run(tmp_path / "run", *corpus_shards, "train.steps=3", "train.save_every=0"))
+    assert result.last_checkpoint is None and result.val_loss > 0
+    assert not list(result.output_dir.glob("step_*"))
+
+
 def test_profile_window_writes_a_kernel_table_and_a_trace(tmp_path, corpus_shards):
     result = train(micro_run(tmp_path / "run", *corpus_shards, "train.steps=6", "train.profile_from=3",
                              "train.profile_steps=2"))

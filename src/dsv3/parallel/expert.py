@@ -8,15 +8,16 @@ instead of 6, in both directions of the forward and of the backward. Per MoE for
 
   1. exchanges counts: one all_to_all of, per destination rank, the rows sent and the (row, expert)
      pairs they carry for each of its experts (one host sync turns them into split sizes);
-  2. dispatches: all_to_all_single of the rows, with the local expert ids and combine weights of the
-     slots each row has on its destination (−1 / 0 for the others);
+  2. dispatches: one all_to_all_single of the rows, carrying the local expert ids and combine weights
+     of the slots each row has on its destination (−1 / 0 for the others) as extra columns;
   3. runs each received row through its local experts (grouped GEMMs over the (row, expert) pairs
      sorted by expert) and sums them with their weights, in float32, into one row;
      rows travel in the experts' dtype (bf16 under autocast), their gradients back in float32;
   4. combines: the reverse all_to_all_single sends each row's partial sum back, and the token's rank
      adds up the partial sums of its ranks.
 
-Every all-to-all of rows or weights is an autograd function whose backward is the opposite exchange.
+Every all-to-all of rows is an autograd function whose backward is the opposite exchange: three
+exchanges a layer forward (counts, dispatch, combine) and two backward.
 On a GPU the backward adds a row's expert gradients with atomic adds (and, with more than two ranks,
 the forward a token's partial sums), so their last bits can differ between runs unless
 `torch.use_deterministic_algorithms(True)`.
@@ -59,33 +60,50 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _Dispatch(torch.autograd.Function):
-    """x (N, d) → the (row, expert) inputs of this rank's experts (P, d), in the experts' dtype.
+    """Sends rows with their routing in one message; returns this rank's (row, expert) inputs.
 
-    Forward: x is cast to `dtype` (bf16 under autocast: half the bytes of float32 rows), its rows
-    `token` (S,) go out with all_to_all_single (send sizes `in_sizes`, receive `out_sizes`), and the
-    received rows are repeated as `row` (P,) says. Backward: the pairs' gradients are summed per row,
-    sent back and summed per token in float32 — the sums autograd would form through float32 rows.
+    Forward: the sent rows `token` (S,) of x, cast to `dtype` (bf16 under autocast: half the bytes of
+    float32 rows), travel with their slots' combine weights (float32) and local expert ids (int32),
+    both reinterpreted bit for bit as `dtype` columns, in one all_to_all_single (send sizes
+    `in_sizes`, receive `out_sizes`). The received rows' (row, local expert) pairs are sorted by
+    expert, the other ranks' slots last, and the first `n_pairs` read out. Returns the pairs' inputs
+    (P, d), the received combine weights (M, k) and each pair's row · k + slot (P,).
+    Backward: the pairs' gradients are summed per row in float32 (the sums autograd would form through
+    float32 rows) and go back with the weights' gradients in one message, then add up per token.
     """
 
     @staticmethod
-    def forward(ctx, x, token, row, out_sizes, in_sizes, group, dtype) -> torch.Tensor:
-        ctx.save_for_backward(token, row)
-        ctx.sizes, ctx.group, ctx.x_shape, ctx.x_dtype = (out_sizes, in_sizes), group, x.shape, x.dtype
-        send = x.to(dtype).index_select(0, token)
-        received = send.new_empty(sum(out_sizes), x.shape[1])
+    def forward(ctx, x, slot_weight, token, local_expert, n_pairs, out_sizes, in_sizes, group, dtype, El):
+        d, k = x.shape[1], slot_weight.shape[1]
+        routing = torch.cat([slot_weight.float(), local_expert.to(torch.int32).view(torch.float32)], 1)
+        send = torch.cat([x.to(dtype).index_select(0, token), routing.view(dtype)], 1)
+        received = send.new_empty(sum(out_sizes), send.shape[1])
         dist.all_to_all_single(received, send, out_sizes, in_sizes, group=group)
-        return received.index_select(0, row)
+        rows, routing = received.split([d, received.shape[1] - d], 1)
+        routing = routing.contiguous().view(torch.float32)
+        w_in, e_in = routing[:, :k], routing[:, k:].contiguous().view(torch.int32)
+        key = torch.where(e_in >= 0, e_in, El).view(-1)  # (M·k,) the others' slots sort last
+        pair_slot = key.argsort(stable=True)[:n_pairs]  # (P,) grouped by local expert
+        row = pair_slot // k
+        ctx.save_for_backward(token, row)
+        ctx.sizes, ctx.group, ctx.x_shape = (out_sizes, in_sizes), group, x.shape
+        ctx.dtypes = x.dtype, slot_weight.dtype
+        ctx.mark_non_differentiable(pair_slot)
+        return rows.index_select(0, row), w_in.to(slot_weight.dtype).contiguous(), pair_slot
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad_xs: torch.Tensor, grad_w: torch.Tensor, _):
         token, row = ctx.saved_tensors
         out_sizes, in_sizes = ctx.sizes
-        per_row = grad.new_zeros(sum(out_sizes), grad.shape[1], dtype=torch.float32)
-        per_row.index_add_(0, row, grad.float())
-        back = per_row.new_empty(sum(in_sizes), grad.shape[1])
+        d = grad_xs.shape[1]
+        per_row = grad_xs.new_zeros(sum(out_sizes), d + grad_w.shape[1], dtype=torch.float32)
+        per_row[:, :d].index_add_(0, row, grad_xs.float())
+        per_row[:, d:] = grad_w
+        back = per_row.new_empty(sum(in_sizes), per_row.shape[1])
         dist.all_to_all_single(back, per_row, in_sizes, out_sizes, group=ctx.group)
-        grad_x = back.new_zeros(ctx.x_shape).index_add_(0, token, back)
-        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
+        grad_x = back.new_zeros(ctx.x_shape).index_add_(0, token, back[:, :d])
+        x_dtype, w_dtype = ctx.dtypes
+        return grad_x.to(x_dtype), back[:, d:].to(w_dtype), None, None, None, None, None, None, None, None
 
 
 class AllToAllDispatcher:
@@ -121,16 +139,10 @@ class AllToAllDispatcher:
         local_expert = torch.where(mine, indices.index_select(0, token) - (rank * El).unsqueeze(1), -1)
         slot_weight = weights.index_select(0, token) * mine  # (S, k), 0 for the other ranks' slots
 
-        w_in = _AllToAll.apply(slot_weight, recv_sizes, send_sizes, self.group)  # (M, k)
-        e_in = local_expert.new_empty(sum(recv_sizes), k)
-        dist.all_to_all_single(e_in, local_expert, recv_sizes, send_sizes, group=self.group)
-
-        # Each received row's (row, local expert) pairs, grouped by expert; the others' slots last.
-        key = torch.where(e_in >= 0, e_in, El).view(-1)  # (M·k,)
-        by_expert = key.argsort(stable=True)[:n_pairs]  # (P,) the pairs' (row · k + slot)
-        row = by_expert // k
+        xs, w_in, by_expert = _Dispatch.apply(  # (P, d), (M, k), (P,)
+            x, slot_weight, token, local_expert, n_pairs, recv_sizes, send_sizes, self.group, compute_dtype(x),
+            El)
         local_ends = recv[:, 1:].sum(0).cumsum(0)  # (El,)
-        xs = _Dispatch.apply(x, token, row, recv_sizes, send_sizes, self.group, compute_dtype(x))  # (P, d)
         ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj))
         # One weighted sum per received row over its slots in a fixed order: the same float32 sum as
         # one process (a slot whose expert is elsewhere has weight 0 and no pair).

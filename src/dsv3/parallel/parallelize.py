@@ -22,7 +22,7 @@ from dsv3.model.moe import MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.transformer import Block, Transformer, initial_value, set_activation_checkpointing
 from dsv3.parallel.expert import apply_ep
-from dsv3.parallel.fsdp import apply_fsdp
+from dsv3.parallel.fsdp import apply_fsdp, average_expert_gradients, experts_outside_fsdp
 from dsv3.parallel.mesh import Meshes
 from dsv3.parallel.pipeline import LossParts, Stage, StageParts, build_schedule, pipeline_loss, split_stages
 from dsv3.parallel.tensor import apply_tp
@@ -59,10 +59,9 @@ def apply_ac(roots: list[nn.Module], mode: bool | str = True) -> None:
 
 
 def apply_compile(blocks: list[nn.Module], fullgraph: bool) -> None:
-    """torch.compile each block in place (parameter names unchanged). Expert parallelism shards the
-    experts in their own FSDP unit (its hooks break the graph; the all-to-all dispatch's host-read split
-    sizes do too, the all-gather dispatch's fixed-size collectives trace) and tensor parallelism
-    reduces a gradient in a hook: their blocks compile with graph breaks."""
+    """torch.compile each block in place (parameter names unchanged). `fullgraph=False` lets a block
+    break where it must: at the all-to-all dispatch's host-read split sizes, at the hooks of an expert
+    FSDP unit (experts held by several ranks), at tensor parallelism's gradient hook."""
     for block in blocks:
         block.compile(fullgraph=fullgraph)
 
@@ -114,7 +113,9 @@ def parallelize(
     if tc.activation_checkpointing:
         apply_ac(roots, tc.activation_checkpointing)
     if tc.compile:
-        apply_compile(blocks, fullgraph=p.ep == 1 and p.tp == 1)
+        # the all-gather dispatch's fixed-size collectives trace: no break unless experts have an FSDP unit
+        whole = p.ep == 1 or (experts_outside_fsdp(p) and p.ep_dispatch == "all_gather")
+        apply_compile(blocks, fullgraph=whole and p.tp == 1)
     if p.dp > 1:
         apply_fsdp(roots, blocks, meshes, p, param_dtype)
         if p.pp == 1:  # the trainer and generation call these, not forward: gather the root there too
@@ -123,6 +124,7 @@ def parallelize(
     for root in roots:  # through the FSDP roots, so FSDP re-points its shards at the new storage
         root.to_empty(device="cpu" if p.cpu_offload else device)
     init_parameters(parts, norms, tc.seed)
+    average_expert_gradients(blocks, p)
     if p.cpu_offload:  # FSDP moves parameters only: the buffers (routing biases, RoPE tables) compute here
         for module in parts.modules():
             for name, buffer in module.named_buffers(recurse=False):

@@ -459,13 +459,14 @@ class Trainer:
                 if pending is not None:  # the previous step's numbers, read while this one runs
                     self._report(self._read_step(pending), t_start)
                 pending = queued
-                boundary = self.step % tc.eval_every == 0 or self.step % tc.save_every == 0
+                saving = tc.save_every > 0 and (self.step % tc.save_every == 0 or self.step == tc.steps)
+                boundary = self.step % tc.eval_every == 0 or saving
                 if boundary or self.step == tc.steps or not self.read_late:
                     self._report(self._read_step(pending), t_start)
                     pending = None
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     self._emit(self.evaluate())
-                if self.step % tc.save_every == 0 or self.step == tc.steps:
+                if saving:
                     last_ckpt = self.save()
                     self.rate_mark = (time.perf_counter(), self.rate_mark[1])  # saves are not training time
             profiler.stop()  # a run shorter than its window still writes what it recorded
