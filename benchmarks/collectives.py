@@ -3,8 +3,9 @@
 Expert and data parallelism are bounded by this link, so a weak-scaling figure means little without it.
 For each collective and buffer size it prints the time and the bus bandwidth in the convention of
 nccl-tests (all_gather / reduce_scatter / all_to_all: algbw·(n−1)/n; all_reduce: algbw·2(n−1)/n, where
-algbw = the buffer's bytes per rank / time; the buffer is all_gather's output, reduce_scatter's input), and whether CUDA reports peer access between the GPUs (without it NCCL
-goes through host memory).
+algbw = the buffer's bytes per rank / time; the buffer is all_gather's output, reduce_scatter's
+input), and whether CUDA reports peer access between the GPUs (without it NCCL goes through host
+memory).
 
     torchrun --nproc-per-node 2 benchmarks/collectives.py            # one JSON line per (op, size)
     torchrun --nproc-per-node 2 benchmarks/collectives.py --device cpu --sizes-mb 1,8   # gloo, a check

@@ -47,7 +47,8 @@ def main() -> None:
                               num_blocks=args.rows * -(-max_len // 64) + 8)  # fmt: skip
         engine = LLMEngine(model, None, config)
         d = cfg.hidden_size
-        engine.runner._hidden_states = lambda ids, positions, batch, run_block=None: torch.zeros(*ids.shape, d)
+        engine.runner._hidden_states = lambda ids, positions, batch, run_block=None, d=d: torch.zeros(
+            *ids.shape, d)
         if args.gc_freeze:
             gc.collect()
             gc.freeze()

@@ -280,7 +280,8 @@ def step_part(args) -> None:
         r = _drive(engine, _prompts(c, args.prompt_len, vocab, args.seed + c), c, params)
         runner = engine.runner
         B = next(b for b in runner.buckets if b >= c)
-        key = max((k for k in runner._steps if k[0] == "main" and k[1] == B and k[3] == 1), key=lambda k: k[2])
+        main_steps = [k for k in runner._steps if k[0] == "main" and k[1] == B and k[3] == 1]
+        key = max(main_steps, key=lambda k: k[2])
         step = runner._steps[key]
         with torch.no_grad():
             for _ in range(10):
@@ -366,7 +367,8 @@ def load_part(args) -> None:
     for c in args.levels:
         prompts = _prompts(c * args.requests_per_client, args.prompt_len, vocab, args.seed + c)
         rows, tokens = {}, {}
-        warm = _prompts(c, args.prompt_len, vocab, args.seed + c + 10_000)  # not the timed ones: no prefix hits
+        # warm up on other prompts than the timed ones: no prefix hits
+        warm = _prompts(c, args.prompt_len, vocab, args.seed + c + 10_000)
         for name, engine in engines.items():
             t0 = time.perf_counter()
             _drive(engine, warm, c, params)  # captures this load's shapes

@@ -71,8 +71,8 @@ CONFIGS = {
     "tiny-cache-preempts": {"block_size": 4, "num_blocks": 12, "max_model_len": 44, "max_num_seqs": 8},
     "one-at-a-time": {"max_num_seqs": 1},
     "async-scheduling": {"async_scheduling": True},  # on by default on a GPU only
-    "async-scheduling-preempts": {"async_scheduling": True, "block_size": 4, "num_blocks": 12, "max_model_len": 44,
-                                  "max_num_seqs": 8},
+    "async-scheduling-preempts": {"async_scheduling": True, "block_size": 4, "num_blocks": 12,
+                                  "max_model_len": 44, "max_num_seqs": 8},
     # the step functions through torch.compile (dynamic shapes), as on a GPU before graph capture
     "compiled": {"block_size": 4, "compile": True},
 }
@@ -395,7 +395,8 @@ def test_overlapped_steps_give_the_same_outputs_as_read_back_steps(references):
     special = {
         1: SamplingParams(max_tokens=N_NEW, temperature=0, stop_token_ids=[stop]),
         2: SamplingParams(max_tokens=N_NEW, temperature=1.0, top_p=0.9, top_k=20, seed=5, logprobs=2),
-        3: SamplingParams(max_tokens=N_NEW, temperature=0.7, seed=6, min_tokens=10, stop_token_ids=[refs[3][2]]),
+        3: SamplingParams(max_tokens=N_NEW, temperature=0.7, seed=6, min_tokens=10,
+                          stop_token_ids=[refs[3][2]]),
         4: SamplingParams(max_tokens=5, temperature=0),
         6: SamplingParams(max_tokens=N_NEW, temperature=0.9, seed=9, repetition_penalty=1.3),
     }
@@ -422,7 +423,8 @@ def test_overlapped_steps_give_the_same_outputs_as_read_back_steps(references):
         for (tokens, reason, stop_reason, logprobs), again in zip(runs[0], runs[1], strict=True):
             assert (tokens, reason, stop_reason) == again[:3]  # logprobs: the batch's padding differs
             assert logprobs is None or max(abs(a - b) for a, b in zip(logprobs, again[3], strict=True)) < 1e-4
-        assert runs[1][1][:3] == (refs[1][: refs[1].index(stop) + 1], "stop", stop) and len(runs[1][4][0]) == 5
+        assert runs[1][1][:3] == (refs[1][: refs[1].index(stop) + 1], "stop", stop)
+        assert len(runs[1][4][0]) == 5
         assert runs[1][0][0] == refs[0]
 
 
@@ -441,7 +443,8 @@ def test_a_prompt_admitted_into_an_overlapped_step_is_prefilled_once(references)
         return launch(batch, after)
 
     engine.runner.launch = counting
-    engine.add_request("a", prompts[0], SamplingParams(max_tokens=N_NEW, temperature=0, stop_token_ids=[stop]))
+    greedy = SamplingParams(max_tokens=N_NEW, temperature=0, stop_token_ids=[stop])
+    engine.add_request("a", prompts[0], greedy)
     outs = {}
     for call in range(1, 200):
         if call == first + 1:  # the call that reads back a's stop token

@@ -239,7 +239,8 @@ class PendingSample:
             top = [[] for _ in tokens]
             if self.top is not None:
                 values, ids = self.top[0].tolist(), self.top[1].tolist()
-                top = [list(zip(ids[i][:k], values[i][:k], strict=True)) for i, k in enumerate(self.top_counts)]
+                top = [list(zip(ids[i][:k], values[i][:k], strict=True))
+                       for i, k in enumerate(self.top_counts)]
         return SampleOutput(tokens, accepted, logprobs, top)
 
 

@@ -140,8 +140,8 @@ class AllToAllDispatcher:
         slot_weight = weights.index_select(0, token) * mine  # (S, k), 0 for the other ranks' slots
 
         xs, w_in, by_expert = _Dispatch.apply(  # (P, d), (M, k), (P,)
-            x, slot_weight, token, local_expert, n_pairs, recv_sizes, send_sizes, self.group, compute_dtype(x),
-            El)
+            x, slot_weight, token, local_expert, n_pairs, recv_sizes, send_sizes, self.group,
+            compute_dtype(x), El)
         local_ends = recv[:, 1:].sum(0).cumsum(0)  # (El,)
         ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj))
         # One weighted sum per received row over its slots in a fixed order: the same float32 sum as

@@ -328,7 +328,7 @@ class ModelRunner:
         B, T = len(items), max(len(s.fed) for s in items)
         Bb, Tb = next(b for b in self.buckets if b >= B), _pow2(T)
         if Tb == 2 and all(s.draft is None for s in items):
-            Tb = 4  # two tokens a row are for verifying drafts: a 2-token chunk joins the longer chunks' family
+            Tb = 4  # 2 tokens a row are for verifying drafts: a 2-token chunk joins the longer chunks' family
         fed = [s.fed for s in items]
         valid = [len(f) for f in fed]
         if Bb * Tb <= GRAPH_TOKENS:
@@ -392,7 +392,8 @@ class ModelRunner:
             self._fill(ids_buf, ids, 0)
             self._fill(slots_buf, slots, self.cache.scratch_slot)
         else:
-            ids_buf, slots_buf = torch.tensor(ids, device=self.device), torch.tensor(slots, device=self.device)
+            ids_buf = torch.tensor(ids, device=self.device)
+            slots_buf = torch.tensor(slots, device=self.device)
 
         def on_device(values: list[int]) -> torch.Tensor:
             return to_device(values, self.device, torch.long)
@@ -406,7 +407,8 @@ class ModelRunner:
             rows = on_device(drafted)
             k0 = on_device([first_pick[r] for r in drafted])
             accepted = out.accepted[k0]
-            ids_buf[rows, 0] = torch.where(accepted, on_device([items[r].draft for r in drafted]), out.tokens[k0])
+            drafts = on_device([items[r].draft for r in drafted])
+            ids_buf[rows, 0] = torch.where(accepted, drafts, out.tokens[k0])
             ids_buf[rows, 1] = out.tokens[k0 + 1]
             slots_buf[rows, 1] = torch.where(accepted, slots_buf[rows, 1], self.cache.scratch_slot)
             last[rows] = accepted.long()
@@ -494,7 +496,8 @@ class ModelRunner:
         output: Sequence[int] = ()  # only penalties read the output tokens: copy them only then
         if seq.params.penalized:
             if s.pending:
-                raise ValueError("model runner: penalties need every output token on the host; no pending rows")
+                raise ValueError("model runner: penalties need every output token on the host, "
+                                 "no pending rows")
             output = seq.output_ids if j == 0 else [*seq.output_ids, s.draft]
         banned = ()
         if index < seq.params.min_tokens:
