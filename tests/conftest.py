@@ -147,3 +147,16 @@ def micro_run(output_dir: Path, train: Path, valid: Path | None, *overrides: str
         "train.device=cpu",
     ]
     return load_run_config("tiny", [*base, *overrides])
+
+
+def poison_loss(trainer, bad_steps: set[int]) -> None:
+    """Make the trainer's loss NaN on the given (1-based) optimizer steps."""
+    forward = trainer.model.forward_with_losses
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if trainer.step + 1 in bad_steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.model.forward_with_losses = poisoned

@@ -180,7 +180,8 @@ def skip_job(out: str, shards: list[str], on_device: bool) -> dict:
     trainer.skip_on_device = trainer.read_late = on_device
     poison_loss(trainer, {3, 4})
     trainer.fit()
-    weights = {n: _full(n, p.detach()).double().square().sum().item() for n, p in trainer.model.named_parameters()}
+    weights = {n: _full(n, p.detach()).double().square().sum().item()
+               for n, p in trainer.model.named_parameters()}
     dist.destroy_process_group()
     return {"steps": [(r["kind"], r["step"], r["loss"], r["grad_norm"]) for r in records
                       if r["kind"] in ("train", "skip")], "weights": weights}

@@ -14,7 +14,7 @@ from dsv3.cli import main
 from dsv3.config import ConfigError
 from dsv3.train.optim import build_optimizer
 from dsv3.train.trainer import Trainer, TrainingDiverged, train
-from tests.conftest import micro_run
+from tests.conftest import micro_run, poison_loss
 
 # What must match bit for bit between an uninterrupted run and an interrupted-and-resumed one.
 EXACT_KEYS = (
@@ -120,24 +120,11 @@ def test_switches_turn_losses_on_and_off(tmp_path, corpus_shards):
     trainer.metrics.close()
 
 
-def _poison(trainer: Trainer, bad_steps: set[int]) -> None:
-    """Make the loss NaN on the given (1-based) optimizer steps."""
-    forward = trainer.model.forward_with_losses
-
-    def poisoned(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if trainer.step + 1 in bad_steps:
-            out.loss = out.loss * float("nan")
-        return out
-
-    trainer.model.forward_with_losses = poisoned
-
-
 def test_non_finite_steps_are_skipped_then_training_goes_on(tmp_path, corpus_shards):
     train_dir, valid_dir = corpus_shards
     records = []
     trainer = Trainer(micro_run(tmp_path / "run", train_dir, valid_dir), on_record=records.append)
-    _poison(trainer, {3, 4})
+    poison_loss(trainer, {3, 4})
     before = {}
 
     def snapshot(record):
@@ -170,7 +157,7 @@ def test_a_step_skipped_on_the_device_and_read_a_step_late_gives_the_same_run(tm
         trainer = Trainer(cfg, on_record=records.append)
         trainer.optimizer = build_optimizer(trainer.model, trainer.tc, fused=True)
         trainer.skip_on_device = trainer.read_late = on_device
-        _poison(trainer, {3, 4, 8})
+        poison_loss(trainer, {3, 4, 8})
         trainer.fit()
         steps = [{k: v for k, v in r.items() if k not in TIMING}
                  for r in records if r["kind"] in ("train", "skip")]
@@ -184,7 +171,7 @@ def test_a_step_skipped_on_the_device_and_read_a_step_late_gives_the_same_run(tm
 def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, corpus_shards):
     train_dir, valid_dir = corpus_shards
     trainer = Trainer(micro_run(tmp_path / "run", train_dir, valid_dir, "train.max_bad_steps=3"))
-    _poison(trainer, set(range(2, 100)))
+    poison_loss(trainer, set(range(2, 100)))
     with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row .* at step 4"):
         trainer.fit()
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from dsv3 import scaling
 from dsv3.checkpoints import best_checkpoint, is_sharded, list_checkpoints, verify_checkpoint
@@ -148,10 +149,14 @@ class Trainer:
         else:
             self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.tc)
-        # No host sync inside a step on one GPU: fused AdamW skips a non-finite step on the device, and
-        # a step's numbers are read back while the next one runs (`fit`). Sharded parameters keep the
-        # host-side check (fused AdamW's flag is not a DTensor), and a CPU has no queue to keep busy.
-        self.skip_on_device = bool(self.optimizer.defaults.get("fused")) and not self.distributed
+        # No host sync inside a step: fused AdamW skips a non-finite step on the device, and a step's
+        # numbers are read back while the next one runs (`fit`). Every rank computes the same flag (the
+        # loss parts are all-reduced, the norm is global). DTensor refuses a mix of plain and DTensor
+        # parameters in one fused call (tensor parallelism alone leaves norms and router plain): such a
+        # layout keeps the host-side check, as does a CPU, which has no queue to keep busy.
+        sharded = [isinstance(p, DTensor) for p in self.model.parameters()]
+        uniform = all(sharded) or not any(sharded)
+        self.skip_on_device = bool(self.optimizer.defaults.get("fused")) and uniform
         self.read_late = self.device.type == "cuda"
         self.step = 0
         self.bad_steps = 0
