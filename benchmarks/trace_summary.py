@@ -61,14 +61,15 @@ def _minus(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[t
 
 def summarize(path: Path, steps: int) -> dict:
     events = json.loads(path.read_text())["traceEvents"]
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    gpu = ("kernel", "gpu_memcpy", "gpu_memset")
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in gpu]
     if not kernels:
         raise SystemExit(f"{path}: no GPU kernels in the trace (a CPU run?)")
     comm = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e["name"].lower()]
     compute = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower()]
     busy, compute_u, comm_u = _union(comm + compute), _union(compute), _union(comm)
     start, end = busy[0][0], busy[-1][1]
-    gaps = sorted((b[0] - a[1] for a, b in zip(busy, busy[1:])), reverse=True)
+    gaps = sorted((b[0] - a[1] for a, b in zip(busy, busy[1:], strict=False)), reverse=True)
     by_kernel: dict[str, float] = defaultdict(float)
     for e in kernels:
         by_kernel[e["name"][:80]] += e["dur"]
@@ -93,7 +94,7 @@ def summarize(path: Path, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("traces", type=Path, nargs="+")
-    p.add_argument("--steps", type=int, default=3, help="training steps in the profiled window (per-step figures)")
+    p.add_argument("--steps", type=int, default=3, help="training steps in the window (per-step figures)")
     args = p.parse_args()
     for path in args.traces:
         print(json.dumps(summarize(path, args.steps)), flush=True)
