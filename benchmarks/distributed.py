@@ -13,6 +13,8 @@ compare: weak scaling, target ≥ 90 % of one GPU).
     python benchmarks/distributed.py run    OUT ep-allgather # the same, parallel.ep_dispatch=all_gather
     python benchmarks/distributed.py run    OUT fsdp-offload     # 2 GPUs, FSDP2 with CPU offload, 20 steps
     python benchmarks/distributed.py run    OUT save-1gpu-sync   # then -async, save-2gpu-sync, -async:
+    python benchmarks/distributed.py run    OUT fsdp --tag zero2 --set parallel.reshard_after_forward=false
+                                                       # a variant, in OUT/fsdp-zero2 (--compile: compiled)
     python benchmarks/distributed.py report OUT        # JSON lines: curves, scaling, memory, stalls
 
 Each `run` takes a few minutes on H200s (well under 10) and prints one JSON line; `report` reads the
@@ -90,14 +92,14 @@ def make_data(out: Path, toy: bool) -> Path:
     return data
 
 
-def run_config(out: Path, name: str, toy: bool) -> tuple[int, list[str]]:
-    """(processes, --set overrides) of one run."""
+def run_config(out: Path, name: str, toy: bool, tag: str = "") -> tuple[int, list[str]]:
+    """(processes, --set overrides) of one run, written to OUT/NAME[-TAG]."""
     n, layout, steps, save_every, background = RUNS[name]
     data = make_data(out, toy)
     per_gpu = 2 if toy else 8  # sequences per micro-batch on every GPU
     overrides = [
         f"data.train=[{data}]", "data.valid=[]", "data.valid_fraction=0.02",
-        f"train.output_dir={out / name}", f"train.steps={steps if not toy else min(steps, 20)}",
+        f"train.output_dir={out / _dir(name, tag)}", f"train.steps={steps if not toy else min(steps, 20)}",
         f"train.global_batch_size={2 * per_gpu}", f"train.micro_batch_size={per_gpu}",
         "train.warmup_steps=20", "train.log_every=10" if not toy else "train.log_every=2",
         "train.eval_every=100", "train.eval_batches=4", "train.tensorboard=false",
@@ -111,11 +113,17 @@ def run_config(out: Path, name: str, toy: bool) -> tuple[int, list[str]]:
     return n, overrides
 
 
+def _dir(name: str, tag: str) -> str:
+    return f"{name}-{tag}" if tag else name
+
+
 def run(
-    out: Path, name: str, toy: bool, compile_: bool, keep: bool = False, extra: list[str] | None = None
+    out: Path, name: str, toy: bool, compile_: bool, keep: bool = False, extra: list[str] | None = None,
+    tag: str = "",
 ) -> dict:
     """One training run through the CLI; its summary line."""
-    n, overrides = run_config(out, name, toy)
+    n, overrides = run_config(out, name, toy, tag)
+    name = _dir(name, tag)
     if compile_:
         overrides.append("train.compile=true")
     overrides += extra or []
@@ -153,7 +161,7 @@ def summarize(out: Path, name: str) -> dict:
     saves = [r for r in records if r["kind"] == "save"]
     return {
         "run": name, "gpus": cfg.parallel.gpus,
-        "layout": cfg.parallel.model_dump(include={"dp_shard", "ep", "ep_dispatch"}),
+        "layout": cfg.parallel.model_dump(include={"dp_shard", "ep", "ep_dispatch", "reshard_after_forward"}),
         "steps": train[-1]["step"] if train else 0, "final_loss": train[-1]["lm_loss"] if train else None,
         "tokens_per_s_per_gpu": statistics.median(steady) if steady else None,
         "peak_gpu_mem_gb": peak or None, "estimate_gb": estimate.total / 1e9,
@@ -168,7 +176,8 @@ def report(out: Path) -> list[dict]:
     lines = []
     single = summarize(out, "single") if _records(out, "single") else None
     curve = {r["step"]: r["lm_loss"] for r in _records(out, "single") if r["kind"] == "train"}
-    for name in ("fsdp", "ep", "ep-allgather"):
+    two_gpu = [d.name for d in sorted(out.iterdir()) if d.name.split("-")[0] in ("fsdp", "ep")]
+    for name in two_gpu:
         if not _records(out, name) or single is None:
             continue
         s = summarize(out, name)
@@ -203,6 +212,7 @@ def main() -> None:
     p.add_argument("--toy", action="store_true", help="toy size on CPU ranks (gloo): checks the script")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks in every run")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (15 GB each)")
+    p.add_argument("--tag", default="", help="run: write to OUT/NAME-TAG (the run with other --set values)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further config override for the runs, e.g. train.profile_steps=3 (repeatable)")
     args = p.parse_args()
@@ -212,7 +222,7 @@ def main() -> None:
     elif args.what == "run":
         if args.name is None:
             p.error("run: name one of " + ", ".join(RUNS))
-        summary = run(args.out, args.name, args.toy, args.compile, args.keep_checkpoints, args.set)
+        summary = run(args.out, args.name, args.toy, args.compile, args.keep_checkpoints, args.set, args.tag)
         print(json.dumps(summary), flush=True)
     else:
         for name in [n for n in RUNS if not (args.toy and n == "fsdp-offload")] if args.what == "all" else []:
