@@ -35,7 +35,7 @@ from dsv3.scaling import (
     training_flops_per_token,
     training_hours,
 )
-from dsv3.scaling.memory import EAGER_ACTIVATION_FACTOR, memory_profile
+from dsv3.scaling.memory import EAGER_ACTIVATION_FACTOR, estimate_memory, memory_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -424,6 +424,22 @@ def test_select_2048_gpus(presets):
     assert layout.dp_shard * layout.tp * layout.pp == 2048
     assert 40 < best.hours < 120  # ~730B tokens: DeepSeek-V3 took ~180k GPU-hours per trillion tokens
     assert "global batch" in choices["tiny"].reason  # 32 sequences cannot feed 2048 GPUs
+
+
+def test_select_keeps_fsdp_weights_for_backward_where_they_fit(presets):
+    """ZeRO-2 (no second all-gather: faster on GPUs) where memory allows, else the same layout resharded."""
+    small = next(r for r in presets if r.name == "small")
+    roomy = select_configs([small], gpus=2, gpu_memory_gb=80)[0]
+    assert roomy.fits and roomy.parallel.reshard_after_forward is False
+    resharded = roomy.parallel.model_copy(update={"reshard_after_forward": None})
+    zero3 = estimate_memory(memory_profile(small.model), resharded, seq_len=small.train.seq_len,
+                            micro_batch=roomy.micro_batch_size, n_micro=small.train.global_batch_size
+                            // (roomy.micro_batch_size * 2), recompute=False, eager=not small.train.compile)
+    assert zero3.total < roomy.memory.total  # a gathered block fewer
+    budget = (zero3.total + roomy.memory.total) / 2 / GiB / (1 - HEADROOM)  # between the two
+    tight = select_configs([small], gpus=2, gpu_memory_gb=budget)[0]
+    assert tight.fits and tight.parallel.reshard_after_forward is None and not tight.recompute
+    assert tight.parallel.ep == roomy.parallel.ep and tight.micro_batch_size == roomy.micro_batch_size
 
 
 def test_select_rejects_bad_budget(presets):
