@@ -317,7 +317,21 @@ def test_layout_problems_name_the_keys():
     # 256 sequences / (8 per micro-batch x 16 dp ranks) = 2 micro-batches; DualPipeV over pp=2 needs 4
     assert "2 micro-batches per step" in problems(gpus=32, dp_shard=16, pp=2, pp_schedule="DualPipeV")
     assert "cpu_offload needs FSDP" in problems(gpus=1, cpu_offload=True)
+    assert "fsdp_unit_blocks=2 with pp=2" in problems(gpus=2, pp=2, fsdp_unit_blocks=2)
     assert problems(gpus=2, dp_shard=2, ep=2) == ""
+
+
+def test_larger_fsdp_units_gather_more_weights_at_a_time():
+    """The estimate holds two gathered units (current and prefetched): a unit of 2 blocks adds one
+    block's bf16 weights twice (its unsharded gradient peaks apart, while activations are freed)."""
+    run = load_run_config("small")
+    prof = memory_profile(run.model)
+    def total(k: int) -> float:
+        layout = ParallelConfig(gpus=8, dp_shard=8, fsdp_unit_blocks=k)  # a block outweighs the head
+        return estimate_memory(prof, layout, seq_len=2048, micro_batch=8, n_micro=1, recompute=False).total
+    block = prof.units[prof.n_blocks - 1].gathered(1, 1)  # a MoE block's parameters
+    assert total(2) - total(1) == pytest.approx(block * 2 * 2, rel=0.05)
+    assert total(13) > total(4) > total(2)
 
 
 def test_pipeline_units_cut_evenly_and_v_schedules_fold_the_stages():

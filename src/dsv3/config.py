@@ -385,6 +385,11 @@ class ParallelConfig(_Strict):
         default=None, description="FSDP2: true frees gathered weights after forward (ZeRO-3); false keeps "
         "them for backward (ZeRO-2-like: less communication, more memory); default: true, false with pp > 1",
     )
+    fsdp_unit_blocks: int = Field(
+        default=1, gt=0, description="FSDP2: consecutive decoder blocks gathered, freed and reduced as one "
+        "unit; more blocks per unit mean fewer, larger collectives and less host work per step, and more "
+        "weights gathered at a time (no pipeline)",
+    )
     cpu_offload: bool = Field(default=False, description="FSDP2: keep sharded weights, gradients and "
                               "optimizer state in CPU memory")
     max_nodes_per_token: int | None = Field(

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from dsv3.model import Transformer
+from dsv3.parallel.fsdp import fsdp_units
 from dsv3.train.loader import build_data
 from dsv3.train.optim import build_optimizer
 from dsv3.train.trainer import Trainer, train
@@ -40,6 +41,8 @@ LAYOUTS_2 = {
     # ZeRO-3 (weights freed after the forward) with blocks recomputed in the backward from inside their
     # forward: the recompute must find its weights gathered again
     "fsdp_selective_ac": ("parallel.dp_shard=2", "train.activation_checkpointing=selective"),
+    # two decoder blocks to an FSDP unit (the third alone, the MTP block alone)
+    "fsdp_units": ("parallel.dp_shard=2", "parallel.fsdp_unit_blocks=2"),
 }
 LAYOUTS_4 = {
     "ep_fsdp": ("parallel.dp_shard=4", "parallel.ep=2"),
@@ -367,6 +370,12 @@ def test_expert_parallel_sends_each_token_once_per_rank(two_ranks):
     dispatched, combined = got["rows_moved"]  # rank 0's rows out, and the partial sums it sends back
     assert dispatched == got["token_rank_pairs"] and combined <= 2 * 64
     assert got["token_rank_pairs"] <= 2 * 64 < got["token_expert_pairs"]
+
+
+def test_fsdp_units_group_consecutive_decoder_blocks_and_leave_mtp_alone():
+    blocks = ["b0", "b1", "b2", "mtp"]
+    assert fsdp_units(blocks, main_blocks=3, per_unit=2) == [["b0", "b1"], ["b2"], ["mtp"]]
+    assert fsdp_units(blocks, main_blocks=3, per_unit=1) == [["b0"], ["b1"], ["b2"], ["mtp"]]
 
 
 def test_sharded_steps_skip_non_finite_steps_on_the_device_like_on_the_host(two_ranks):

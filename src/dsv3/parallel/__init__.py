@@ -2,7 +2,7 @@
 
     mesh.py         torchrun's process group; the dense and expert views of the world (DeviceMesh)
     parallelize.py  cut, TP, EP, activation checkpointing, compile, FSDP, then init: `parallelize`
-    fsdp.py         apply_fsdp: FSDP2 per block, bf16 compute, fp32 master weights and reduction
+    fsdp.py         apply_fsdp: FSDP2 per block or group of blocks, bf16 compute, fp32 master + reduction
     expert.py       apply_ep: experts split over ep ranks, tokens by all-to-all (`AllToAllDispatcher`)
     pipeline.py     stages cut from the block list; 1F1B, interleaved1F1B, ZBVZeroBubble, DualPipeV
     tensor.py       apply_tp: DTensor parallelize_module for attention heads and dense/shared FFNs

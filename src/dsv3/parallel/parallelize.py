@@ -22,7 +22,7 @@ from dsv3.model.moe import MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.transformer import Block, Transformer, initial_value, set_activation_checkpointing
 from dsv3.parallel.expert import apply_ep
-from dsv3.parallel.fsdp import apply_fsdp, average_expert_gradients, experts_outside_fsdp
+from dsv3.parallel.fsdp import apply_fsdp, average_expert_gradients, experts_outside_fsdp, fsdp_units
 from dsv3.parallel.mesh import Meshes
 from dsv3.parallel.pipeline import LossParts, Stage, StageParts, build_schedule, pipeline_loss, split_stages
 from dsv3.parallel.tensor import apply_tp
@@ -117,7 +117,8 @@ def parallelize(
         whole = p.ep == 1 or (experts_outside_fsdp(p) and p.ep_dispatch == "all_gather")
         apply_compile(blocks, fullgraph=whole and p.tp == 1)
     if p.dp > 1:
-        apply_fsdp(roots, blocks, meshes, p, param_dtype)
+        main_blocks = len(model.model.layers) if p.pp == 1 else len(blocks)  # no grouping in a pipeline
+        apply_fsdp(roots, fsdp_units(blocks, main_blocks, p.fsdp_unit_blocks), meshes, p, param_dtype)
         if p.pp == 1:  # the trainer and generation call these, not forward: gather the root there too
             register_fsdp_forward_method(model, "forward_with_losses")
             register_fsdp_forward_method(model, "hidden_states")

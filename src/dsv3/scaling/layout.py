@@ -127,6 +127,9 @@ def layout_problems(
         for key, width in widths.items():
             if width % p.tp:
                 problems.append(f"parallel.tp={p.tp} must divide {key}={width}")
+    if p.fsdp_unit_blocks > 1 and p.pp > 1:
+        problems.append(f"parallel.fsdp_unit_blocks={p.fsdp_unit_blocks} with pp={p.pp}: a pipeline shards "
+                        "each block alone (set fsdp_unit_blocks=1)")
     if p.pp > 1:
         stages = p.pp * p.stages_per_rank
         units = model.num_hidden_layers + model.num_nextn_predict_layers

@@ -272,7 +272,11 @@ def estimate_memory(
     weighted_tokens = tokens * (EAGER_ACTIVATION_FACTOR if eager else 1.0)  # what activations scale with
     n_stages = layout.pp * layout.stages_per_rank
     bounds = stage_units(len(prof.units), n_stages)
-    gathered = max(u.gathered(tp, ep) for u in [*prof.units, prof.embedding, prof.head])  # largest FSDP unit
+    # the largest FSDP unit: `fsdp_unit_blocks` consecutive decoder blocks, an MTP depth, or the root
+    k = layout.fsdp_unit_blocks
+    sizes = [u.gathered(tp, ep) for u in prof.units[: prof.n_blocks]]
+    gathered = max([sum(sizes[i : i + k]) for i in range(0, len(sizes), k)]
+                   + [u.gathered(tp, ep) for u in [*prof.units[prof.n_blocks :], prof.embedding, prof.head]])
     best: MemoryEstimate | None = None
     for rank in range(layout.pp):
         stages = rank_stages(rank, layout)
