@@ -10,9 +10,11 @@ weights excluded); then one line of ratios per batch size.
     python benchmarks/decode.py --device cpu --preset tiny --batch 1,4 --prompt-len 16 --new-tokens 8
 
 Systems: `dsv3` (eager decode), `dsv3-graph` (the decode step captured in a CUDA graph once per
-call, capture time included), `hf` (transformers' generate: DynamicCache, SDPA attention, its default
-grouped_mm experts), `hf-static` (transformers' strongest generate: `cache_implementation="static"`,
-which compiles its decode step; GPU only by default). Ratios are given against both.
+call, capture time included), `dsv3-graph-compiled` (the same with every decoder block through
+torch.compile first: `generate(compile=True)`; the warm-up calls compile), `hf` (transformers'
+generate: DynamicCache, SDPA attention, its default grouped_mm experts), `hf-static` (transformers'
+strongest generate: `cache_implementation="static"`, which compiles its decode step; GPU only by
+default). Ratios are given against both.
 bf16 on CUDA, fp32 on CPU. `same_tokens_as` compares greedy tokens with the first system: 1.0 in
 fp32; in bf16 two implementations' greedy paths may split at a near-tie.
 """
@@ -34,7 +36,8 @@ from dsv3.infer import generate
 from dsv3.model import Transformer
 from dsv3.model.hf import save_hf
 
-SYSTEMS = ("dsv3", "dsv3-graph", "hf", "hf-static")
+SYSTEMS = ("dsv3", "dsv3-graph", "dsv3-graph-compiled", "hf", "hf-static")
+GRAPHED = ("dsv3-graph", "dsv3-graph-compiled")  # CUDA graphs: GPU only
 
 
 def _parse() -> argparse.Namespace:
@@ -57,15 +60,15 @@ def _parse() -> argparse.Namespace:
     args = p.parse_args()
     args.batches = [int(b) for b in args.batch.split(",")]
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "dsv3-graph"]
+    systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s not in GRAPHED]
     if args.systems is None and args.device != "cuda":
         systems.remove("hf-static")  # transformers compiles the static-cache decode step: a GPU baseline
     if args.systems is None and args.device == "cuda":
-        systems.insert(1, "dsv3-graph")
+        systems[1:1] = GRAPHED
     if unknown := set(systems) - set(SYSTEMS):
         p.error(f"--systems: unknown {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
-    if "dsv3-graph" in systems and args.device != "cuda":
-        p.error("--systems dsv3-graph needs --device cuda")
+    if set(GRAPHED) & set(systems) and args.device != "cuda":
+        p.error(f"--systems {', '.join(GRAPHED)} need --device cuda")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be ≥ 1 and --warmup ≥ 0")
     if args.new_tokens < 2:
@@ -86,9 +89,11 @@ def _build(cfg: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> 
         ours.lm_head.weight.mul_(25)
     ours = ours.to(device=device, dtype=dtype).eval()
     fns: dict[str, Callable] = {}
-    for name, graph in (("dsv3", False), ("dsv3-graph", True)):
+    for name, graph, compiled in (("dsv3", False, False), ("dsv3-graph", True, False),
+                                  ("dsv3-graph-compiled", True, True)):
         if name in args.systems:
-            fns[name] = lambda ids, n, g=graph: generate(ours, ids, n, fp8_cache=args.fp8_cache, cuda_graph=g)
+            fns[name] = lambda ids, n, g=graph, c=compiled: generate(
+                ours, ids, n, fp8_cache=args.fp8_cache, cuda_graph=g, compile=c)
     if {"hf", "hf-static"} & set(args.systems):
         import transformers
 

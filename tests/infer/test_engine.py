@@ -138,7 +138,7 @@ def test_fp8_cache_generates_the_same_tokens_on_a_decisive_model():
 def test_a_step_function_the_compiler_fails_on_runs_eagerly(monkeypatch, caplog):
     """torch.compile failing (Inductor on CPU cannot compile the FP8 cache's conversions) costs speed,
     not the server: one warning, then the eager function, whose own errors still surface."""
-    from dsv3.infer.engine import model_runner
+    from dsv3.infer import compiled
 
     def broken_compile(fn, **_):
         def run(*args):
@@ -146,9 +146,9 @@ def test_a_step_function_the_compiler_fails_on_runs_eagerly(monkeypatch, caplog)
 
         return run
 
-    monkeypatch.setattr(model_runner.torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled.torch, "compile", broken_compile)
     calls = []
-    step = model_runner._compiled(lambda x: calls.append(x) or x + 1)
+    step = compiled.compile_dynamic(lambda x: calls.append(x) or x + 1)
     with caplog.at_level("WARNING"):
         assert step(1) == 2 and step(2) == 3
     assert calls == [1, 2]

@@ -84,6 +84,17 @@ def test_compiled_model_generates_like_eager(make_config):
     assert torch.equal(generate(model, ids, 8), eager)
 
 
+def test_generate_with_compiled_blocks_gives_the_eager_tokens(make_config, caplog):
+    """`compile=True`: every block through torch.compile (dynamic shapes: the prefill and the decode
+    step share the compile), prompts of different lengths, the same greedy tokens as eager."""
+    model = scaled_model(make_config(), blocks=5.0)
+    prompts = [[5, 9, 2, 7, 1], [3]]
+    with caplog.at_level("WARNING"):
+        compiled = generate(model, prompts, 8, compile=True)
+    assert not [r for r in caplog.records if "uncompiled" in r.message]  # it did compile
+    assert torch.equal(compiled, generate(model, prompts, 8))
+
+
 def test_sampling_is_seeded_and_reproducible(make_config):
     model = scaled_model(make_config(), blocks=5.0, head=2.0)
     prompts = [[1, 2, 3], [4]]

@@ -14,7 +14,9 @@ columns, or fewer once every row has emitted `eos_token_id`; after its eos a row
 Speed: the cache is preallocated, decode attends in the absorbed form against the latent, and a
 step makes no host sync (sampling included). On a GPU the decode step is captured once in a CUDA
 graph and replayed: one launch per token instead of one per kernel (4-9x faster decoding on an
-H200, docs/performance.md); `cuda_graph=False` decodes eagerly.
+H200, docs/performance.md); `cuda_graph=False` decodes eagerly. `compile=True` runs each decoder
+block through torch.compile first (dsv3.infer.compiled, as the serving engine does), so the graph
+replays fused kernels; it costs a compile per kind of block the first time (about a minute on a GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dsv3.infer.cache import LatentCache
+from dsv3.infer.compiled import compiled_blocks
 from dsv3.infer.cuda_graph import capture
 
 __all__ = ["generate", "sample_next", "left_pad"]
@@ -139,13 +142,15 @@ def generate(
     generator: torch.Generator | None = None,
     fp8_cache: bool = False,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """New tokens (B, N ≤ max_new_tokens) continuing each prompt (see the module docstring).
 
     `generator` (on the model's device) makes sampling reproducible; None draws from torch's global
     RNG. `fp8_cache` stores the latent as e4m3 with per-token scales (half the bytes of bf16).
     `cuda_graph`: None captures the decode step in a CUDA graph when the model is on a GPU (and falls
-    back to eager decoding, with a warning, if the capture fails); True requires it.
+    back to eager decoding, with a warning, if the capture fails); True requires it. `compile` runs
+    the decoder blocks compiled (see the module docstring).
     """
     cfg = model.config
     if max_new_tokens < 1:
@@ -173,15 +178,18 @@ def generate(
         cfg, B, T + max_new_tokens - 1, dtype=dtype, device=device, fp8=fp8_cache, pad=pad, static=cuda_graph
     )
 
+    run_block = compiled_blocks() if compile else None
+
     def forward(chunk: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) of the chunk's last column, after writing the chunk into the cache."""
-        hidden, _, _ = model.hidden_states(chunk, cache.prepare(), cache=cache)
+        hidden, _, _ = model.hidden_states(chunk, cache.prepare(), cache=cache, run_block=run_block)
         return model.lm_head(hidden[:, -1]).float()
 
     out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    # A model compiled for training would recompile for every cache length: run it eagerly here.
+    # A model compiled for training would recompile for every cache length: run it eagerly here
+    # (`compile` runs the blocks through their own compiled function, which leaves this stance).
     with torch.compiler.set_stance("force_eager"):
         cache.reserve(T)
         logits = forward(ids)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3.infer.compiled import compile_dynamic, compiled_blocks
 from dsv3.infer.cuda_graph import capture
 from dsv3.infer.engine.config import EngineConfig
 from dsv3.infer.engine.paged_cache import PagedBatch, PagedLatentCache
@@ -115,44 +116,6 @@ class Launched:
         return flat[to_device(index, flat.device, torch.long)]
 
 
-def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`fn` through torch.compile with dynamic shapes, callable inside `launch`'s force-eager stance
-    (which keeps a model compiled for training from recompiling at every serving shape). Sizes 1 and
-    the attention form are specialised, so a server meets a handful of variants, which `warm_up`
-    compiles ahead. Duck sizing is off: it would assume that two sizes equal in the first call (a
-    prompt's length and its context) stay equal, and recompile at the first prefix-cache hit.
-    Where the compiler fails (seen: Inductor on CPU with the FP8 cache), it warns once and runs `fn`
-    eagerly from then on; an error of `fn` itself is raised again by that eager call."""
-    compiled = torch.compile(fn, dynamic=True)
-    failed = False
-
-    def call(*args) -> torch.Tensor:
-        nonlocal failed
-        if failed:
-            return fn(*args)
-        try:
-            with (
-                torch.compiler.set_stance("default"),
-                torch._dynamo.config.patch(recompile_limit=64),
-                torch.fx.experimental._config.patch(use_duck_shape=False),
-            ):
-                return compiled(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure; fn's own errors recur below
-            failed = True
-            log.warning("engine: running the step functions uncompiled (torch.compile failed: %s)",
-                        str(err).strip().splitlines()[0])
-            return fn(*args)
-
-    return call
-
-
-def _run_block(block: torch.nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A decoder block's forward, as a function the engine compiles once for every block alike:
-    compiling per block rather than the whole model costs one compile per kind of block (dense,
-    MoE) instead of one over every layer; kernels fuse within a block, not across two."""
-    return block(*args)
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_ids: Sequence[int] = ()) -> None:
         self.model, self.config, self.eos_ids = model, config, tuple(eos_ids)
@@ -165,8 +128,8 @@ class ModelRunner:
             raise ValueError(f"cuda_graphs: needs a model on a CUDA device, not {self.device}")
         self.graphs = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
         self.compiled = self.graphs if config.compile is None else config.compile
-        self._block_fn = _compiled(_run_block) if self.compiled else None  # one compile per kind of block
-        self._draft_fn = _compiled(self._draft_tokens) if self.compiled else self._draft_tokens
+        self._block_fn = compiled_blocks() if self.compiled else None  # one compile per kind of block
+        self._draft_fn = compile_dynamic(self._draft_tokens) if self.compiled else self._draft_tokens
         self.max_blocks = config.blocks_per_seq()
         self.buckets = batch_buckets(config.max_num_seqs)
         cache_layers = self.num_layers + int(self.speculative)
