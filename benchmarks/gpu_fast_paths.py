@@ -14,7 +14,9 @@ skip compute what the plain path computes; this checks the same on a GPU, where 
 - grouped_mm fed rows past its last group (expert parallelism's all-gather dispatch): the covered rows'
   results and the weight gradient are those of the trimmed rows, bit for bit;
 - fused AdamW with the trainer's `found_inf` flag: a flagged step leaves parameters and step count
-  exactly as they were; an unflagged one equals a step without the flag, bit for bit.
+  exactly as they were; an unflagged one equals a step without the flag, bit for bit;
+- AdamW with bf16 moments (`train.optimizer_state_dtype`), its update compiled on the GPU: against the
+  same update run eagerly over 5 steps (largest parameter difference, relative), and its skip flag.
 
     python benchmarks/gpu_fast_paths.py --preset small --batch 2 --seq 1024     # one GPU
     python benchmarks/gpu_fast_paths.py --device cpu --preset tiny --batch 1 --seq 32
@@ -87,6 +89,30 @@ def _fused_adamw_flag(device: torch.device) -> dict:
     return {"flagged_step_changes_nothing": unchanged and steps_unchanged, "unflagged_equals_plain": same}
 
 
+def _bf16_moments(device: torch.device) -> dict:
+    """AdamWBF16 (compiled update on a GPU) against its update run eagerly; a flagged step changes nothing."""
+    from dsv3.train import adamw_bf16
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(1024, 257, device=device)) for _ in range(3)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, eager = adamw_bf16.AdamWBF16(params, lr=1e-3), adamw_bf16.AdamWBF16(twins, lr=1e-3)
+    eager._update = adamw_bf16.adamw_update  # not compiled
+    for step in range(5):
+        for p, t in zip(params, twins, strict=True):
+            p.grad = torch.randn(p.shape, device=device, generator=torch.Generator(device).manual_seed(step))
+            t.grad = p.grad.clone()
+        opt.step()
+        eager.step()
+    diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(params, twins, strict=True))
+    before = [p.detach().clone() for p in params]
+    opt.found_inf = torch.ones((), device=device)
+    opt.step()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    return {"compiled_vs_eager_max_rel": diff, "flagged_step_changes_nothing": unchanged,
+            "moments_dtype": str(opt.state[params[0]]["exp_avg"].dtype)}
+
+
 def _expert_rows_past_the_end(device: torch.device) -> dict:
     """grouped_mm fed more rows than its groups cover (the all-gather expert dispatch does): the covered
     rows' outputs and the weight gradient equal those of the trimmed rows, whatever the extra rows hold."""
@@ -136,6 +162,7 @@ def main() -> None:
     check("compiled_and_selective", "selective")
     check("compiled_and_chunked_loss", chunk=args.chunk)
     result["fused_adamw_found_inf"] = _fused_adamw_flag(device)
+    result["adamw_bf16_moments"] = _bf16_moments(device)
     result["expert_rows_past_the_end"] = _expert_rows_past_the_end(device)
     print(json.dumps(result), flush=True)
 

@@ -65,6 +65,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS",
                    help="dsv3 computes its losses this many positions at a time (train.loss_chunk_tokens)")
     p.add_argument("--mtp", action="store_true", help="dsv3 also trains its MTP depth(s), λ=0.3")
+    p.add_argument("--moments", choices=["float32", "bfloat16"], default="float32",
+                   help="the trainer's AdamW moments (train.optimizer_state_dtype)")
     p.add_argument(
         "--pad-v",
         choices=["auto", "yes", "no"],
@@ -262,6 +264,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
             f"train.device={device.type}", f"train.compile={str(args.compile).lower()}",
             f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
             f"train.loss_chunk_tokens={args.loss_chunk}", f"train.seed={args.seed}",
+            f"train.optimizer_state_dtype={args.moments}",
             # one GPU, whatever layout the preset plans for
             "parallel.gpus=1", "parallel.dp_replicate=1", "parallel.dp_shard=1", "parallel.ep=1",
             "parallel.tp=1", "parallel.pp=1",
@@ -303,6 +306,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
         "skipped_steps": sum(r["kind"] == "skip" for r in records),
         "activation_checkpointing": args.activation_checkpointing,
         "loss_chunk_tokens": args.loss_chunk,
+        "optimizer_moments": args.moments,
     }
 
 

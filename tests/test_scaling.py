@@ -507,3 +507,13 @@ def test_old_schedule_name_and_experts_beyond_the_fsdp_ranks_are_one_line_errors
     with pytest.raises(ConfigError, match=r"ep \(4\) must divide dp_shard \(2\)"):
         load_run_config("small", ["parallel.gpus=4", "parallel.dp_replicate=2", "parallel.dp_shard=2",
                                   "parallel.ep=4"])
+
+
+def test_bfloat16_moments_halve_the_optimizer_state_in_the_estimate():
+    run = load_run_config("small")
+    layout = ParallelConfig(gpus=2, dp_shard=2)
+    full = memory_per_gpu(run.model, run.train, layout)
+    moments = run.train.model_copy(update={"optimizer_state_dtype": "bfloat16"})
+    bf16 = memory_per_gpu(run.model, moments, layout)
+    assert bf16.optimizer * 2 == full.optimizer > 0
+    assert full.total - bf16.total == full.optimizer - bf16.optimizer

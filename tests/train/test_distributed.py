@@ -27,6 +27,7 @@ from tests.ranks import run_on_ranks
 TOLERANCE = 1e-5  # relative, per step; measured ≤ 1e-6
 GRADIENT_TOLERANCE = 1e-5  # relative to the parameter's largest gradient; measured ≤ 1e-6
 STEPS = 12
+BF16_MOMENTS = "train.optimizer_state_dtype=bfloat16"
 # Three blocks + MTP = 4 pipeline units: two V-shaped stages on each of 2 ranks. 8 sequences of 32
 # tokens a step in micro-batches of 2: 4 micro-batches on one rank, DualPipeV's minimum for pp=2.
 MODEL = ("model.num_hidden_layers=3", "train.micro_batch_size=2")
@@ -319,29 +320,44 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
     single-process one with expert parallelism, and a sample."""
     tmp = tmp_path_factory.mktemp("two")
     s = [str(p) for p in shards]
-    jobs = [(train_job, {"out": str(tmp / name), "shards": s, "overrides": list(o)})
-            for name, o in LAYOUTS_2.items()]
-    jobs.append((train_job, {"out": str(four_ranks["saved_dir"]), "shards": s, "resume": "auto",
-                             "overrides": ["parallel.dp_shard=2", "parallel.ep=2"]}))
-    jobs.append((train_job, {"out": str(tmp / "from_one"), "shards": s, "resume": reference["step_6"],
-                             "overrides": ["parallel.dp_shard=2", "parallel.ep=2"]}))
-    jobs.append((sample_job, {"out": str(tmp / "sample"), "shards": s,
-                              "overrides": [*SAMPLING, f"data.tokenizer={tokenizer}", "parallel.dp_shard=2",
-                                            "parallel.ep=2"]}))
-    jobs.append((dispatch_job, {}))
-    jobs.append((dispatch_job, {"dispatch": "all_gather"}))
-    jobs.append((dispatch_job, {"bf16": True}))
-    jobs += [(skip_job, {"out": str(tmp / f"skip_{d}"), "shards": s, "on_device": d}) for d in (False, True)]
-    results = run_on_ranks(2, jobs, tmp / "results")
-    return {"layouts": dict(zip(LAYOUTS_2, results, strict=False)), "resumed": results[-8],
-            "from_one": results[-7], "sample": results[-6], "dispatch": results[-5],
-            "dispatch_all_gather": results[-4], "dispatch_bf16": results[-3],
-            "skip": {"host": results[-2], "device": results[-1]}}
+    ep2 = ["parallel.dp_shard=2", "parallel.ep=2"]
+    named = {f"layout:{name}": (train_job, {"out": str(tmp / name), "shards": s, "overrides": list(o)})
+             for name, o in LAYOUTS_2.items()}
+    named |= {
+        "resumed": (train_job, {"out": str(four_ranks["saved_dir"]), "shards": s, "resume": "auto",
+                                "overrides": ep2}),
+        "from_one": (train_job, {"out": str(tmp / "from_one"), "shards": s, "resume": reference["step_6"],
+                                 "overrides": ep2}),
+        "sample": (sample_job, {"out": str(tmp / "sample"), "shards": s,
+                                "overrides": [*SAMPLING, f"data.tokenizer={tokenizer}", *ep2]}),
+        "dispatch": (dispatch_job, {}),
+        "dispatch_all_gather": (dispatch_job, {"dispatch": "all_gather"}),
+        "dispatch_bf16": (dispatch_job, {"bf16": True}),
+        "skip_host": (skip_job, {"out": str(tmp / "skip_host"), "shards": s, "on_device": False}),
+        "skip_device": (skip_job, {"out": str(tmp / "skip_device"), "shards": s, "on_device": True}),
+        "bf16_moments": (train_job, {"out": str(tmp / "bf16_moments"), "shards": s,
+                                     "overrides": [*ep2, BF16_MOMENTS]}),
+    }
+    results = dict(zip(named, run_on_ranks(2, list(named.values()), tmp / "results"), strict=True))
+    layouts = {k.removeprefix("layout:"): v for k, v in results.items() if k.startswith("layout:")}
+    skip = {"host": results["skip_host"], "device": results["skip_device"]}
+    return {**results, "layouts": layouts, "skip": skip}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
 def test_two_rank_layouts_give_the_single_process_losses(name, two_ranks, reference):
     _assert_same_training(name, two_ranks["layouts"][name], reference)
+
+
+def test_bfloat16_moments_on_sharded_parameters_train_like_one_process(two_ranks, shards, tmp_path):
+    """AdamW's bf16 moments as DTensors (FSDP's shards and EP's experts): one process's losses with the
+    same optimizer, to the float32 layouts' tolerance."""
+    records: list[dict] = []
+    train(_config(tmp_path / "one", shards, BF16_MOMENTS), on_record=records.append)
+    one = [r["loss"] for r in records if r["kind"] == "train"]
+    got = two_ranks["bf16_moments"]
+    assert len(got["losses"]) == len(one) == STEPS
+    assert got["losses"] == pytest.approx(one, rel=TOLERANCE) and got["same_bias"]  # measured ≤ 1e-7
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_4))

@@ -1,5 +1,6 @@
 """LR schedules hit their defining points; weight decay skips norms and biases; auto γ."""
 
+import copy
 import math
 
 import pytest
@@ -90,3 +91,91 @@ def test_a_number_is_used_as_is():
     cfg = _cfg(bias_update_speed=0.01)
     assert {bias_update_speed(s, cfg) for s in (0, 50, 99)} == {0.01}
     assert describe_bias_update_speed(cfg) == {"rule": "constant", "gamma": 0.01}
+
+
+# --- AdamW with bfloat16 moments (DeepSeek-V3's optimizer states) --------------------------------
+
+
+def _pair(state_dtype: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+    cfg = _cfg(lr=1e-2, warmup_steps=1, optimizer_state_dtype=state_dtype, beta2=0.95)
+    return model, build_optimizer(model, cfg, fused=False)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(64, 16, generator=gen), torch.randn(64, 4, generator=gen)
+        loss = (model(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_the_update_with_float32_moments_is_torch_adamw():
+    """The one update function, fed float32 moments, computes torch's AdamW (decoupled decay, bias
+    corrections) to float rounding: only the storage of the moments differs in AdamWBF16."""
+    from dsv3.train.adamw_bf16 import adamw_update
+
+    torch.manual_seed(0)
+    start = [torch.randn(5, 7), torch.randn(3)]
+    ref = [p.clone().requires_grad_() for p in start]
+    groups = [{"params": ref[:1], "weight_decay": 0.1}, {"params": ref[1:], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    mine = [p.clone() for p in start]
+    moments = [[torch.zeros_like(p) for p in start] for _ in range(2)]
+    steps = [torch.zeros(()) for _ in start]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in start]
+        for r, g in zip(ref, grads, strict=True):
+            r.grad = g.clone()
+        opt.step()
+        for i, decay in ((0, 0.1), (1, 0.0)):
+            adamw_update([mine[i]], [grads[i]], [moments[0][i]], [moments[1][i]], [steps[i]],
+                         torch.tensor(1e-2), torch.tensor(0.0), 0.9, 0.95, 1e-8, decay)
+    assert max((a - b.detach()).abs().max().item() for a, b in zip(mine, ref, strict=True)) < 1e-6
+
+
+def test_bfloat16_moments_halve_the_state_and_train_like_float32():
+    model, opt = _pair("bfloat16")
+    losses = _train(model, opt, 30)
+    ref_model, ref_opt = _pair("float32")
+    reference = _train(ref_model, ref_opt, 30)
+    state = opt.state[model[0].weight]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert state["step"].item() == 30
+    assert losses[-1] < 0.8 * losses[0]  # it learns
+    assert max(abs(a - b) / b for a, b in zip(losses, reference, strict=True)) < 2e-3  # measured 1.4e-4
+
+
+def test_bfloat16_moments_skip_a_flagged_step_on_the_device():
+    model, opt = _pair("bfloat16")
+    _train(model, opt, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    opt.found_inf = torch.ones(())
+    _train(model, opt, 1, seed=9)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in opt.state[model[0].weight].items())
+    opt.found_inf = torch.zeros(())
+    _train(model, opt, 1, seed=9)
+    assert not torch.equal(before["0.weight"], model[0].weight) and opt.state[model[0].weight]["step"] == 4
+
+
+def test_bfloat16_moments_resume_from_a_state_dict_exactly():
+    """load_state_dict casts the moments to the parameters' float32: the next step stores them in
+    bfloat16 again (exactly: bf16 → fp32 → bf16), so a resumed optimizer continues bit for bit."""
+    model, opt = _pair("bfloat16")
+    _train(model, opt, 5)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # state_dict() holds the live tensors
+    straight = _train(model, opt, 5, seed=2)
+    again, opt2 = _pair("bfloat16")
+    again.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    assert _train(again, opt2, 5, seed=2) == straight
+    assert opt2.state[again[0].weight]["exp_avg"].dtype == torch.bfloat16

@@ -31,19 +31,21 @@ def _records(path, kinds=("train", "eval")):
     return [(r["kind"], r["step"], {k: r.get(k) for k in EXACT_KEYS}) for r in rows if r["kind"] in kinds]
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, corpus_shards, background):
+@pytest.mark.parametrize(("background", "moments"),
+                         [(False, "float32"), (True, "float32"), (False, "bfloat16")],
+                         ids=["sync", "async", "bf16-moments"])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, corpus_shards, background, moments):
     train_dir, valid_dir = corpus_shards
-    mode = f"train.async_checkpoint={background}"
-    full = train(micro_run(tmp_path / "full", train_dir, valid_dir, mode))
+    mode = (f"train.async_checkpoint={background}", f"train.optimizer_state_dtype={moments}")
+    full = train(micro_run(tmp_path / "full", train_dir, valid_dir, *mode))
 
     def interrupt(record):  # after the step-6 checkpoint, mid-way to the next one
         if record["kind"] == "train" and record["step"] == 9:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(micro_run(tmp_path / "cut", train_dir, valid_dir, mode), on_record=interrupt)
-    resumed = train(micro_run(tmp_path / "cut", train_dir, valid_dir, mode), resume="auto")
+        train(micro_run(tmp_path / "cut", train_dir, valid_dir, *mode), on_record=interrupt)
+    resumed = train(micro_run(tmp_path / "cut", train_dir, valid_dir, *mode), resume="auto")
     saves = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     saves = [r for r in saves if r["kind"] == "save"]
     assert [r["step"] for r in saves] == [6, 12] and all(r["background"] is background for r in saves)

@@ -19,6 +19,7 @@ __all__ = [
     "memory_per_gpu",
     "memory_profile",
     "estimate_memory",
+    "optimizer_bytes_for",
 ]
 
 GiB = 1024**3
@@ -260,12 +261,13 @@ def _in_flight(parallel: ParallelConfig, rank: int, n_micro: int) -> float:
 def estimate_memory(
     prof: MemoryProfile, layout: ParallelConfig, *, seq_len: int, micro_batch: int, n_micro: int,
     recompute: bool | Literal["selective"], loss_chunk_tokens: int = 0, eager: bool = False,
+    optimizer_bytes: int = OPTIM_BYTES,
 ) -> MemoryEstimate:
     """Peak bytes per GPU for one layout from a precomputed profile: the fast path of layout searches.
 
     `loss_chunk_tokens` > 0 (`train.loss_chunk_tokens`): no head keeps its logits; one chunk's logits
     and their gradient exist at a time instead. `eager` (no `train.compile`): activations times
-    EAGER_ACTIVATION_FACTOR."""
+    EAGER_ACTIVATION_FACTOR. `optimizer_bytes`: AdamW's moments a parameter (`optimizer_bytes_for`)."""
     dp_shard, tp, ep = layout.dp_shard, layout.tp, layout.ep
     copies = ep if layout.ep_dispatch == "all_gather" else 1  # routed rows kept per token of this rank
     tokens = micro_batch * seq_len
@@ -320,7 +322,7 @@ def estimate_memory(
         est = MemoryEstimate(
             weights=int(weights),
             gradients=int(grads),
-            optimizer=0 if layout.cpu_offload else int(OPTIM_BYTES * local),
+            optimizer=0 if layout.cpu_offload else int(optimizer_bytes * local),
             activations=int(full * weighted_tokens + chunk),
             activations_recompute=int(kept * weighted_tokens + chunk),
             recompute=recompute,
@@ -339,9 +341,10 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
     """Peak bytes per GPU for `parallel` at `train`'s micro-batch and sequence length.
 
     AdamW under FSDP2 mixed precision: fp32 master weights, fp32 gradients and fp32 m, v, all sharded
-    over dp_shard (16 bytes per parameter), plus bf16 compute copies. Routed experts are split over ep
-    (then FSDP over the rest of dp_shard), attention and dense FFN matrices over tp, blocks over the
-    pipeline stages as the trainer cuts them (`dsv3.scaling.layout`; the heaviest pp rank is reported).
+    over dp_shard (16 bytes per parameter; 12 with bf16 moments), plus bf16 compute copies. Routed
+    experts are split over ep (then FSDP over the rest of dp_shard), attention and dense FFN matrices
+    over tp, blocks over the pipeline stages as the trainer cuts them (`dsv3.scaling.layout`; the
+    heaviest pp rank is reported).
     Activations follow `train.activation_checkpointing` (none, whole blocks, or selective: GEMM and
     attention outputs kept), `train.loss_chunk_tokens` (the heads' logits one chunk at a time) and
     `train.compile` (an eager step keeps more: EAGER_ACTIVATION_FACTOR).
@@ -351,5 +354,10 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
         memory_profile(cfg), parallel, seq_len=train.seq_len, micro_batch=train.micro_batch_size,
         n_micro=n_micro,
         recompute=train.activation_checkpointing, loss_chunk_tokens=train.loss_chunk_tokens,
-        eager=not train.compile,
+        eager=not train.compile, optimizer_bytes=optimizer_bytes_for(train),
     )
+
+
+def optimizer_bytes_for(train: TrainConfig) -> int:
+    """AdamW's m and v a parameter: float32 (8 bytes) or bfloat16 (4, `optimizer_state_dtype`)."""
+    return OPTIM_BYTES // 2 if train.optimizer_state_dtype == "bfloat16" else OPTIM_BYTES

@@ -19,6 +19,7 @@ from dsv3.scaling.memory import (
     kv_cache_bytes_per_token,
     memory_per_gpu,
     memory_profile,
+    optimizer_bytes_for,
 )
 from dsv3.scaling.params import FlopBreakdown, ParamCounts, count_params, training_flops_per_token
 
@@ -256,7 +257,7 @@ def _judge(
         for layout, mbs, n_micro in (x for base in layouts for x in _with_resharding(*base)):
             mem = estimate_memory(prof, layout, seq_len=train.seq_len, micro_batch=mbs, n_micro=n_micro,
                                   recompute=recompute, loss_chunk_tokens=train.loss_chunk_tokens,
-                                  eager=not train.compile)
+                                  eager=not train.compile, optimizer_bytes=optimizer_bytes_for(train))
             if not mem.fits(gpu_memory_gb, headroom):
                 smallest = mem if smallest is None or mem.total < smallest.total else smallest
                 continue

@@ -14,10 +14,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dsv3.config import TrainConfig
+from dsv3.train.adamw_bf16 import AdamWBF16
 
 __all__ = [
-    "GAMMA_PER_LR", "param_groups", "build_optimizer", "lr_at", "set_lr", "bias_update_speed",
-    "describe_bias_update_speed",
+    "GAMMA_PER_LR", "param_groups", "build_optimizer", "skips_on_device", "lr_at", "set_lr",
+    "bias_update_speed", "describe_bias_update_speed",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA (or where `fused`), the multi-tensor one
-    elsewhere (the CPU runs and their reference curve are kept on it)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`: with `optimizer_state_dtype: bfloat16` moments (AdamWBF16), else
+    torch's, the fused kernel on CUDA (or where `fused`), the multi-tensor one elsewhere (the CPU runs
+    and their reference curve are kept on it)."""
     fused = next(model.parameters()).is_cuda if fused is None else fused
     groups = param_groups(model, cfg.weight_decay)
     log.debug("AdamW: parameters per group (weight decay): %s",
               [(sum(p.numel() for p in g["params"]), g["weight_decay"]) for g in groups])
+    if cfg.optimizer_state_dtype == "bfloat16":
+        return AdamWBF16(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return torch.optim.AdamW(
         groups,
         lr=lr_at(0, cfg),
@@ -59,6 +63,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = Non
         fused=True if fused else None,
         foreach=None if fused else True,
     )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.found_inf` (set before `step()`) skips a step on the device: fused AdamW's
+    flag, as GradScaler sets it, and AdamWBF16's."""
+    return isinstance(optimizer, AdamWBF16) or bool(optimizer.defaults.get("fused"))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -40,7 +40,14 @@ from dsv3.train.distributed import DistributedSteps
 from dsv3.train.evaluate import router_entropy, unigram_loss, validation_loss
 from dsv3.train.loader import build_data
 from dsv3.train.metrics import CollapseMonitor, expert_load_stats, peak_memory
-from dsv3.train.optim import bias_update_speed, build_optimizer, describe_bias_update_speed, lr_at, set_lr
+from dsv3.train.optim import (
+    bias_update_speed,
+    build_optimizer,
+    describe_bias_update_speed,
+    lr_at,
+    set_lr,
+    skips_on_device,
+)
 from dsv3.train.plots import plot_run
 from dsv3.train.profiler import StepProfiler
 from dsv3.train.readback import HostCopy
@@ -156,7 +163,7 @@ class Trainer:
         # layout keeps the host-side check, as does a CPU, which has no queue to keep busy.
         sharded = [isinstance(p, DTensor) for p in self.model.parameters()]
         uniform = all(sharded) or not any(sharded)
-        self.skip_on_device = bool(self.optimizer.defaults.get("fused")) and uniform
+        self.skip_on_device = skips_on_device(self.optimizer) and uniform
         self.read_late = self.device.type == "cuda"
         self.step = 0
         self.bad_steps = 0
