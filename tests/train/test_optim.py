@@ -136,7 +136,7 @@ def test_the_update_with_float32_moments_is_torch_adamw():
         opt.step()
         for i, decay in ((0, 0.1), (1, 0.0)):
             adamw_update([mine[i]], [grads[i]], [moments[0][i]], [moments[1][i]], [steps[i]],
-                         torch.tensor(1e-2), torch.tensor(0.0), 0.9, 0.95, 1e-8, decay)
+                         torch.tensor(1e-2), torch.tensor(0.0), torch.tensor(1.0), 0.9, 0.95, 1e-8, decay)
     assert max((a - b.detach()).abs().max().item() for a, b in zip(mine, ref, strict=True)) < 1e-6
 
 

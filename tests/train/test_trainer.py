@@ -170,6 +170,28 @@ def test_a_step_skipped_on_the_device_and_read_a_step_late_gives_the_same_run(tm
     assert all(torch.equal(device_weights[k], host_weights[k]) for k in host_weights)
 
 
+def test_clipping_folded_into_the_bf16_moment_update_gives_the_same_run(tmp_path, corpus_shards):
+    """AdamWBF16 scales the gradients by the clipping factor as it reads them (no in-place rewrite):
+    the same records and weights as clipping in place first, with clipping active every step."""
+    runs = {}
+    for fold in (False, True):
+        records = []
+        cfg = micro_run(tmp_path / str(fold), *corpus_shards, "train.optimizer_state_dtype=bfloat16",
+                        "train.grad_clip=0.05")
+        trainer = Trainer(cfg, on_record=records.append)
+        assert trainer.fold_clipping  # the default with these moments
+        trainer.fold_clipping = fold
+        poison_loss(trainer, {4})
+        trainer.fit()
+        steps = [{k: v for k, v in r.items() if k not in TIMING}
+                 for r in records if r["kind"] in ("train", "skip")]
+        runs[fold] = steps, trainer.model.state_dict()
+    (plain, plain_weights), (folded, folded_weights) = runs[False], runs[True]
+    assert all(r["grad_norm"] > 0.05 for r in plain if r["kind"] == "train")  # clipped every step
+    assert json.dumps(folded) == json.dumps(plain)
+    assert all(torch.equal(folded_weights[k], plain_weights[k]) for k in plain_weights)
+
+
 def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, corpus_shards):
     train_dir, valid_dir = corpus_shards
     trainer = Trainer(micro_run(tmp_path / "run", train_dir, valid_dir, "train.max_bad_steps=3"))

@@ -14,9 +14,10 @@ __all__ = ["clip_grad_norm_"]
 
 @torch.no_grad()
 def clip_grad_norm_(
-    params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
+    params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None, apply: bool = True
 ) -> torch.Tensor:
-    """Scale the gradients so that their global 2-norm is at most `max_norm`; return that norm.
+    """Scale the gradients so that their global 2-norm is at most `max_norm`; return that norm
+    (`apply=False`: only the norm, for an optimizer that scales the gradients as it reads them).
 
     DTensor gradients are grouped by mesh and placement (dense weights on the FSDP mesh, experts on
     the expert mesh, TP weights on both): DTensor reduces each group's norm over its own mesh, the
@@ -36,6 +37,6 @@ def clip_grad_norm_(
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
     total = total.sqrt()
-    for group in groups.values():
+    for group in groups.values() if apply else ():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total

@@ -9,7 +9,9 @@ moment is read in bf16, updated in fp32 (the parameter update uses the fp32 valu
 rounded to bf16. On a GPU the function is compiled once (Inductor fuses each tensor's update into one
 kernel); on a CPU it runs as written. The math is torch's AdamW (decoupled weight decay, bias
 corrections), and like fused AdamW it skips a step on the device where `found_inf` is set (the
-trainer's non-finite guard), without a host sync.
+trainer's non-finite guard), without a host sync. `grad_scale` multiplies the gradients as they are
+read: the trainer folds gradient clipping in there, so the gradients are read once and never
+rewritten (clipping in place reads and writes them all again: ~3 ms a step for `small` on an H200).
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def adamw_update(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: torch.Tensor, skip: torch.Tensor,
-    beta1: float, beta2: float, eps: float, weight_decay: float,
+    grad_scale: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
 ) -> None:
-    """One AdamW step in place over plain tensors; nothing changes where `skip` (0-dim, 0 or 1) is 1."""
+    """One AdamW step in place over plain tensors, on the gradients times `grad_scale` (0-dim); nothing
+    changes where `skip` (0-dim, 0 or 1) is 1."""
     keep = skip > 0
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
         t = step + (1 - skip)
-        g32 = g.float()
+        g32 = g.float() * grad_scale
         m32 = m.float().lerp(g32, 1 - beta1)
         v32 = v.float() * beta2 + (1 - beta2) * g32 * g32
         bias1, bias2 = 1 - beta1**t, 1 - beta2**t
@@ -52,7 +55,8 @@ def adamw_update(
 
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW whose moments are bfloat16 (see the module docstring). Set `found_inf` (a 0-dim float
-    tensor on the parameters' device, 1 = skip) before `step()` to skip a step on the device."""
+    tensor on the parameters' device, 1 = skip) before `step()` to skip a step on the device, and
+    `grad_scale` (0-dim) to scale the gradients it reads (a clipping coefficient)."""
 
     def __init__(
         self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -60,6 +64,7 @@ class AdamWBF16(torch.optim.Optimizer):
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.found_inf: torch.Tensor | None = None
+        self.grad_scale: torch.Tensor | None = None
         self._update = None  # adamw_update, compiled on the first step on a GPU
 
     def _state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,11 +93,13 @@ class AdamWBF16(torch.optim.Optimizer):
                 self._update = torch.compile(adamw_update) if device.type == "cuda" else adamw_update
             states = [self._state(p) for p in params]
             lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
-            skip = (self.found_inf if self.found_inf is not None else torch.zeros((), device=device)).float()
+            none, one = torch.zeros((), device=device), torch.ones((), device=device)
+            skip = (none if self.found_inf is None else self.found_inf).float()
+            scale = (one if self.grad_scale is None else self.grad_scale).float()
             beta1, beta2 = group["betas"]
             self._update(
                 [_local(p) for p in params], [_local(p.grad) for p in params], [s[1] for s in states],
-                [s[2] for s in states], [s[0] for s in states], lr, skip, beta1, beta2, group["eps"],
-                group["weight_decay"],
+                [s[2] for s in states], [s[0] for s in states], lr, skip, scale, beta1, beta2,
+                group["eps"], group["weight_decay"],
             )
         return None

@@ -87,8 +87,8 @@ class DistributedSteps:
         dist.all_reduce(load)
         return parts, load // self.cfg.parallel.tp  # every tp rank routed the same tokens
 
-    def clip(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(list(self.par.parts.parameters()), max_norm, self.pp_group)
+    def clip(self, max_norm: float, apply: bool = True) -> torch.Tensor:
+        return clip_grad_norm_(list(self.par.parts.parameters()), max_norm, self.pp_group, apply)
 
     @torch.no_grad()
     def update_bias(self, gamma: float, load: torch.Tensor, where: torch.Tensor | None = None) -> None:

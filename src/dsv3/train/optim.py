@@ -17,8 +17,8 @@ from dsv3.config import TrainConfig
 from dsv3.train.adamw_bf16 import AdamWBF16
 
 __all__ = [
-    "GAMMA_PER_LR", "param_groups", "build_optimizer", "skips_on_device", "lr_at", "set_lr",
-    "bias_update_speed", "describe_bias_update_speed",
+    "GAMMA_PER_LR", "param_groups", "build_optimizer", "skips_on_device", "folds_clipping",
+    "clip_coefficient", "lr_at", "set_lr", "bias_update_speed", "describe_bias_update_speed",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,17 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer.found_inf` (set before `step()`) skips a step on the device: fused AdamW's
     flag, as GradScaler sets it, and AdamWBF16's."""
     return isinstance(optimizer, AdamWBF16) or bool(optimizer.defaults.get("fused"))
+
+
+def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer takes the clipping coefficient as `grad_scale` and scales the gradients as
+    it reads them (AdamWBF16), instead of the gradients being rewritten first."""
+    return isinstance(optimizer, AdamWBF16)
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch's clipping factor: min(1, max_norm / (norm + 1e-6)), on the device."""
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -43,7 +43,9 @@ from dsv3.train.metrics import CollapseMonitor, expert_load_stats, peak_memory
 from dsv3.train.optim import (
     bias_update_speed,
     build_optimizer,
+    clip_coefficient,
     describe_bias_update_speed,
+    folds_clipping,
     lr_at,
     set_lr,
     skips_on_device,
@@ -164,6 +166,7 @@ class Trainer:
         sharded = [isinstance(p, DTensor) for p in self.model.parameters()]
         uniform = all(sharded) or not any(sharded)
         self.skip_on_device = skips_on_device(self.optimizer) and uniform
+        self.fold_clipping = folds_clipping(self.optimizer)
         self.read_late = self.device.type == "cuda"
         self.step = 0
         self.bad_steps = 0
@@ -287,15 +290,21 @@ class Trainer:
         lr, gamma = lr_at(self.step, tc), bias_update_speed(self.step, tc)
         set_lr(self.optimizer, lr)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+        fold = self.fold_clipping and tc.grad_clip > 0  # the optimizer scales the gradients it reads
         if self.steps is not None:
             dp_rank, dp = self.steps.meshes.dp_rank, self.cfg.parallel.dp
             share = self.data.next_share(tc.global_batch_size, dp_rank, dp)
             micro_batches = list(share.split(tc.micro_batch_size))
             parts, load = self.steps.reduce(*self.steps.forward_backward(micro_batches))
-            grad_norm = self.steps.clip(max_norm)
+            grad_norm = self.steps.clip(max_norm, apply=not fold)
         else:
             parts, load = self._forward_backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            if not fold:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, grad_norm)
+        if fold:
+            self.optimizer.grad_scale = clip_coefficient(grad_norm, max_norm)
         finite = torch.isfinite(parts[0]) & torch.isfinite(grad_norm)
         stepped = self._optimizer_step(finite)
         if gamma > 0 and self.steps is not None:
