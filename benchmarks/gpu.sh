@@ -5,15 +5,15 @@
 #                                      # kernels.dsv3.txt / kernels.hf.txt (the compiled step's GPU kernels)
 #
 # STEPS picks a subset (default: all, in this order):
-#     parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments train_8k
-#     train_32k serve decode decode_fp8 decode_fp32
+#     parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments
+#     train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32
 # CUDA_VISIBLE_DEVICES picks the GPU: two instances with different STEPS can share a 2-GPU machine.
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 900); one failing step does not stop the rest.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments train_8k train_32k serve decode decode_fp8 decode_fp32}
+steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -46,6 +46,9 @@ step train_chunked benchmarks/train_step.py --preset small --batch 8 --seq 2048 
 # AdamW's moments in bf16 (train.optimizer_state_dtype, DeepSeek-V3's): memory and the optimizer's time
 step train_bf16_moments benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     --moments bfloat16 --systems trainer
+# the whole training forward compiled as one graph (train.compile=model) against each block on its own
+step train_whole_compile benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
+    --compile-scope model --systems trainer
 # long context with YaRN (the trainer only): 8 x 8192 in micro-batches of 4, 2 x 32768 recomputing blocks
 step train_8k benchmarks/train_step.py --preset small --batch 8 --micro-batch 4 --seq 8192 --steps 5 --warmup 2 \
     --compile --systems trainer

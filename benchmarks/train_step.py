@@ -59,6 +59,8 @@ def _parse() -> argparse.Namespace:
         help="bf16: bf16 parameters and optimizer state; amp: fp32 parameters + bf16 autocast",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile dsv3's blocks (trainer and dsv3)")
+    p.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
+                   help="with --compile: each block, or the whole training forward (train.compile=model)")
     p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False,
                    choices=[True, "selective"],
                    help="dsv3 recomputes each block (`selective`: all but its GEMM and attention outputs)")
@@ -111,7 +113,9 @@ def _build_dsv3(cfg: ModelConfig, args, device: torch.device) -> tuple[torch.nn.
     model = Transformer(cfg, seed=args.seed).to(device)
     model.activation_checkpointing = args.activation_checkpointing
     model.loss_chunk_tokens = args.loss_chunk
-    if args.compile:
+    if args.compile and args.compile_scope == "model":
+        model.compile_model()
+    elif args.compile:
         model.compile_blocks()
     mtp_lambda = 0.3 if args.mtp else 0.0
 
@@ -211,7 +215,7 @@ def _model_step(system: str, cfg: ModelConfig, args, device: torch.device) -> di
     tokens_per_s = args.batch * args.seq * len(seconds) / sum(seconds)
     result = {
         "dtype": args.dtype,
-        "compiled": args.compile if system == "dsv3" else system == "hf",
+        "compiled": (args.compile and args.compile_scope) if system == "dsv3" else system == "hf",
         "steps": len(seconds),
         "tokens_per_s": round(tokens_per_s, 1),
         "step_ms_median": round(1e3 * statistics.median(seconds), 2),
@@ -261,7 +265,8 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
             f"train.micro_batch_size={args.micro_batch or args.batch}", f"train.seq_len={args.seq}",
             "train.log_every=1", "train.eval_every=100000", "train.save_every=100000",
             "train.tensorboard=false",
-            f"train.device={device.type}", f"train.compile={str(args.compile).lower()}",
+            f"train.device={device.type}",
+            f"train.compile={(args.compile_scope if args.compile else 'false')}",
             f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
             f"train.loss_chunk_tokens={args.loss_chunk}", f"train.seed={args.seed}",
             f"train.optimizer_state_dtype={args.moments}",
@@ -291,7 +296,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
     return {
         "dtype": "fp32 master + bf16 autocast" if device.type == "cuda" else "fp32",
-        "compiled": args.compile,
+        "compiled": args.compile and args.compile_scope,
         "steps": len(timed),
         "micro_batch": run.train.micro_batch_size,
         "tokens_per_s": round(statistics.median(rates), 1),

@@ -318,6 +318,10 @@ def test_layout_problems_name_the_keys():
     assert "2 micro-batches per step" in problems(gpus=32, dp_shard=16, pp=2, pp_schedule="DualPipeV")
     assert "cpu_offload needs FSDP" in problems(gpus=1, cpu_offload=True)
     assert "fsdp_unit_blocks=2 with pp=2" in problems(gpus=2, pp=2, fsdp_unit_blocks=2)
+    whole = run.train.model_copy(update={"compile": "model"})
+    refused = layout_problems(run.model, whole, ParallelConfig(gpus=2, dp_shard=2))
+    assert "train.compile=model" in " ".join(refused)
+    assert layout_problems(run.model, whole, ParallelConfig(gpus=1)) == []
     assert problems(gpus=2, dp_shard=2, ep=2) == ""
 
 

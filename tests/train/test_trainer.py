@@ -265,13 +265,16 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, corpus_shards):
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager(tmp_path, corpus_shards):
+def test_compiled_blocks_and_whole_model_train_like_eager(tmp_path, corpus_shards):
+    """train.compile: true (each block) and model (the whole training forward, with MTP and the
+    balance loss): eager's losses."""
     losses = {}
-    for compile_ in (False, True):
+    for compile_ in ("false", "true", "model"):
         trainer = Trainer(micro_run(tmp_path / f"c{compile_}", *corpus_shards, f"train.compile={compile_}"))
         losses[compile_] = [trainer.train_step()["loss"] for _ in range(3)]
         trainer.metrics.close()
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert losses["model"] == pytest.approx(losses["false"], rel=1e-4)
 
 
 def test_tensorboard_and_metrics_files(tmp_path, corpus_shards):

@@ -383,6 +383,12 @@ class Transformer(nn.Module):
         self._head_loss = torch.compile(self._head_loss, **kwargs)
         self._chunk_loss = torch.compile(_summed_cross_entropy, **kwargs)
 
+    def compile_model(self, **kwargs) -> None:
+        """torch.compile the whole training forward (`forward_with_losses`) as one graph: kernels fuse
+        across block boundaries too, for one compile over every layer instead of one per kind of block.
+        Other entry points (generation, evaluation's `hidden_states`) stay eager."""
+        self.forward_with_losses = torch.compile(self.forward_with_losses, **kwargs)
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = INIT_STD) -> None:
         """DeepSeek-V3's init: matrices ~ N(0, std²), norms 1, router bias 0.

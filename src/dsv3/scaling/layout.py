@@ -127,6 +127,9 @@ def layout_problems(
         for key, width in widths.items():
             if width % p.tp:
                 problems.append(f"parallel.tp={p.tp} must divide {key}={width}")
+    if train.compile == "model" and p.gpus > 1:
+        problems.append("train.compile=model compiles one process's whole forward: with parallel.gpus="
+                        f"{p.gpus} use train.compile=true (each block compiled, hooks and exchanges between)")
     if p.fsdp_unit_blocks > 1 and p.pp > 1:
         problems.append(f"parallel.fsdp_unit_blocks={p.fsdp_unit_blocks} with pp={p.pp}: a pipeline shards "
                         "each block alone (set fsdp_unit_blocks=1)")

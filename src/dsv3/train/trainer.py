@@ -213,7 +213,9 @@ class Trainer:
             model = Transformer(self.cfg.model, seed=self.tc.seed).to(self.device)
         model.activation_checkpointing = self.tc.activation_checkpointing
         model.loss_chunk_tokens = self.tc.loss_chunk_tokens
-        if self.tc.compile:
+        if self.tc.compile == "model":
+            model.compile_model()
+        elif self.tc.compile:
             model.compile_blocks()
         model.train()
         return model
