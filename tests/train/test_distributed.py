@@ -42,8 +42,8 @@ LAYOUTS_2 = {
     # ZeRO-3 (weights freed after the forward) with blocks recomputed in the backward from inside their
     # forward: the recompute must find its weights gathered again
     "fsdp_selective_ac": ("parallel.dp_shard=2", "train.activation_checkpointing=selective"),
-    # two decoder blocks to an FSDP unit (the third alone, the MTP block alone)
-    "fsdp_units": ("parallel.dp_shard=2", "parallel.fsdp_unit_blocks=2"),
+    # two decoder blocks to an FSDP unit (the third alone, the MTP block alone), their experts outside
+    "fsdp_units_ep": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.fsdp_unit_blocks=2"),
 }
 LAYOUTS_4 = {
     "ep_fsdp": ("parallel.dp_shard=4", "parallel.ep=2"),
