@@ -295,7 +295,7 @@ class TrainConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    compile: bool | Literal["blocks", "model"] = Field(
+    compile: Literal[False, True, "blocks", "model"] = Field(
         default=False, description="torch.compile: true or blocks = each decoder block (and the head's "
         "loss) on its own, as every layout runs; model = the whole training forward as one graph (one "
         "process only: kernels fuse across block boundaries, one longer compile)",
