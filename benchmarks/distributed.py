@@ -14,7 +14,8 @@ compare: weak scaling, target ≥ 90 % of one GPU).
     python benchmarks/distributed.py run    OUT fsdp-offload     # 2 GPUs, FSDP2 with CPU offload, 20 steps
     python benchmarks/distributed.py run    OUT save-1gpu-sync   # then -async, save-2gpu-sync, -async:
     python benchmarks/distributed.py run    OUT fsdp --tag zero2 --set parallel.reshard_after_forward=false
-                                                       # a variant, in OUT/fsdp-zero2 (--compile: compiled)
+                                                       # a variant, in OUT/fsdp-zero2 (--compile: compiled);
+                                                       # `report` holds it to OUT/single-zero2 if there is one
     python benchmarks/distributed.py report OUT        # JSON lines: curves, scaling, memory, stalls
 
 Each `run` takes a few minutes on H200s (well under 10) and prints one JSON line; `report` reads the
@@ -175,17 +176,19 @@ def summarize(out: Path, name: str) -> dict:
 def report(out: Path) -> list[dict]:
     """The comparisons the issue asks for, one JSON object each."""
     lines = []
-    single = summarize(out, "single") if _records(out, "single") else None
-    curve = {r["step"]: r["lm_loss"] for r in _records(out, "single") if r["kind"] == "train"}
+    tags = [d.name.removeprefix("single") for d in out.iterdir() if d.name.startswith("single-")]
     two_gpu = [d.name for d in sorted(out.iterdir()) if d.name.split("-")[0] in ("fsdp", "ep")]
     for name in two_gpu:
-        if not _records(out, name) or single is None:
+        # against the one-GPU run of the same tag (`single-fp32` for `ep-fp32`), else plain `single`
+        base = "single" + next((t for t in tags if name.endswith(t)), "")
+        if not _records(out, name) or not _records(out, base):
             continue
-        s = summarize(out, name)
+        single, s = summarize(out, base), summarize(out, name)
+        curve = {r["step"]: r["lm_loss"] for r in _records(out, base) if r["kind"] == "train"}
         other = {r["step"]: r["lm_loss"] for r in _records(out, name) if r["kind"] == "train"}
         diffs = [abs(other[k] - curve[k]) for k in curve if k in other]
         lines.append({
-            "compare": f"{name} (2 GPUs) vs single (1 GPU)",
+            "compare": f"{name} (2 GPUs) vs {base} (1 GPU)",
             "weak_scaling": s["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"],
             "tokens_per_s_per_gpu": [single["tokens_per_s_per_gpu"], s["tokens_per_s_per_gpu"]],
             "loss_curve_max_abs_diff": max(diffs) if diffs else None,
