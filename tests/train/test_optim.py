@@ -179,3 +179,26 @@ def test_bfloat16_moments_resume_from_a_state_dict_exactly():
     opt2.load_state_dict(saved_opt)
     assert _train(again, opt2, 5, seed=2) == straight
     assert opt2.state[again[0].weight]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_a_failing_compile_of_the_bf16_update_warns_once_and_updates_eagerly(monkeypatch, caplog):
+    from dsv3.train import adamw_bf16
+
+    def broken_compile(fn, **_):
+        def run(*args):
+            raise RuntimeError("backend failed")
+
+        return run
+
+    monkeypatch.setattr(adamw_bf16.torch, "compile", broken_compile)
+    update = adamw_bf16._compiled_update()
+    p, ref = torch.ones(4), torch.ones(4)
+    states = [[torch.zeros(4, dtype=torch.bfloat16) for _ in range(2)] for _ in range(2)]
+    steps = [torch.zeros(()), torch.zeros(())]
+    args = (torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1.0), 0.9, 0.95, 1e-8, 0.0)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            update([p], [torch.ones(4)], [states[0][0]], [states[0][1]], [steps[0]], *args)
+            adamw_bf16.adamw_update([ref], [torch.ones(4)], [states[1][0]], [states[1][1]], [steps[1]], *args)
+    assert torch.equal(p, ref) and not torch.equal(p, torch.ones(4))
+    assert sum("torch.compile failed: backend failed" in r.message for r in caplog.records) == 1
