@@ -158,11 +158,11 @@ class Trainer:
         else:
             self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.tc)
-        # No host sync inside a step: fused AdamW skips a non-finite step on the device, and a step's
-        # numbers are read back while the next one runs (`fit`). Every rank computes the same flag (the
-        # loss parts are all-reduced, the norm is global). DTensor refuses a mix of plain and DTensor
-        # parameters in one fused call (tensor parallelism alone leaves norms and router plain): such a
-        # layout keeps the host-side check, as does a CPU, which has no queue to keep busy.
+        # No host sync inside a step: fused AdamW (and AdamWBF16) skips a non-finite step on the device,
+        # and a step's numbers are read back while the next one runs (`fit`). Every rank computes the
+        # same flag (the loss parts are all-reduced, the norm is global). DTensor refuses a mix of plain
+        # and DTensor parameters in one fused call (tensor parallelism alone leaves norms and router
+        # plain): such a layout keeps the host-side check, as does torch's multi-tensor AdamW on a CPU.
         sharded = [isinstance(p, DTensor) for p in self.model.parameters()]
         uniform = all(sharded) or not any(sharded)
         self.skip_on_device = skips_on_device(self.optimizer) and uniform
