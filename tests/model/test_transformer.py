@@ -271,3 +271,28 @@ def test_the_models_own_methods_never_call_its_public_entry_points(make_config):
     out.loss.backward()
     model(ids)
     model.mtp_logits(ids)
+
+
+@pytest.mark.parametrize("q_lora", [True, False], ids=["q_lora", "plain_q"])
+def test_packed_input_projections_compute_the_same_and_store_nothing_twice(make_config, q_lora):
+    """`pack_for_inference`: one GEMM per pair of linears reading the same input (MLA's first query
+    projection and kv_a, every SwiGLU's gate and up); logits unchanged, parameters still themselves."""
+    cfg = make_config() if q_lora else make_config().model_copy(update={"q_lora_rank": None})
+    model = Transformer(cfg, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.pack_for_inference()
+        after = model(ids)
+    assert (after - before).abs().max() < 1e-5  # measured 0 on CPU
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    attn = model.model.layers[0].self_attn
+    first = attn.q_a_proj if q_lora else attn.q_proj
+    shared = model.model.layers[-1].mlp.shared_experts
+    def storage(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    assert storage(first.weight) == storage(attn.kv_a_proj_with_mqa.weight) == storage(attn.packed_inputs)
+    gate_up = shared.gate_proj, shared.up_proj
+    assert storage(gate_up[0].weight) == storage(gate_up[1].weight) == storage(shared.packed_gate_up)

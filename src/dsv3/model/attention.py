@@ -20,6 +20,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
+from dsv3.model.packing import pack_linears
 from dsv3.model.rope import apply_rope
 
 __all__ = ["MLA", "LayerCache", "causal_attention", "SDPA_PAD_V"]
@@ -99,16 +100,36 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
+        self.packed_inputs: torch.Tensor | None = None  # `pack_inputs`: q_a (or q) and kv_a as one weight
+
+    def _query_in(self) -> nn.Linear:
+        return self.q_proj if self.q_lora_rank is None else self.q_a_proj
+
+    def pack_inputs(self) -> None:
+        """Inference: the query's first projection and kv_a as one GEMM (dsv3.model.packing)."""
+        self.packed_inputs = pack_linears(self._query_in(), self.kv_a_proj_with_mqa)
+
+    def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x → (q_a(x) or q(x), kv_a(x)): one GEMM when packed."""
+        if self.packed_inputs is None:
+            return self._query_in()(x), self.kv_a_proj_with_mqa(x)
+        q_in, kv = F.linear(x, self.packed_inputs).split(
+            [self._query_in().out_features, self.kv_a_proj_with_mqa.out_features], dim=-1
+        )
+        return q_in, kv
 
     def query(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d) → q_nope (B, T, H, qk_nope_head_dim), q_pe (B, T, H, qk_rope_head_dim) rotated."""
-        B, T, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self._query(self._query_in()(x), cos, sin)
+
+    def _query(
+        self, q_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query from its first projection (q_a(x), or q(x) without a low-rank bottleneck)."""
+        B, T, _ = q_in.shape
+        q = q_in if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_in))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin, self.rope_interleave)
@@ -117,7 +138,13 @@ class MLA(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d) → the latent a cache keeps: c_kv (B, T, r) normed, k_pe (B, T, rope) rotated."""
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self._latent(self.kv_a_proj_with_mqa(x), cos, sin)
+
+    def _latent(
+        self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent from kv_a(x) (B, T, r + rope)."""
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)
         return self.kv_a_layernorm(c_kv), k_pe
 
@@ -158,8 +185,9 @@ class MLA(nn.Module):
         the latent to per-head keys and values for SDPA, which is cheaper when T queries share them.
         """
         B, T, _ = x.shape
-        q_nope, q_pe = self.query(x, cos, sin)
-        latent, mask = cache.update(*self.latent_kv(x, cos, sin))  # (B, S, r + rope), (B, T, S)
+        q_in, kv = self._input_projections(x)
+        q_nope, q_pe = self._query(q_in, cos, sin)
+        latent, mask = cache.update(*self._latent(kv, cos, sin))  # (B, S, r + rope), (B, T, S)
         if cache.absorb:
             out = self.absorbed_attention(q_nope, q_pe, latent, mask)
         else:
@@ -175,8 +203,9 @@ class MLA(nn.Module):
         if cache is not None:
             return self.forward_cached(x, cos, sin, cache)
         B, T, _ = x.shape
-        q_nope, q_pe = self.query(x, cos, sin)
-        k, v = self.expand_kv(*self.latent_kv(x, cos, sin))
+        q_in, kv = self._input_projections(x)
+        q_nope, q_pe = self._query(q_in, cos, sin)
+        k, v = self.expand_kv(*self._latent(kv, cos, sin))
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, qk_head_dim)
         out = causal_attention(q, k, v, self.softmax_scale)  # (B, T, H, v_head_dim)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_head_dim))

@@ -36,6 +36,7 @@ from dsv3.model.moe_ops import (
     sort_by_expert,
     weighted_sum,
 )
+from dsv3.model.packing import pack_linears
 
 __all__ = [
     "MLP", "route", "sequence_balance_loss", "expert_ffn", "ExpertDispatcher", "LocalDispatcher", "Gate",
@@ -51,9 +52,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.packed_gate_up: torch.Tensor | None = None  # `pack_inputs`: gate and up as one weight
+
+    def pack_inputs(self) -> None:
+        """Inference: gate and up as one GEMM (dsv3.model.packing)."""
+        self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.packed_gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.packed_gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # --------------------------------------------------------------------------------------------

@@ -383,6 +383,14 @@ class Transformer(nn.Module):
         self._head_loss = torch.compile(self._head_loss, **kwargs)
         self._chunk_loss = torch.compile(_summed_cross_entropy, **kwargs)
 
+    def pack_for_inference(self) -> None:
+        """Each pair of linears that reads the same input becomes one GEMM (MLA's q_a and kv_a, every
+        SwiGLU's gate and up; dsv3.model.packing): fewer kernels a decode step. Call once the model is
+        on its final device and dtype; parameters keep their names and values."""
+        for module in self.modules():
+            if isinstance(module, (MLA, MLP)):
+                module.pack_inputs()
+
     def compile_model(self, **kwargs) -> None:
         """torch.compile the whole training forward (`forward_with_losses`) as one graph: kernels fuse
         across block boundaries too, for one compile over every layer instead of one per kind of block.

@@ -119,6 +119,7 @@ class Launched:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_ids: Sequence[int] = ()) -> None:
         self.model, self.config, self.eos_ids = model, config, tuple(eos_ids)
+        model.pack_for_inference()  # one GEMM for each pair of linears reading the same input
         mc = model.config
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype

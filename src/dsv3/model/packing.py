@@ -1,0 +1,31 @@
+"""Linears that read the same input, packed into one weight so that one GEMM computes them all.
+
+At batch 1 a decode step's time is mostly its number of kernels (docs/serving.md). MLA's two input
+projections (q_a or q, and kv_a) read the same hidden state, and so do a SwiGLU's gate and up: each
+pair can be one GEMM over the concatenated weights. `pack_linears` concatenates them and re-points
+every linear's weight at its slice of the packed tensor, so nothing is stored twice and the modules
+still work one by one (state dicts, checkpoints, Hugging Face export). It is for inference: call it
+once the model sits on its final device and dtype (moving the model later would copy the parameters
+apart from the packed tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["pack_linears"]
+
+
+@torch.no_grad()
+def pack_linears(*linears: nn.Linear) -> torch.Tensor:
+    """One (Σ out, in) weight holding each linear's rows in order; each linear's weight becomes a view."""
+    if any(lin.bias is not None for lin in linears):
+        raise ValueError("pack_linears: linears with a bias are not packed")
+    packed = torch.cat([lin.weight.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = packed[start : start + rows]
+        start += rows
+    return packed
