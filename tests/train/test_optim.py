@@ -182,6 +182,7 @@ def test_bfloat16_moments_resume_from_a_state_dict_exactly():
 
 
 def test_a_failing_compile_of_the_bf16_update_warns_once_and_updates_eagerly(monkeypatch, caplog):
+    from dsv3.compiling import compiled_or_eager
     from dsv3.train import adamw_bf16
 
     def broken_compile(fn, **_):
@@ -191,7 +192,7 @@ def test_a_failing_compile_of_the_bf16_update_warns_once_and_updates_eagerly(mon
         return run
 
     monkeypatch.setattr(adamw_bf16.torch, "compile", broken_compile)
-    update = adamw_bf16._compiled_update()
+    update = compiled_or_eager(adamw_bf16.adamw_update, "AdamWBF16's update")
     p, ref = torch.ones(4), torch.ones(4)
     states = [[torch.zeros(4, dtype=torch.bfloat16) for _ in range(2)] for _ in range(2)]
     steps = [torch.zeros(()), torch.zeros(())]

@@ -7,14 +7,14 @@ instead of one kernel per op: at batch 1 a decode step's time is mostly its numb
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 
-__all__ = ["compile_dynamic", "compiled_blocks"]
+from dsv3.compiling import compiled_or_eager
 
-log = logging.getLogger(__name__)
+__all__ = ["compile_dynamic", "compiled_blocks"]
 
 
 def compile_dynamic(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -23,29 +23,16 @@ def compile_dynamic(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
     attention form are specialised, so a server meets a handful of variants, which the engine's
     `warm_up` compiles ahead. Duck sizing is off: it would assume that two sizes equal in the first
     call (a prompt's length and its context) stay equal, and recompile at the first prefix-cache hit.
-    Where the compiler fails (seen: Inductor on CPU with the FP8 cache), it warns once and runs `fn`
-    eagerly from then on; an error of `fn` itself is raised again by that eager call."""
-    compiled = torch.compile(fn, dynamic=True)
-    failed = False
+    A compiler failure warns once and runs `fn` eagerly from then on (`compiled_or_eager`)."""
 
-    def call(*args) -> torch.Tensor:
-        nonlocal failed
-        if failed:
-            return fn(*args)
-        try:
-            with (
-                torch.compiler.set_stance("default"),
-                torch._dynamo.config.patch(recompile_limit=64),
-                torch.fx.experimental._config.patch(use_duck_shape=False),
-            ):
-                return compiled(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure; fn's own errors recur below
-            failed = True
-            log.warning("running the decoder blocks uncompiled (torch.compile failed: %s)",
-                        str(err).strip().splitlines()[0])
-            return fn(*args)
+    def context() -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(torch.compiler.set_stance("default"))
+        stack.enter_context(torch._dynamo.config.patch(recompile_limit=64))
+        stack.enter_context(torch.fx.experimental._config.patch(use_duck_shape=False))
+        return stack
 
-    return call
+    return compiled_or_eager(fn, "decoder blocks", context, dynamic=True)
 
 
 def _run_block(block: torch.nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -17,16 +17,16 @@ on an H200; not yet measured).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from dsv3.compiling import compiled_or_eager
+
 __all__ = ["AdamWBF16"]
 
 STATE_DTYPE = torch.bfloat16
-log = logging.getLogger(__name__)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,8 @@ class AdamWBF16(torch.optim.Optimizer):
                 continue
             device = _local(params[0]).device
             if self._update is None:
-                self._update = _compiled_update() if device.type == "cuda" else adamw_update
+                self._update = (compiled_or_eager(adamw_update, "AdamWBF16's update") if device.type == "cuda"
+                                else adamw_update)
             states = [self._state(p) for p in params]
             lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
             none, one = torch.zeros((), device=device), torch.ones((), device=device)
@@ -107,22 +108,3 @@ class AdamWBF16(torch.optim.Optimizer):
             )
         return None
 
-
-def _compiled_update():
-    """`adamw_update` through torch.compile; where the compiler fails, one warning and the same update
-    run as written from then on (correct, one kernel per operation)."""
-    compiled = torch.compile(adamw_update)
-    failed = False
-
-    def update(*args) -> None:
-        nonlocal failed
-        if not failed:
-            try:
-                return compiled(*args)
-            except Exception as err:  # noqa: BLE001 - any compiler failure; the eager call below re-raises real errors
-                failed = True
-                log.warning("AdamWBF16: updating uncompiled (torch.compile failed: %s)",
-                            str(err).strip().splitlines()[0])
-        return adamw_update(*args)
-
-    return update
