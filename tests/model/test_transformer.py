@@ -296,3 +296,5 @@ def test_packed_input_projections_compute_the_same_and_store_nothing_twice(make_
     assert storage(first.weight) == storage(attn.kv_a_proj_with_mqa.weight) == storage(attn.packed_inputs)
     gate_up = shared.gate_proj, shared.up_proj
     assert storage(gate_up[0].weight) == storage(gate_up[1].weight) == storage(shared.packed_gate_up)
+    model(ids).sum().backward()  # recording gradients: the linears one by one, which still train
+    assert first.weight.grad is not None and gate_up[1].weight.grad is not None

@@ -20,7 +20,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
-from dsv3.model.packing import pack_linears
+from dsv3.model.packing import pack_linears, packed_weight
 from dsv3.model.rope import apply_rope
 
 __all__ = ["MLA", "LayerCache", "causal_attention", "SDPA_PAD_V"]
@@ -110,10 +110,11 @@ class MLA(nn.Module):
         self.packed_inputs = pack_linears(self._query_in(), self.kv_a_proj_with_mqa)
 
     def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x → (q_a(x) or q(x), kv_a(x)): one GEMM when packed."""
-        if self.packed_inputs is None:
+        """x → (q_a(x) or q(x), kv_a(x)): one GEMM when packed (and no gradient is recorded)."""
+        packed = packed_weight(self.packed_inputs)
+        if packed is None:
             return self._query_in()(x), self.kv_a_proj_with_mqa(x)
-        q_in, kv = F.linear(x, self.packed_inputs).split(
+        q_in, kv = F.linear(x, packed).split(
             [self._query_in().out_features, self.kv_a_proj_with_mqa.out_features], dim=-1
         )
         return q_in, kv

@@ -36,7 +36,7 @@ from dsv3.model.moe_ops import (
     sort_by_expert,
     weighted_sum,
 )
-from dsv3.model.packing import pack_linears
+from dsv3.model.packing import pack_linears, packed_weight
 
 __all__ = [
     "MLP", "route", "sequence_balance_loss", "expert_ffn", "ExpertDispatcher", "LocalDispatcher", "Gate",
@@ -59,10 +59,11 @@ class MLP(nn.Module):
         self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_gate_up is None:
+        packed = packed_weight(self.packed_gate_up)
+        if packed is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = F.linear(x, self.packed_gate_up).chunk(2, dim=-1)
+            gate, up = F.linear(x, packed).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -6,7 +6,8 @@ pair can be one GEMM over the concatenated weights. `pack_linears` concatenates 
 every linear's weight at its slice of the packed tensor, so nothing is stored twice and the modules
 still work one by one (state dicts, checkpoints, Hugging Face export). It is for inference: call it
 once the model sits on its final device and dtype (moving the model later would copy the parameters
-apart from the packed tensor).
+apart from the packed tensor). The packed tensor carries no gradient, so a forward that records one
+(`packed_weight` returns None under grad mode) runs the linears one by one and still trains them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["pack_linears"]
+__all__ = ["pack_linears", "packed_weight"]
 
 
 @torch.no_grad()
@@ -29,3 +30,8 @@ def pack_linears(*linears: nn.Linear) -> torch.Tensor:
         lin.weight.data = packed[start : start + rows]
         start += rows
     return packed
+
+
+def packed_weight(packed: torch.Tensor | None) -> torch.Tensor | None:
+    """The packed weight where a forward may use it: packed, and no gradient being recorded."""
+    return None if packed is None or torch.is_grad_enabled() else packed
