@@ -150,6 +150,9 @@ def main() -> None:
     reference = _loss_and_grads(model, ids, autocast)
 
     def check(name: str, checkpointing: bool | str = False, chunk: int = 0) -> None:
+        # each variant compiles afresh: together they would pass dynamo's recompile limit (8) per
+        # block forward, where a real run only ever compiles one of them
+        torch._dynamo.reset()
         model.activation_checkpointing, model.loss_chunk_tokens = checkpointing, chunk
         result[name] = _compare(reference, _loss_and_grads(model, ids, autocast))
 

@@ -49,6 +49,7 @@ from dsv3.infer.engine import EngineConfig, LLMEngine
 from dsv3.infer.sampling import SamplingParams
 from dsv3.model import Transformer
 from dsv3.model.hf import load_hf, save_hf
+from kernel_table import write_kernel_table
 
 PARTS = ("prefix", "speculative", "load", "step")
 SYSTEMS = ("dsv3-engine", "dsv3-engine-sync", "dsv3-generate", "hf-static")
@@ -80,6 +81,8 @@ def _parse() -> argparse.Namespace:
                    help="the engine captures its step functions without torch.compile (EngineConfig.compile)")
     p.add_argument("--checkpoint", help="speculative part: a trained checkpoint with MTP and its tokenizer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", metavar="PATH",
+                   help="step part: after timing, the kernels of 20 decode steps at each C to PATH.cC.txt")
     args = p.parse_args()
     args.parts = args.parts.split(",")
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -292,6 +295,9 @@ def step_part(args) -> None:
                 step()
             _sync(runner.device)
         replay = (time.perf_counter() - t0) / (args.repeats * 20)
+        if args.profile:
+            with torch.no_grad():
+                write_kernel_table(f"{args.profile}.c{c}.txt", step, n_steps=20)
         _emit(
             {
                 "bench": "decode_step",

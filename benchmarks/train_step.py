@@ -37,6 +37,7 @@ from dsv3.config import ModelConfig, RopeScaling, load_model_config, load_run_co
 from dsv3.data.shards import IndexedDatasetWriter
 from dsv3.model import Transformer, attention
 from dsv3.scaling import DEFAULT_PEAK_TFLOPS, training_flops_per_token
+from kernel_table import write_kernel_table
 
 SYSTEMS = ("trainer", "dsv3", "hf", "hf-eager")
 
@@ -158,23 +159,6 @@ def _step(loss_fn: Callable, ids, labels, optimizer, autocast) -> torch.Tensor:
     return loss.detach()
 
 
-def _profile(path: str, step: Callable, n_steps: int = 3) -> None:
-    """The kernels of `n_steps` steps, by total GPU time, as torch.profiler's table."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for _ in range(n_steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-    table = prof.key_averages().table(
-        sort_by="self_device_time_total", row_limit=45, max_name_column_width=90
-    )
-    with open(path, "w") as f:
-        f.write(f"{n_steps} steps\n{table}\n")
-
-
 def _select_sdpa(choice: str) -> None:
     """Leave only one fused SDPA backend enabled (math stays as the last resort torch falls back to)."""
     if choice == "auto":
@@ -211,7 +195,8 @@ def _model_step(system: str, cfg: ModelConfig, args, device: torch.device) -> di
             timer.mark()
     seconds = timer.step_seconds()
     if args.profile:
-        _profile(f"{args.profile}.{system}.txt", lambda: _step(loss_fn, ids, labels, optimizer, autocast))
+        write_kernel_table(f"{args.profile}.{system}.txt",
+                           lambda: _step(loss_fn, ids, labels, optimizer, autocast))
     tokens_per_s = args.batch * args.seq * len(seconds) / sum(seconds)
     result = {
         "dtype": args.dtype,
@@ -290,7 +275,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
         with contextlib.suppress(_Enough):
             trainer.fit()
         if args.profile:
-            _profile(f"{args.profile}.trainer.txt", trainer.train_step)
+            write_kernel_table(f"{args.profile}.trainer.txt", trainer.train_step)
     timed = records[args.warmup:]
     rates = [r["tokens_per_s"] for r in timed]
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]

@@ -1,0 +1,28 @@
+"""Where a step's device time goes: torch.profiler's kernel table of a few calls of a step function.
+
+Shared by the benchmarks that take `--profile PATH` (train_step.py, serve.py). A CUDA graph's
+replay is profiled kernel by kernel (CUPTI traces the graph's nodes), so the table of a captured
+decode step lists the kernels inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def write_kernel_table(path: str, step: Callable[[], object], n_steps: int = 3, rows: int = 45) -> None:
+    """Profile `n_steps` calls of `step` and write the kernels, by total device time, to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(n_steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows,
+                                      max_name_column_width=90)
+    with open(path, "w") as f:
+        f.write(f"{n_steps} steps\n{table}\n")
