@@ -7,6 +7,7 @@ import torch
 
 from dsv3.model.moe import MoE, route, sequence_balance_loss
 from dsv3.model.moe_ops import (
+    expert_counts,
     expert_matmul,
     gather_rows,
     grouped_mm_supported,
@@ -264,3 +265,32 @@ def test_pair_weighted_sum_equals_the_dense_weighted_sum_with_grads():
     torch.testing.assert_close(got[0], want.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[1], w.grad * present, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[2], y.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_tokens_without_gradients_index_the_expert_weights_for_the_grouped_result(make_config, dtype):
+    """Decoding (no gradient, at most E/2 (token, slot) pairs) runs `gathered_expert_ffn`; its output
+    and expert counts equal the grouped path's (the same forward with gradients on)."""
+    cfg = make_config(hidden_size=32, moe_intermediate_size=16)  # 16-byte aligned: grouped_mm in bf16
+    moe = MoE(cfg)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3, generator=gen)
+    moe.to(dtype)
+    x = torch.randn(1, 2, 32, generator=gen).to(dtype)  # 2 tokens × k=2 = 4 pairs = E/2
+    assert moe._few_pairs(moe.gate(x.view(-1, 32))[2]) is False  # gradients on: the grouped path
+    grouped, _ = moe(x)
+    grouped_counts = moe.tokens_per_expert.clone()
+    with torch.no_grad():
+        assert moe._few_pairs(moe.gate(x.view(-1, 32))[2])
+        gathered, _ = moe(x)
+        assert not moe._few_pairs(moe.gate(torch.randn(3, 32).to(dtype))[2])  # 6 pairs: grouped again
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(gathered, grouped.detach(), rtol=tol, atol=tol)
+    assert torch.equal(moe.tokens_per_expert, grouped_counts)
+
+
+def test_expert_counts_equal_bincount():
+    idx = torch.tensor([[3, 1], [3, 0], [7, 3]])
+    assert torch.equal(expert_counts(idx, 8), torch.bincount(idx.flatten(), minlength=8))

@@ -29,8 +29,10 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.moe_ops import (
     compute_dtype,
+    expert_counts,
     expert_matmul,
     gather_rows,
+    gathered_expert_ffn,
     inverse_permutation,
     router_logits,
     sort_by_expert,
@@ -40,7 +42,7 @@ from dsv3.model.packing import pack_linears, packed_weight
 
 __all__ = [
     "MLP", "route", "sequence_balance_loss", "expert_ffn", "ExpertDispatcher", "LocalDispatcher", "Gate",
-    "Experts", "MoE",
+    "Experts", "MoE", "indexed_expert_tokens",
 ]
 
 
@@ -206,10 +208,19 @@ class Experts(nn.Module):
         return self.dispatcher(x, weights, indices, order, ends, self)
 
 
+def indexed_expert_tokens(cfg: ModelConfig) -> int:
+    """The most tokens whose experts a forward without gradients runs by indexing the weights: their
+    (token, slot) pairs are at most half the experts, so each pair reading its own expert's weights
+    reads about what the grouped GEMMs would (they read each chosen expert once): a decode step of a
+    few sequences. Prefill and larger batches keep the grouped path."""
+    return cfg.n_routed_experts // 2 // cfg.num_experts_per_tok
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_experts = cfg.n_routed_experts
+        self.indexed_tokens = indexed_expert_tokens(cfg)
         self.gate = Gate(cfg)
         self.experts = Experts(cfg)
         self.shared_experts = (
@@ -227,17 +238,34 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         scores, weights, indices = self.gate(flat)
-        order, ends = sort_by_expert(indices, self.n_experts)
-        with torch.no_grad():
-            self.tokens_per_expert.copy_(torch.diff(ends, prepend=ends.new_zeros(1)))
-        # The shared expert first: under expert parallelism its GEMMs are queued on the GPU while the
-        # host waits for the routed tokens' counts from the other ranks.
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
-        y = self.experts(flat, weights, indices, order, ends).view(B, T, d)
+        if self._few_pairs(indices):
+            with torch.no_grad():
+                self.tokens_per_expert.copy_(expert_counts(indices, self.n_experts))
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            e = self.experts
+            y = gathered_expert_ffn(flat, weights, indices, e.gate_up_proj, e.down_proj).view(B, T, d)
+        else:
+            order, ends = sort_by_expert(indices, self.n_experts)
+            with torch.no_grad():
+                self.tokens_per_expert.copy_(torch.diff(ends, prepend=ends.new_zeros(1)))
+            # The shared expert first: under expert parallelism its GEMMs are queued on the GPU while
+            # the host waits for the routed tokens' counts from the other ranks.
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            y = self.experts(flat, weights, indices, order, ends).view(B, T, d)
         if shared is not None:
             y = y + shared
         aux = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1)).mean() if balance else None
         return y, aux
+
+    def _few_pairs(self, indices: torch.Tensor) -> bool:
+        """Whether to run the experts by indexing their weights (`gathered_expert_ffn`): a forward that
+        records no gradient (decoding), with every expert in this process, of at most
+        `indexed_expert_tokens` tokens."""
+        return (
+            not torch.is_grad_enabled()
+            and isinstance(self.experts.dispatcher, LocalDispatcher)
+            and indices.shape[0] <= self.indexed_tokens
+        )
 
     @torch.no_grad()
     def update_bias(

@@ -18,6 +18,8 @@ __all__ = [
     "grouped_mm_supported",
     "padded_expert_mm",
     "expert_matmul",
+    "gathered_expert_ffn",
+    "expert_counts",
     "gather_rows",
     "weighted_sum",
     "pair_weighted_sum",
@@ -134,6 +136,38 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch
     return padded_expert_mm(x, w, ends)
 
 
+def gathered_expert_ffn(
+    x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_k weight · SwiGLU expert(x) for a handful of tokens: x (N, d), weights and expert ids (N, k).
+
+    Each (token, slot) pair reads its expert's weights by index: no sort into expert order, no grouped
+    GEMM, no gathers in and out of that order. A decode step's few tokens make the grouped path a
+    dozen tiny kernels whose launches cost more than the GEMVs themselves; here, under torch.compile,
+    each product-and-sum is one reduction kernel that reads the indexed weights in place (eagerly
+    they are copied first). Products are summed in float32 from operands in the GEMMs' dtype, as a
+    GEMM does; the result equals the grouped path's up to the order of the sums.
+    """
+    N, k = indices.shape
+    dtype = compute_dtype(x)
+    ids = indices.reshape(-1)
+    xs = x.to(dtype).float().repeat_interleave(k, dim=0).unsqueeze(1)  # (N·k, 1, d)
+    h = (gate_up_proj[ids].to(dtype).float() * xs).sum(-1).to(dtype)  # (N·k, 2I)
+    gate, up = h.chunk(2, dim=-1)
+    a = (F.silu(gate) * up).float().unsqueeze(1)  # (N·k, 1, I)
+    y = (down_proj[ids].to(dtype).float() * a).sum(-1).to(dtype)  # (N·k, d)
+    return weighted_sum(weights, y.view(N, k, -1))
+
+
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert (E,), int64, with a static shape and no host sync (unlike bincount)."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
 class _WeightedSum(torch.autograd.Function):
     """out (N, d) = Σ_k w (N, k) · y (N, k, d), accumulated in float32.
 
@@ -240,8 +274,6 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and x.dtype == w.dtype == torch.bfloat16:
         return _Bf16RouterLogits.apply(x, w)
     return F.linear(x.float(), w.float())
-
-
 
 
 def gather_rows(

@@ -36,6 +36,7 @@ from dsv3.infer.engine.config import EngineConfig
 from dsv3.infer.engine.paged_cache import PagedBatch, PagedLatentCache
 from dsv3.infer.engine.scheduler import Batch, Scheduled
 from dsv3.infer.sampling import PendingSample, SampleOutput, SamplingRow, sample_async, to_device
+from dsv3.model.moe import indexed_expert_tokens
 
 __all__ = ["ModelRunner", "Launched", "RowResult", "batch_buckets", "GRAPH_TOKENS"]
 
@@ -244,19 +245,22 @@ class ModelRunner:
     @torch.no_grad()
     def warm_up(self) -> None:
         """Run the step functions once for each family of shapes the compiler specialises (1 row or
-        more; 1 token a row, 2 (a draft verified, when speculating), or a longer chunk), so their
-        compiles happen now instead of stalling requests later. The dummy rows write only to the
+        more; 1 token a row, 2 (a draft verified, when speculating), or a longer chunk; few enough
+        tokens for the MoE layers to index the expert weights, or more), so their compiles happen now
+        instead of stalling requests later. The dummy rows write only to the
         scratch block; on a GPU their graphs are captured and kept for real steps."""
-        rows = sorted({1, min(2, self.buckets[-1])})
         width = min(2, self.max_blocks)  # the narrowest table a step function gets (see `_forward`)
+        indexed = indexed_expert_tokens(self.model.config)  # more tokens: the MoE's other path
         for T in (1, 2, 4) if self.speculative else (1, 4):
+            rows = {1, min(2, self.buckets[-1])}
+            rows.add(next((b for b in self.buckets if b * T > indexed), self.buckets[-1]))
             buf = self._buffer(T)
             for name in ("ids", "draft_ids", "positions"):
                 buf[name].zero_()
             for name in ("slots", "draft_slots"):
                 buf[name].fill_(self.cache.scratch_slot)
             buf["tables"].fill_(self.cache.scratch_block)
-            for B in rows:
+            for B in sorted(b for b in rows if b <= buf["ids"].shape[0]):
                 with torch.compiler.set_stance("force_eager"):
                     self._step("main", B, width, T)()
                     if self.speculative:
