@@ -161,11 +161,11 @@ def gathered_expert_ffn(
 
 
 def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert (E,), int64, with a static shape and no host sync (unlike bincount)."""
-    flat = indices.flatten()
-    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(
-        0, flat, torch.ones_like(flat)
-    )
+    """Tokens routed to each expert (E,), int64, for a few (token, slot) pairs: an (N·k, E) comparison
+    summed, which torch.compile makes one fused kernel. bincount syncs with the host, and index_add_
+    stays an eager sort-and-accumulate under Inductor (five kernels a layer in the H200 profile)."""
+    experts = torch.arange(n_experts, device=indices.device, dtype=indices.dtype)
+    return (indices.reshape(-1, 1) == experts).sum(0)
 
 
 class _WeightedSum(torch.autograd.Function):
