@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.gemv import Linear, linear
 from dsv3.model.norm import RMSNorm
 from dsv3.model.packing import pack_linears, packed_weight
 from dsv3.model.rope import apply_rope
@@ -91,15 +92,15 @@ class MLA(nn.Module):
         self.rope_interleave = cfg.rope_interleave
         d, h = cfg.hidden_size, cfg.num_attention_heads
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(d, h * self.qk_head_dim)
         else:
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(d, cfg.q_lora_rank)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_latent_dim, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * self.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_latent_dim)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.o_proj = Linear(h * cfg.v_head_dim, d)
         self.packed_inputs: torch.Tensor | None = None  # `pack_inputs`: q_a (or q) and kv_a as one weight
 
     def _query_in(self) -> nn.Linear:
@@ -114,7 +115,7 @@ class MLA(nn.Module):
         packed = packed_weight(self.packed_inputs)
         if packed is None:
             return self._query_in()(x), self.kv_a_proj_with_mqa(x)
-        q_in, kv = F.linear(x, packed).split(
+        q_in, kv = linear(x, packed).split(
             [self._query_in().out_features, self.kv_a_proj_with_mqa.out_features], dim=-1
         )
         return q_in, kv

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.gemv import Linear, linear
 from dsv3.model.moe_ops import (
     compute_dtype,
     expert_counts,
@@ -51,9 +52,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, inter_dim)
+        self.up_proj = Linear(dim, inter_dim)
+        self.down_proj = Linear(inter_dim, dim)
         self.packed_gate_up: torch.Tensor | None = None  # `pack_inputs`: gate and up as one weight
 
     def pack_inputs(self) -> None:
@@ -65,7 +66,7 @@ class MLP(nn.Module):
         if packed is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = F.linear(x, packed).chunk(2, dim=-1)
+            gate, up = linear(x, packed).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv3.model.gemv import linear, one_compiled_row
+
 __all__ = [
     "sort_by_expert",
     "inverse_permutation",
@@ -271,6 +273,8 @@ class _Bf16RouterLogits(torch.autograd.Function):
 
 def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Router logits (N, E) in float32, as DeepSeek-V3 and transformers compute them."""
+    if one_compiled_row(x):
+        return linear(x.float(), w.float())  # a decode step's one token: a fused reduction (dsv3.model.gemv)
     if x.is_cuda and x.dtype == w.dtype == torch.bfloat16:
         return _Bf16RouterLogits.apply(x, w)
     return F.linear(x.float(), w.float())

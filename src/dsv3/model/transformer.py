@@ -38,6 +38,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LayerCache
+from dsv3.model.gemv import Linear
 from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
@@ -112,7 +113,7 @@ class MTP(nn.Module):
         d = cfg.hidden_size
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d)
         self.block = Block(cfg, layer_idx)
         self.head_norm = RMSNorm(d, cfg.rms_norm_eps)  # HF: shared_head.norm
 
