@@ -160,3 +160,17 @@ def poison_loss(trainer, bad_steps: set[int]) -> None:
         return out
 
     trainer.model.forward_with_losses = poisoned
+
+
+def traced_ops(fn: Callable, *args) -> set:
+    """The functions in torch.compile's graph of `fn(*args)` (a recording backend, no Inductor): which
+    path a compiled forward takes."""
+    seen: set = set()
+
+    def backend(gm: torch.fx.GraphModule, _inputs):
+        seen.update(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend)(*args)
+    return seen

@@ -6,19 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.model.gemv import Linear, linear
-
-
-def _traced_ops(fn, *args) -> set:
-    """The functions torch.compile's graph of `fn` calls (a recording backend, no Inductor)."""
-    seen: set = set()
-
-    def backend(gm: torch.fx.GraphModule, _inputs):
-        seen.update(node.target for node in gm.graph.nodes if node.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return seen
+from tests.conftest import traced_ops
 
 
 def test_one_row_compiled_without_gradients_is_a_reduction_equal_to_f_linear():
@@ -26,10 +14,10 @@ def test_one_row_compiled_without_gradients_is_a_reduction_equal_to_f_linear():
     w = torch.randn(48, 32)
     one, two = torch.randn(1, 1, 32), torch.randn(1, 2, 32)
     with torch.no_grad():
-        assert F.linear not in _traced_ops(linear, one, w)  # the product-and-sum form
-        assert F.linear in _traced_ops(linear, two, w)  # more rows: the GEMM
+        assert F.linear not in traced_ops(linear, one, w)  # the product-and-sum form
+        assert F.linear in traced_ops(linear, two, w)  # more rows: the GEMM
         compiled = torch.compile(linear)(one, w)
-    assert F.linear in _traced_ops(linear, one, w)  # gradients recorded: the GEMM
+    assert F.linear in traced_ops(linear, one, w)  # gradients recorded: the GEMM
     torch.testing.assert_close(compiled, F.linear(one, w), rtol=1e-6, atol=1e-6)
     assert torch.equal(linear(one, w), F.linear(one, w))  # eagerly: F.linear itself
 

@@ -16,6 +16,7 @@ from dsv3.model.moe_ops import (
     sort_by_expert,
     weighted_sum,
 )
+from tests.conftest import traced_ops
 
 
 def _logits(n: int, e: int, seed: int = 0) -> torch.Tensor:
@@ -268,9 +269,12 @@ def test_pair_weighted_sum_equals_the_dense_weighted_sum_with_grads():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_few_tokens_without_gradients_index_the_expert_weights_for_the_grouped_result(make_config, dtype):
-    """Decoding (no gradient, at most E/2 (token, slot) pairs) runs `gathered_expert_ffn`; its output
-    and expert counts equal the grouped path's (the same forward with gradients on)."""
+def test_few_tokens_compiled_without_gradients_index_the_expert_weights_for_the_grouped_result(
+    make_config, dtype
+):
+    """A compiled decoding forward (no gradient, at most E/2 (token, slot) pairs) runs
+    `gathered_expert_ffn`: no sort into expert order; its output and expert counts equal the grouped
+    path's (the same forward with gradients on)."""
     cfg = make_config(hidden_size=32, moe_intermediate_size=16)  # 16-byte aligned: grouped_mm in bf16
     moe = MoE(cfg)
     gen = torch.Generator().manual_seed(5)
@@ -279,13 +283,13 @@ def test_few_tokens_without_gradients_index_the_expert_weights_for_the_grouped_r
             p.normal_(0, 0.3, generator=gen)
     moe.to(dtype)
     x = torch.randn(1, 2, 32, generator=gen).to(dtype)  # 2 tokens × k=2 = 4 pairs = E/2
-    assert moe._few_pairs(moe.gate(x.view(-1, 32))[2]) is False  # gradients on: the grouped path
     grouped, _ = moe(x)
     grouped_counts = moe.tokens_per_expert.clone()
     with torch.no_grad():
-        assert moe._few_pairs(moe.gate(x.view(-1, 32))[2])
-        gathered, _ = moe(x)
-        assert not moe._few_pairs(moe.gate(torch.randn(3, 32).to(dtype))[2])  # 6 pairs: grouped again
+        assert torch.searchsorted not in traced_ops(moe, x)  # indexed: nothing sorted by expert
+        assert torch.searchsorted in traced_ops(moe, torch.randn(1, 3, 32).to(dtype))  # 6 pairs: grouped
+        torch._dynamo.reset()
+        gathered, _ = torch.compile(moe)(x)
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(gathered, grouped.detach(), rtol=tol, atol=tol)
     assert torch.equal(moe.tokens_per_expert, grouped_counts)

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "linear", "one_compiled_row"]
+__all__ = ["Linear", "linear", "one_compiled_row", "compute_dtype"]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's GEMMs run in: autocast's where it is on (bf16 on a GPU), else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def one_compiled_row(x: torch.Tensor) -> bool:
@@ -29,7 +36,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)ᵀ; one row, compiled and without gradients: as a reduction."""
     if not one_compiled_row(x):
         return F.linear(x, weight)
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compute_dtype(x)
     out = (x.to(dtype).float().unsqueeze(-2) * weight.to(dtype).float()).sum(-1)
     return out.to(dtype)
 

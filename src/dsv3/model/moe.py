@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.gemv import Linear, linear
+from dsv3.model.gemv import Linear, compute_dtype, linear
 from dsv3.model.moe_ops import (
-    compute_dtype,
     expert_counts,
     expert_matmul,
     gather_rows,
@@ -239,19 +238,21 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         scores, weights, indices = self.gate(flat)
-        if self._few_pairs(indices):
-            with torch.no_grad():
-                self.tokens_per_expert.copy_(expert_counts(indices, self.n_experts))
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
+        indexed = self._few_pairs(indices)
+        if indexed:
+            counts = expert_counts(indices, self.n_experts)
+        else:
+            order, ends = sort_by_expert(indices, self.n_experts)
+            counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        with torch.no_grad():
+            self.tokens_per_expert.copy_(counts)
+        # The shared expert first: under expert parallelism its GEMMs are queued on the GPU while the
+        # host waits for the routed tokens' counts from the other ranks.
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        if indexed:
             e = self.experts
             y = gathered_expert_ffn(flat, weights, indices, e.gate_up_proj, e.down_proj).view(B, T, d)
         else:
-            order, ends = sort_by_expert(indices, self.n_experts)
-            with torch.no_grad():
-                self.tokens_per_expert.copy_(torch.diff(ends, prepend=ends.new_zeros(1)))
-            # The shared expert first: under expert parallelism its GEMMs are queued on the GPU while
-            # the host waits for the routed tokens' counts from the other ranks.
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
             y = self.experts(flat, weights, indices, order, ends).view(B, T, d)
         if shared is not None:
             y = y + shared
@@ -259,11 +260,12 @@ class MoE(nn.Module):
         return y, aux
 
     def _few_pairs(self, indices: torch.Tensor) -> bool:
-        """Whether to run the experts by indexing their weights (`gathered_expert_ffn`): a forward that
-        records no gradient (decoding), with every expert in this process, of at most
-        `indexed_expert_tokens` tokens."""
+        """Whether to run the experts by indexing their weights (`gathered_expert_ffn`): a compiled
+        forward that records no gradient (decoding), with every expert in this process, of at most
+        `indexed_expert_tokens` tokens. Eagerly the indexed weights would be copied: grouped path."""
         return (
             not torch.is_grad_enabled()
+            and torch.compiler.is_compiling()
             and isinstance(self.experts.dispatcher, LocalDispatcher)
             and indices.shape[0] <= self.indexed_tokens
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.model.gemv import linear, one_compiled_row
+from dsv3.model.gemv import compute_dtype, linear, one_compiled_row
 
 __all__ = [
     "sort_by_expert",
@@ -25,7 +25,6 @@ __all__ = [
     "gather_rows",
     "weighted_sum",
     "pair_weighted_sum",
-    "compute_dtype",
     "router_logits",
 ]
 
@@ -286,13 +285,6 @@ def gather_rows(
     """x[index] in `dtype` (default x's; see `_GatherRows`): `index` reads every row of x `fold` times,
     `inverse` undoes it."""
     return _GatherRows.apply(x, index, inverse, fold, dtype)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype x's GEMMs run in: autocast's where it is on (bf16 on a GPU), else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def weighted_sum(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe import MoE, expert_ffn
-from dsv3.model.moe_ops import compute_dtype, pair_weighted_sum
+from dsv3.model.moe_ops import pair_weighted_sum
 from dsv3.parallel.expert_allgather import AllGatherDispatcher, local_part
 
 __all__ = ["AllToAllDispatcher", "DISPATCHERS", "apply_ep"]

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe import expert_ffn
-from dsv3.model.moe_ops import compute_dtype, gather_rows, inverse_permutation, sort_by_expert, weighted_sum
+from dsv3.model.moe_ops import gather_rows, inverse_permutation, sort_by_expert, weighted_sum
 
 __all__ = ["AllGatherDispatcher"]
 
