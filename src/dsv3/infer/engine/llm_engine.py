@@ -274,7 +274,7 @@ class LLMEngine:
             if all(s.seq.finished for s in (*inflight.decode, *inflight.prefill)):
                 self._inflight = None  # nothing left to read from it
             else:
-                for s in self._inflight.batch.decode:
+                for s in inflight.decode:
                     s.pending = False  # the token it feeds is on the host now
         self.stats.record_step(now, generated)
         outputs = []

@@ -247,8 +247,8 @@ class ModelRunner:
         """Run the step functions once for each family of shapes the compiler specialises (1 row or
         more; 1 token a row, 2 (a draft verified, when speculating), or a longer chunk; few enough
         tokens for the MoE layers to index the expert weights, or more), so their compiles happen now
-        instead of stalling requests later. The dummy rows write only to the
-        scratch block; on a GPU their graphs are captured and kept for real steps."""
+        instead of stalling requests later. The dummy rows write only to the scratch block; on a GPU
+        their graphs are captured and kept for real steps."""
         width = min(2, self.max_blocks)  # the narrowest table a step function gets (see `_forward`)
         indexed = indexed_expert_tokens(self.model.config)  # more tokens: the MoE's other path
         for T in (1, 2, 4) if self.speculative else (1, 4):
