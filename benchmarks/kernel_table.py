@@ -1,12 +1,17 @@
-"""Where a step's device time goes: torch.profiler's kernel table of a few calls of a step function.
+"""Where a step's time goes: torch.profiler's kernel table of a few calls of a step function, and
+cProfile's table of the host's Python around it.
 
 Shared by the benchmarks that take `--profile PATH` (train_step.py, serve.py). A CUDA graph's
 replay is profiled kernel by kernel (CUPTI traces the graph's nodes), so the table of a captured
-decode step lists the kernels inside it.
+decode step lists the kernels inside it. The host table says whether a loop that keeps the device
+busy with work queued ahead (the engine's async scheduling) is bound by its own Python instead.
 """
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 from collections.abc import Callable
 
 import torch
@@ -26,3 +31,16 @@ def write_kernel_table(path: str, step: Callable[[], object], n_steps: int = 3, 
                                       max_name_column_width=90)
     with open(path, "w") as f:
         f.write(f"{n_steps} steps\n{table}\n")
+
+
+def write_host_table(path: str, fn: Callable[[], object], rows: int = 40) -> None:
+    """Run `fn` once under cProfile and write its functions, by own time, to `path` (the time a
+    function spends waiting for the device, e.g. in `.tolist()`, shows as its own time)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(rows)
+    with open(path, "w") as f:
+        f.write(out.getvalue())

@@ -39,6 +39,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ from dsv3.infer.engine import EngineConfig, LLMEngine
 from dsv3.infer.sampling import SamplingParams
 from dsv3.model import Transformer
 from dsv3.model.hf import load_hf, save_hf
-from kernel_table import write_kernel_table
+from kernel_table import write_host_table, write_kernel_table
 
 PARTS = ("prefix", "speculative", "load", "step")
 SYSTEMS = ("dsv3-engine", "dsv3-engine-sync", "dsv3-generate", "hf-static")
@@ -82,7 +83,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--checkpoint", help="speculative part: a trained checkpoint with MTP and its tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", metavar="PATH",
-                   help="step part: after timing, the kernels of 20 decode steps at each C to PATH.cC.txt")
+                   help="step part: after timing, the kernels of 20 decode steps at each C to PATH.cC.txt "
+                        "and the host's Python of serving C more requests to PATH.cC.host.txt")
     args = p.parse_args()
     args.parts = args.parts.split(",")
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -298,6 +300,8 @@ def step_part(args) -> None:
         if args.profile:
             with torch.no_grad():
                 write_kernel_table(f"{args.profile}.c{c}.txt", step, n_steps=20)
+            prompts = _prompts(c, args.prompt_len, vocab, args.seed + c + 1)
+            write_host_table(f"{args.profile}.c{c}.host.txt", partial(_drive, engine, prompts, c, params))
         _emit(
             {
                 "bench": "decode_step",
