@@ -90,32 +90,3 @@ def test_per_sequence_positions(make_config):
     assert torch.allclose(batched[0], shared[0], atol=1e-6)
     # RoPE is relative: a uniform shift of a whole sequence leaves its attention unchanged
     assert torch.allclose(batched[1], shared[1], atol=1e-4)
-
-
-def test_one_compiled_query_takes_sums_equal_to_the_batched_products(make_config):
-    """A batch-1 decode step compiles the absorbed attention as sums (no bmm / einsum in its graph)
-    with the batched products' result; two queries keep the products."""
-    from tests.conftest import traced_ops
-
-    cfg = make_config()
-    mla = _mla(cfg, seed=3)
-    H, S = cfg.num_attention_heads, 7
-    gen = torch.Generator().manual_seed(1)
-
-    def inputs(T: int):
-        q_nope = torch.randn(1, T, H, cfg.qk_nope_head_dim, generator=gen)
-        q_pe = torch.randn(1, T, H, cfg.qk_rope_head_dim, generator=gen)
-        latent = torch.randn(1, S, cfg.kv_lora_rank + cfg.qk_rope_head_dim, generator=gen)
-        mask = torch.ones(1, T, S, dtype=torch.bool)
-        mask[..., -2:] = False  # two cache slots past the row's end
-        return q_nope, q_pe, latent, mask
-
-    one, two = inputs(1), inputs(2)
-    with torch.no_grad():
-        ops = traced_ops(mla.absorbed_attention, *one)
-        assert torch.bmm not in ops and torch.einsum not in ops
-        assert torch.bmm in traced_ops(mla.absorbed_attention, *two)
-        torch._dynamo.reset()
-        compiled = torch.compile(mla.absorbed_attention)(*one)
-        eager = mla.absorbed_attention(*one)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

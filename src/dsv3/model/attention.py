@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.gemv import Linear, contract, linear, reducing
+from dsv3.model.gemv import Linear, linear
 from dsv3.model.norm import RMSNorm
 from dsv3.model.packing import pack_linears, packed_weight
 from dsv3.model.rope import apply_rope
@@ -170,8 +170,6 @@ class MLA(nn.Module):
         r = self.kv_lora_rank
         w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, dn, r), (H, dv, r)
-        if reducing(B * T):
-            return self._absorbed_one_query(q_nope, q_pe, latent, mask, w_uk, w_uv)
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
         q = torch.cat((q_lat, q_pe), dim=-1).view(B, T * H, -1)  # every head against one shared key
         scores = torch.bmm(q, latent.transpose(1, 2)).view(B, T, H, -1).float() * self.softmax_scale
@@ -179,22 +177,6 @@ class MLA(nn.Module):
         out_lat = torch.bmm(probs.to(latent.dtype).view(B, T * H, -1), latent[..., :r])  # values: c_kv
         out_lat = out_lat.view(B, T, H, r)
         return torch.einsum("bthr,hvr->bthv", out_lat, w_uv)  # (B, T, H, v_head_dim)
-
-    def _absorbed_one_query(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
-        w_uk: torch.Tensor, w_uv: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        """`absorbed_attention` for one query being compiled (a batch-1 decode step): the same four
-        products written as sums (`dsv3.model.gemv`), which Inductor turns into reductions fused with
-        their neighbours instead of four tiny batched GEMMs."""
-        H, S, r = q_nope.shape[2], latent.shape[1], self.kv_lora_rank
-        q_lat = contract(q_nope.reshape(H, -1, 1), w_uk, -2)  # (H, r)
-        q = torch.cat((q_lat, q_pe.reshape(H, -1)), dim=-1)  # (H, r + rope)
-        lat = latent.reshape(S, -1)
-        scores = contract(q.unsqueeze(1), lat, -1).float() * self.softmax_scale  # (H, S)
-        probs = scores.masked_fill(~mask.view(1, S), float("-inf")).softmax(-1)
-        out_lat = contract(probs.to(lat.dtype).unsqueeze(-1), lat[:, :r], -2)  # (H, r)
-        return contract(out_lat.unsqueeze(1), w_uv, -1).view(1, 1, H, -1)  # (1, 1, H, v_head_dim)
 
     def forward_cached(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache

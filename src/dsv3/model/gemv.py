@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "linear", "one_compiled_row", "reducing", "contract", "compute_dtype"]
+__all__ = ["Linear", "linear", "one_compiled_row", "compute_dtype"]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -27,29 +27,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def reducing(rows: int) -> bool:
-    """Whether a product over `rows` rows takes the reduction form: one row, being compiled, with no
-    gradient recorded."""
-    return rows == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling()
-
-
 def one_compiled_row(x: torch.Tensor) -> bool:
     """Whether x (..., in) is one row being compiled with no gradient recorded: the reduction's case."""
-    return reducing(x.numel() // x.shape[-1])
-
-
-def contract(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """(a * b).sum(dim), broadcast, as a GEMM computes it: operands in the compute dtype, the sum in
-    float32, the result rounded back. The caller lines the contracted dimension up in both."""
-    dtype = compute_dtype(a)
-    return (a.to(dtype).float() * b.to(dtype).float()).sum(dim).to(dtype)
+    return x.numel() == x.shape[-1] and not torch.is_grad_enabled() and torch.compiler.is_compiling()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)ᵀ; one row, compiled and without gradients: as a reduction."""
     if not one_compiled_row(x):
         return F.linear(x, weight)
-    return contract(x.unsqueeze(-2), weight, -1)
+    dtype = compute_dtype(x)
+    out = (x.to(dtype).float().unsqueeze(-2) * weight.to(dtype).float()).sum(-1)
+    return out.to(dtype)
 
 
 class Linear(nn.Linear):
