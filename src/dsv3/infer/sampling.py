@@ -20,10 +20,12 @@ rows accept exactly when the draft is the argmax.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dsv3.infer.readback import ReadBack
 
 __all__ = [
     "SamplingParams",
@@ -230,15 +232,20 @@ class PendingSample:
     logprobs: torch.Tensor | None  # (N,) of the chosen tokens
     top: tuple[torch.Tensor, torch.Tensor] | None  # (values, ids), (N, the most asked) each
     top_counts: list[int]  # per row, how many top logprobs it asked for
+    _host: ReadBack = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        extra = [] if self.logprobs is None else [self.logprobs, *(self.top or ())]
+        self._host = ReadBack(self.tokens, self.accepted, *extra)  # behind the sampler, not later steps
 
     def result(self) -> SampleOutput:
-        tokens, accepted = self.tokens.tolist(), self.accepted.tolist()
+        tokens, accepted, *extra = self._host.lists()
         logprobs = top = None
-        if self.logprobs is not None:
-            logprobs = self.logprobs.tolist()
+        if extra:
+            logprobs = extra[0]
             top = [[] for _ in tokens]
             if self.top is not None:
-                values, ids = self.top[0].tolist(), self.top[1].tolist()
+                values, ids = extra[1:]
                 top = [list(zip(ids[i][:k], values[i][:k], strict=True))
                        for i, k in enumerate(self.top_counts)]
         return SampleOutput(tokens, accepted, logprobs, top)

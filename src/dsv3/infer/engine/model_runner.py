@@ -35,6 +35,7 @@ from dsv3.infer.cuda_graph import capture
 from dsv3.infer.engine.config import EngineConfig
 from dsv3.infer.engine.paged_cache import PagedBatch, PagedLatentCache
 from dsv3.infer.engine.scheduler import Batch, Scheduled
+from dsv3.infer.readback import ReadBack
 from dsv3.infer.sampling import PendingSample, SampleOutput, SamplingRow, sample_async, to_device
 from dsv3.model.moe import indexed_expert_tokens
 
@@ -88,7 +89,7 @@ class _Group:
     items: list[Scheduled]
     picks: list[tuple[int, int]]
     pending: PendingSample | None
-    drafts: torch.Tensor | None = None  # speculating: the next draft of each sampling row, in row order
+    drafts: ReadBack | None = None  # speculating: the next draft of each sampling row, in row order
 
 
 @dataclass
@@ -427,7 +428,7 @@ class ModelRunner:
             pending = sample_async(self.model.lm_head(h).float(), sampling)
         group = _Group(fwd.items, picks, pending)
         if self.speculative:
-            group.drafts = self._draft(fwd, group)
+            group.drafts = ReadBack(self._draft(fwd, group))
         return group
 
     def _results(self, g: _Group) -> list[RowResult]:
@@ -437,7 +438,7 @@ class ModelRunner:
             taken.setdefault(r, []).append(k)
         results = [self._result(s, out, taken.get(r, [])) for r, s in enumerate(g.items)]
         if g.drafts is not None:
-            for r, draft in zip(sorted(taken), g.drafts.tolist(), strict=True):
+            for r, draft in zip(sorted(taken), g.drafts.lists()[0], strict=True):
                 results[r].draft = draft
         return results
 
