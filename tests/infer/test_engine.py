@@ -104,6 +104,27 @@ def test_greedy_equals_transformers_and_generate(references, name):
         assert engine.stats.preemptions > 0
 
 
+def test_one_sequence_engine_compiles_both_expert_paths_at_warm_up(make_config):
+    """One row is its own shape to the compiler: with 16 experts of 2 (decode and chunks of up to 4
+    tokens index the expert weights) a one-sequence engine's warm-up also compiles the grouped path
+    its longer prompts take, so serving compiles nothing, and gives the eager engine's tokens."""
+    from dsv3.model.moe import indexed_expert_tokens
+
+    cfg = make_config(n_routed_experts=16)
+    assert indexed_expert_tokens(cfg) == 4
+    model = scaled_model(cfg, seed=4)
+    prompts = [p for p in _prompts() if len(p) > 8][:2]  # chunks of 16 and 32 tokens: the grouped path
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        engine = LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=1, compile=compiled))
+        at_start = counters["stats"]["unique_graphs"]
+        runs.append(run_staggered(engine, prompts, GREEDY))
+        assert counters["stats"]["unique_graphs"] == at_start
+    assert runs[0] == runs[1]
+
+
 def test_prefix_hits_give_identical_outputs_and_skip_the_shared_tokens(references):
     model, prompts, refs = references
     engine = LLMEngine(model, None, EngineConfig(block_size=4))

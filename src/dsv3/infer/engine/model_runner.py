@@ -252,20 +252,26 @@ class ModelRunner:
         their graphs are captured and kept for real steps."""
         width = min(2, self.max_blocks)  # the narrowest table a step function gets (see `_forward`)
         indexed = indexed_expert_tokens(self.model.config)  # more tokens: the MoE's other path
+        shapes = set()  # (rows, tokens a row)
         for T in (1, 2, 4) if self.speculative else (1, 4):
-            rows = {1, min(2, self.buckets[-1])}
-            rows.add(next((b for b in self.buckets if b * T > indexed), self.buckets[-1]))
+            shapes |= {(1, T), (min(2, self.buckets[-1]), T)}
+            shapes.add((next((b for b in self.buckets if b * T > indexed), self.buckets[-1]), T))
+        # one row is a shape of its own to the compiler: its chunks (4 tokens or more) need the
+        # grouped expert path compiled too, for a chunk longer than the indexed path takes
+        shapes.add((1, max(4, _pow2(indexed + 1))))
+        for B, T in sorted(shapes):
             buf = self._buffer(T)
+            if buf["ids"].shape[0] < B:
+                continue
             for name in ("ids", "draft_ids", "positions"):
                 buf[name].zero_()
             for name in ("slots", "draft_slots"):
                 buf[name].fill_(self.cache.scratch_slot)
             buf["tables"].fill_(self.cache.scratch_block)
-            for B in sorted(b for b in rows if b <= buf["ids"].shape[0]):
-                with torch.compiler.set_stance("force_eager"):
-                    self._step("main", B, width, T)()
-                    if self.speculative:
-                        self._step("draft", B, width, T)()
+            with torch.compiler.set_stance("force_eager"):
+                self._step("main", B, width, T)()
+                if self.speculative:
+                    self._step("draft", B, width, T)()
 
     def _graphed(self, step: Callable[[], torch.Tensor], key: tuple) -> Callable[[], torch.Tensor]:
         try:
