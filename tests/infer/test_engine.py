@@ -190,6 +190,7 @@ def mtp_model():
     return scaled_model(base_config(num_nextn_predict_layers=1, max_position_embeddings=128), blocks=5.0)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["read-back", "overlapped"])
 @pytest.mark.parametrize(
     "options, graph_tokens",
     [({}, None), ({"block_size": 4, "num_blocks": 14, "max_model_len": 44}, None),
@@ -197,16 +198,20 @@ def mtp_model():
     ids=["roomy", "tiny-cache", "chunked-eager"],
 )  # fmt: skip
 def test_speculative_greedy_equals_plain_greedy_and_drafts_are_the_mtp_heads(
-    mtp_model, options, graph_tokens, monkeypatch
+    mtp_model, options, graph_tokens, overlap, monkeypatch
 ):
     """Speculation never changes greedy output; each draft is the MTP head's argmax computed without a
     cache (`mtp_logits` over the whole sequence), so its latent cache is right, preemption included,
-    and through chunked prefills and the eager forwards past the step functions' size."""
+    and through chunked prefills and the eager forwards past the step functions' size; also when each
+    speculative step is launched before the one it continues is read back (`overlapped`: its rows
+    start where that step's acceptance puts them, settled on the device)."""
     if graph_tokens is not None:
         monkeypatch.setattr(model_runner, "GRAPH_TOKENS", graph_tokens)
     prompts = _prompts()
     plain = run_staggered(LLMEngine(mtp_model, None, EngineConfig(**options)), prompts, GREEDY)
-    engine = LLMEngine(mtp_model, None, EngineConfig(speculative_tokens=1, **options))
+    config = EngineConfig(speculative_tokens=1, async_scheduling=overlap, **options)
+    engine = LLMEngine(mtp_model, None, config)
+    overlapped = _counting_launches(engine)
     drafts = []
     step = engine.step
 
@@ -219,6 +224,11 @@ def test_speculative_greedy_equals_plain_greedy_and_drafts_are_the_mtp_heads(
     assert run_staggered(engine, prompts, GREEDY) == plain
     assert plain[:3] == [generate(mtp_model, [p], N_NEW)[0].tolist() for p in prompts[:3]]
     assert engine.stats.spec_drafts > 0
+    assert engine.blocks.num_used == 0
+    if overlap:
+        assert sum(overlapped) > len(overlapped) // 3  # a good share of the steps overlapped
+    else:
+        assert not any(overlapped)
     sample = drafts[:: max(1, len(drafts) // 12)]
     with torch.no_grad():
         for tokens, draft in sample:
@@ -282,6 +292,71 @@ def test_accepted_and_rejected_drafts_give_the_same_tokens_and_fewer_steps(mtp_m
     assert verdicts and all(accepted == right for accepted, right in verdicts)
     assert 0 < engine.stats.spec_accepted < engine.stats.spec_drafts
     assert engine.stats.steps < plain_engine.stats.steps
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["read-back", "overlapped"])
+def test_drafts_made_on_the_device_verify_right_whether_or_not_steps_overlap(mtp_model, overlap):
+    """The MTP pass replaced by an oracle on the device that knows the greedy continuation at two
+    positions in three: drafts are kept and rejected, the output (with a stop token id and a short
+    max_tokens among the requests) equals plain greedy, in fewer steps; overlapped, the next step
+    is launched before each one is read back, its rows placed by the acceptance on the device."""
+    prompts = _prompts()
+    refs = run_staggered(LLMEngine(mtp_model, None, EngineConfig()), prompts, GREEDY)
+    stop = refs[2][6]
+    special = {2: SamplingParams(max_tokens=N_NEW, temperature=0, stop_token_ids=[stop]),
+               4: SamplingParams(max_tokens=5, temperature=0)}  # fmt: skip
+    expected = [r[: r.index(stop) + 1] if i == 2 else r[:5] if i == 4 else r for i, r in enumerate(refs)]
+    oracle = torch.zeros(128, 128, dtype=torch.long)  # (position, token fed there) → the token after next
+    for prompt, ref in zip(prompts, refs, strict=True):
+        seq = prompt + ref
+        for i in range(len(seq) - 2):
+            if i % 3:
+                oracle[i, seq[i + 1]] = seq[i + 2]
+    plain = LLMEngine(mtp_model, None, EngineConfig(block_size=4))
+    assert run_staggered(plain, prompts, GREEDY, special) == expected
+    config = EngineConfig(block_size=4, speculative_tokens=1, async_scheduling=overlap)
+    engine = LLMEngine(mtp_model, None, config)
+    engine.runner._draft_fn = engine.runner._draft_tokens = lambda h, ids, pos, batch: oracle[pos, ids]
+    overlapped = _counting_launches(engine)
+    assert run_staggered(engine, prompts, GREEDY, special) == expected
+    assert 0 < engine.stats.spec_accepted < engine.stats.spec_drafts
+    assert engine.stats.steps < plain.stats.steps and engine.blocks.num_used == 0
+    assert (sum(overlapped) > len(overlapped) // 3) if overlap else not any(overlapped)
+
+
+def test_overlapped_steps_write_the_mtp_cache_where_the_acceptance_puts_each_row(mtp_model):
+    """Drafts verified from the oracle above while the real MTP pass still runs (filling its cache
+    layer): the MTP's outputs, keyed by position, fed token and main hidden state, are the same
+    whether each step is read back first or the next one is launched before (its rows moved on the
+    device where drafts were accepted)."""
+    prompts = _prompts()
+    refs = run_staggered(LLMEngine(mtp_model, None, EngineConfig()), prompts, GREEDY)
+    oracle = torch.zeros(128, 128, dtype=torch.long)
+    for prompt, ref in zip(prompts, refs, strict=True):
+        seq = prompt + ref
+        for i in range(1, len(seq) - 2, 3):
+            oracle[i, seq[i + 1]] = seq[i + 2]
+            oracle[i + 1, seq[i + 2]] = seq[i + 3] if i + 3 < len(seq) else 0
+    outputs = []
+    for overlap in (False, True):
+        config = EngineConfig(block_size=4, speculative_tokens=1, async_scheduling=overlap)
+        engine = LLMEngine(mtp_model, None, config)
+        real, seen = engine.runner._draft_tokens, {}
+
+        def drafting(h, ids, positions, batch, real=real, seen=seen):
+            out = real(h, ids, positions, batch)
+            columns = positions.flatten().tolist(), ids.flatten().tolist(), h.flatten(0, 1)[:, 0].tolist()
+            keys = zip(*columns, strict=True)
+            for key, value in zip(keys, out.flatten().tolist(), strict=True):
+                seen.setdefault(key, set()).add(value)
+            return oracle[positions, ids]
+
+        engine.runner._draft_fn = engine.runner._draft_tokens = drafting
+        assert run_staggered(engine, prompts, GREEDY) == refs
+        assert engine.stats.spec_accepted > 20
+        outputs.append({k: v for k, v in seen.items() if len(v) == 1})  # padding keys collide: left out
+    common = set(outputs[0]) & set(outputs[1])
+    assert len(common) > 200 and all(outputs[0][k] == outputs[1][k] for k in common)
 
 
 def test_speculation_needs_an_mtp_module(references):

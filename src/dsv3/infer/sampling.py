@@ -258,9 +258,14 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
 
 
 @torch.no_grad()
-def sample_async(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+def sample_async(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], drafts: torch.Tensor | None = None
+) -> PendingSample:
     """`sample`, enqueued on the device without waiting for it: host values reach the device by
-    non-blocking copies and every decision that depends on them is taken on the host."""
+    non-blocking copies and every decision that depends on them is taken on the host. `drafts`
+    (N,) on the device, −1 for none, replaces the rows' drafts: an overlapped speculative step's
+    rows verify drafts the host does not know yet. Those rows must be greedy (a sampled row's
+    accept rule asks the host whether it has a draft: its entry must be its row's own)."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"sample: {logits.shape[0]} rows of logits for {len(rows)} sampling rows")
     device = logits.device
@@ -274,7 +279,9 @@ def sample_async(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSa
         logits[to_device(rows_i, device, torch.long), to_device(toks, device, torch.long)] = float("-inf")
     tokens = logits.argmax(-1)
     draft_list = [-1 if r.draft is None else r.draft for r in rows]
-    if all(d < 0 for d in draft_list):
+    if drafts is not None:
+        accepted = (drafts >= 0) & (tokens == drafts)
+    elif all(d < 0 for d in draft_list):
         drafts = torch.full_like(tokens, -1)
         accepted = torch.zeros_like(tokens, dtype=torch.bool)
     else:

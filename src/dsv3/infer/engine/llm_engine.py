@@ -241,10 +241,11 @@ class LLMEngine:
         """Schedule, run the model, apply the results; the outputs of requests that advanced.
 
         With `async_scheduling` a step's decode rows are launched again, fed the tokens the device
-        is still sampling, before the host reads that step back: the host's work (reading back,
-        stop rules, detokenizing, scheduling, preparing inputs) overlaps the GPU's next forward
-        instead of adding to it. A row that turns out to have stopped wastes its place in the
-        overlapped step, whose output for it is dropped."""
+        is still sampling (speculating: and the drafts it is making, from where its acceptances put
+        them), before the host reads that step back: the host's work (reading back, stop rules,
+        detokenizing, scheduling, preparing inputs) overlaps the GPU's next forward instead of
+        adding to it. A row that turns out to have stopped wastes its place in the overlapped step,
+        whose output for it is dropped."""
         launched, self._inflight = self._inflight, None
         try:
             if launched is None:
@@ -276,6 +277,8 @@ class LLMEngine:
             else:
                 for s in inflight.decode:
                     s.pending = False  # the token it feeds is on the host now
+                    if s.draft_pending:  # and where it starts, and the draft it verifies
+                        s.start, s.draft, s.draft_pending = s.seq.num_computed, s.seq.draft, False
         self.stats.record_step(now, generated)
         outputs = []
         for req in touched.values():
@@ -289,34 +292,43 @@ class LLMEngine:
 
     def _continue(self, launched: Launched) -> Batch | None:
         """The next step's batch, launched before `launched` is read back: each of its rows decodes the
-        token it is sampling now, and waiting sequences are admitted as in any step. None (the host
-        reads back first, then schedules) when the engine speculates (where the next step's rows
-        start depends on whether their drafts were accepted), a row is still prefilling or uses
-        penalties (which need its tokens on the host), or the cache cannot grow every row by a token."""
-        if not self.overlap or self.runner.speculative:
+        token it is sampling now (speculating: verifying the draft it is making, from the position
+        it reaches whether or not its own draft is accepted; the runner settles that on the device),
+        and waiting sequences are admitted as in any step. None (the host reads back first, then
+        schedules) when a row is still prefilling, uses penalties (which need its tokens on the
+        host) or, speculating, samples (its draws are indexed by output position, which depends on
+        the acceptance) or still has min_tokens to go, or when the cache cannot hold what every row
+        may reach. A row that may end with what is in flight is left out."""
+        if not self.overlap:
             return None
+        spec = self.runner.speculative
         items = [*launched.batch.decode, *launched.batch.prefill]
         if not all(s.samples for s in items):
             return None
+        # speculating, the step in flight adds up to 2 tokens and the next may keep 2 more, writing
+        # up to 3 positions past the known tokens; plainly 1 token each, writing 1 position past
+        in_flight, reach = (2, 3) if spec else (1, 1)
         rows = []
         for s in items:
-            seq = s.seq
+            seq, params = s.seq, s.seq.params
             if seq.finished:
                 continue
-            if seq.params.penalized:
+            if params.penalized or (spec and (not params.greedy or seq.num_output < params.min_tokens)):
                 return None
-            after = seq.num_output + 1  # output tokens once the one in flight is in
-            if (seq.params.max_tokens is not None and after >= seq.params.max_tokens) or (
-                seq.num_tokens + 1 >= self.config.max_model_len
-            ):
-                continue  # it ends with the token in flight
+            left = self.config.max_model_len - seq.num_tokens
+            if params.max_tokens is not None:
+                left = min(left, params.max_tokens - seq.num_output)
+            if left <= in_flight + (1 if spec else 0):
+                continue  # it may end with what is in flight (speculating: or could not keep a draft)
             rows.append(seq)
-        need = sum(self.blocks.blocks_for(seq.num_tokens + 1) - len(seq.block_table) for seq in rows)
+        need = sum(self.blocks.blocks_for(seq.num_tokens + reach) - len(seq.block_table) for seq in rows)
         if not rows or need > self.blocks.num_free:
             return None
         for seq in rows:
-            self.blocks.grow(seq, seq.num_tokens + 1)
-        batch = Batch(decode=[Scheduled(seq, seq.num_tokens, 1, pending=True) for seq in rows])
+            self.blocks.grow(seq, seq.num_tokens + reach)
+        batch = Batch(
+            decode=[Scheduled(seq, seq.num_tokens, 1, pending=True, draft_pending=spec) for seq in rows]
+        )
         self.scheduler.admit(batch)
         return batch
 

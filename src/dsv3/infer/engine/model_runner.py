@@ -19,7 +19,11 @@ Then one sampler call covers every row that fed its sequence's last token (two p
 that verifies a draft). With speculative decoding the MTP module runs over the positions the main
 model just computed, fed the token after each, which fills its own cache layer and drafts the next
 token: the argmax of its head at the row's last accepted position. `launch` enqueues all of it
-without waiting for the device; `collect` reads the step back.
+without waiting for the device; `collect` reads the step back. A step launched before the one it
+continues is read back (async scheduling) takes that step's sampled tokens, and when speculating
+its drafts and acceptances, from the device: a row whose draft was accepted starts one position
+later than the host assumed, so its positions and cache slots are chosen on the device between the
+two the host prepared.
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ class _Forward:
     shape: tuple[int, int, int] | None  # (rows, table width, tokens) of a step function; None: eager
     positions: torch.Tensor | None = None  # eager only: (B, T) and its block tables
     tables: torch.Tensor | None = None
+    # rows continuing a speculative step in flight: the draft each row feeds (B,), −1 for none, and
+    # whether it starts one position later than the host assumed (B,), both on the device
+    drafts: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
 
 @dataclass
@@ -90,6 +98,7 @@ class _Group:
     picks: list[tuple[int, int]]
     pending: PendingSample | None
     drafts: ReadBack | None = None  # speculating: the next draft of each sampling row, in row order
+    next_drafts: torch.Tensor | None = None  # the same, on the device (what an overlapped step feeds)
 
 
 @dataclass
@@ -116,6 +125,31 @@ class Launched:
         if index == list(range(len(index))):
             return flat[: len(index)]  # the common case: the same rows, in order
         return flat[to_device(index, flat.device, torch.long)]
+
+    def continuation(self, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Speculating: what a step launched before this one is read back feeds these sequences, on
+        the device: each one's last token from this step (the one after its draft where the draft
+        was accepted), whether it was (the next step then starts one position later) and its next
+        draft."""
+        tokens, accepted, drafts, where = [], [], [], {}
+        for g in self.groups:
+            if g.pending is None:
+                continue
+            first: dict[int, int] = {}
+            for k, (r, _) in enumerate(g.picks):
+                first.setdefault(r, k)
+            rows = sorted(first)
+            dev = g.pending.tokens.device
+            k0 = to_device([first[r] for r in rows], dev, torch.long)
+            k1 = to_device([first[r] + g.items[r].drafting for r in rows], dev, torch.long)
+            kept = g.pending.accepted[k0] & to_device([g.items[r].drafting for r in rows], dev, torch.bool)
+            tokens.append(torch.where(kept, g.pending.tokens[k1], g.pending.tokens[k0]))
+            accepted.append(kept)
+            drafts.append(g.next_drafts)
+            for r in rows:
+                where[g.items[r].seq.seq_id] = len(where)
+        index = to_device([where[i] for i in seq_ids], tokens[0].device, torch.long)
+        return tuple(torch.cat(t)[index] for t in (tokens, accepted, drafts))
 
 
 class ModelRunner:
@@ -181,13 +215,16 @@ class ModelRunner:
         return self.model.lm_head(self._mtp_states(h, next_ids, positions, batch)).argmax(-1)  # (B, T)
 
     # --- addresses -----------------------------------------------------------------------------------
-    def _rows(self, items: Sequence[Scheduled], T: int, valid: Sequence[int], first: Sequence[list[int]]):
-        """Per row, padded to T: `first[r]` (token ids), positions and slots; the first valid[r] are real,
-        the rest write to the scratch block."""
+    def _rows(
+        self, items: Sequence[Scheduled], T: int, valid: Sequence[int], first: Sequence[list[int]],
+        offset: int = 0,
+    ):  # fmt: skip
+        """Per row, padded to T: `first[r]` (token ids), positions and slots, from `start + offset`; the
+        first valid[r] are real, the rest write to the scratch block."""
         bs, scratch = self.config.block_size, self.cache.scratch_slot
         ids, positions, slots = [], [], []
         for s, n, tokens in zip(items, valid, first, strict=True):
-            table, p = s.seq.block_table, s.start
+            table, p = s.seq.block_table, s.start + offset
             ids.append(tokens[:T] + [0] * (T - len(tokens[:T])))
             positions.append([p + j if j < n else 0 for j in range(T)])
             slots.append([table[(p + j) // bs] * bs + (p + j) % bs if j < n else scratch for j in range(T)])
@@ -201,7 +238,7 @@ class ModelRunner:
 
     def _width(self, items: Sequence[Scheduled]) -> int:
         """Block-table width covering every row's context after this step."""
-        return max(-(-(s.start + len(s.fed)) // self.config.block_size) for s in items)
+        return max(-(-(s.start + len(s.fed) + s.draft_pending) // self.config.block_size) for s in items)
 
     # --- step functions over preallocated buffers, one per shape -----------------------------------
     def _buffer(self, T: int) -> dict[str, torch.Tensor]:
@@ -298,11 +335,11 @@ class ModelRunner:
     # --- forwards ------------------------------------------------------------------------------------
     def _forward(self, items: list[Scheduled], after: Launched | None) -> _Forward:
         """The main model over rows that each feed `item.fed`: through a step function when the padded
-        shape is small enough (see the module docstring), else eagerly. A `pending` row's token is
-        the one it sampled in `after`, copied on the device."""
+        shape is small enough (see the module docstring), else eagerly. A `pending` row's token (and
+        draft, and where it starts, when speculating) comes from `after` on the device."""
         B, T = len(items), max(len(s.fed) for s in items)
         Bb, Tb = next(b for b in self.buckets if b >= B), _pow2(T)
-        if Tb == 2 and all(s.draft is None for s in items):
+        if Tb == 2 and not any(s.drafting for s in items):
             Tb = 4  # 2 tokens a row are for verifying drafts: a 2-token chunk joins the longer chunks' family
         fed = [s.fed for s in items]
         valid = [len(f) for f in fed]
@@ -312,32 +349,59 @@ class ModelRunner:
             ids, positions, slots = self._rows(items, Tb, valid, fed)
             buf, scratch = self._buffer(Tb), self.cache.scratch_slot
             self._fill(buf["ids"][:Bb], ids, 0)
-            self._feed_pending(buf["ids"][:B, 0], items, after)
             self._fill(buf["positions"][:Bb], positions, 0)
             self._fill(buf["slots"][:Bb], slots, scratch)
             buf["tables"][:Bb, :NB].copy_(self._tables(items, Bb, NB), non_blocking=True)
-            return _Forward(items, self._step("main", Bb, NB, Tb)()[:B], (Bb, NB, Tb))
+            drafts, shift = self._feed_pending(
+                buf["ids"][:B], buf["positions"][:B], buf["slots"][:B], items, Tb, valid, fed, after
+            )
+            h = self._step("main", Bb, NB, Tb)()[:B]
+            return _Forward(items, h, (Bb, NB, Tb), drafts=drafts, shift=shift)
         ids, positions, slots = self._rows(items, T, valid, fed)
         dev = self.device
         pos, tables = torch.tensor(positions, device=dev), self._tables(items, B, self._width(items)).to(dev)
-        batch = self.cache.batch(torch.tensor(slots, device=dev), tables, pos, absorb=T <= 2)
-        ids = torch.tensor(ids, device=dev)
-        self._feed_pending(ids[:, 0], items, after)
+        slots, ids = torch.tensor(slots, device=dev), torch.tensor(ids, device=dev)
+        drafts, shift = self._feed_pending(ids, pos, slots, items, T, valid, fed, after)
+        batch = self.cache.batch(slots, tables, pos, absorb=T <= 2)
         h = self._hidden_states(ids, pos, batch)
-        return _Forward(items, h, None, pos, tables)
+        return _Forward(items, h, None, pos, tables, drafts=drafts, shift=shift)
 
-    def _feed_pending(self, ids: torch.Tensor, items: list[Scheduled], after: Launched | None) -> None:
-        """Copy into `ids` (one per row) the token each pending row sampled in `after`, on the device."""
+    def _feed_pending(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, items: list[Scheduled], T: int,
+        valid: list[int], fed: list[list[int]], after: Launched | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """Write into the forward's (B, T) inputs, on the device, what each `pending` row takes from
+        `after`: the token it sampled and, speculating, the draft it made, moving the row one
+        position on where `after` accepted the draft it verified. Returns the draft each row feeds
+        and that shift (B,), when any row's draft is on the device."""
         rows = [r for r, s in enumerate(items) if s.pending]
         if not rows:
-            return
+            return None, None
         if after is None:
             raise ValueError("model runner: a pending row needs the launched step it continues")
-        tokens = after.sampled([items[r].seq.seq_id for r in rows])
-        if rows == list(range(len(items))):
-            ids.copy_(tokens)
-        else:
-            ids.index_copy_(0, to_device(rows, self.device, torch.long), tokens)
+        seq_ids = [items[r].seq.seq_id for r in rows]
+        if not any(items[r].draft_pending for r in rows):
+            tokens = after.sampled(seq_ids)
+            if rows == list(range(len(items))):
+                ids[:, 0].copy_(tokens)  # the common case: every row, no index to copy to the device
+            else:
+                ids[:, 0].index_copy_(0, to_device(rows, self.device, torch.long), tokens)
+            return None, None
+        index = to_device(rows, self.device, torch.long)
+        tokens, accepted, next_drafts = after.continuation(seq_ids)
+        ids[:, 0].index_copy_(0, index, tokens)
+        ids[:, 1].index_copy_(0, index, next_drafts)
+        pick = [items[r] for r in rows], [valid[r] for r in rows], [fed[r] for r in rows]
+        _, later_positions, later_slots = self._rows(pick[0], T, pick[1], pick[2], offset=1)
+        moved = accepted.unsqueeze(1)
+        for now, later in ((positions, later_positions), (slots, later_slots)):
+            later = to_device(later, self.device, torch.long)
+            now.index_copy_(0, index, torch.where(moved, later, now[index]))
+        drafts = to_device([-1 if s.draft is None else s.draft for s in items], self.device, torch.long)
+        drafts.index_copy_(0, index, next_drafts)
+        shift = torch.zeros(len(items), dtype=torch.long, device=self.device)
+        shift.index_copy_(0, index, accepted.long())
+        return drafts, shift
 
     def _draft(self, fwd: _Forward, group: _Group) -> torch.Tensor:
         """The MTP module over each row's newly computed positions, fed the token after each: the
@@ -354,7 +418,7 @@ class ModelRunner:
             n = len(s.fed)
             valid.append(n)
             following.append((s.seq.token_ids[s.start + 1 : s.start + n + 1] + [0] * n)[:n])
-            if s.draft is not None:
+            if s.drafting:
                 drafted.append(r)
             elif s.samples:
                 plain.append(r)
@@ -373,6 +437,13 @@ class ModelRunner:
         def on_device(values: list[int]) -> torch.Tensor:
             return to_device(values, self.device, torch.long)
 
+        if fwd.shift is not None:  # rows that start a position later where the step before kept its draft
+            moved = [r for r, s in enumerate(items) if s.draft_pending]
+            index = on_device(moved)
+            pick = [items[r] for r in moved], [valid[r] for r in moved], [following[r] for r in moved]
+            later = on_device(self._rows(pick[0], T, pick[1], pick[2], offset=1)[2])
+            now = slots_buf[index]
+            slots_buf.index_copy_(0, index, torch.where(fwd.shift[index].bool().unsqueeze(1), later, now))
         last = torch.zeros(len(items), dtype=torch.long, device=self.device)  # each row's last valid column
         if plain:
             rows, cols = on_device(plain), on_device([items[r].num_tokens - 1 for r in plain])
@@ -382,7 +453,7 @@ class ModelRunner:
             rows = on_device(drafted)
             k0 = on_device([first_pick[r] for r in drafted])
             accepted = out.accepted[k0]
-            drafts = on_device([items[r].draft for r in drafted])
+            drafts = on_device([items[r].draft for r in drafted]) if fwd.drafts is None else fwd.drafts[rows]
             ids_buf[rows, 0] = torch.where(accepted, drafts, out.tokens[k0])
             ids_buf[rows, 1] = out.tokens[k0 + 1]
             slots_buf[rows, 1] = torch.where(accepted, slots_buf[rows, 1], self.cache.scratch_slot)
@@ -431,10 +502,16 @@ class ModelRunner:
                 cols = to_device([j for _, j in picks], self.device, torch.long)
                 h = fwd.hidden[rows, cols]
             sampling = [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
-            pending = sample_async(self.model.lm_head(h).float(), sampling)
+            drafts = None
+            if fwd.drafts is not None:  # some drafts are on the device: the draft each pick verifies
+                rows = to_device([r for r, _ in picks], self.device, torch.long)
+                verifies = [j == fwd.items[r].num_tokens - 1 for r, j in picks]
+                drafts = torch.where(to_device(verifies, self.device, torch.bool), fwd.drafts[rows], -1)
+            pending = sample_async(self.model.lm_head(h).float(), sampling, drafts)
         group = _Group(fwd.items, picks, pending)
         if self.speculative:
-            group.drafts = ReadBack(self._draft(fwd, group))
+            group.next_drafts = self._draft(fwd, group)
+            group.drafts = ReadBack(group.next_drafts)
         return group
 
     def _results(self, g: _Group) -> list[RowResult]:

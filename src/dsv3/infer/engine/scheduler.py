@@ -32,13 +32,18 @@ class Scheduled:
     """`seq` feeds token_ids[start : start + num_tokens], then `draft` when it is not None.
 
     A `pending` row (the engine's overlapped decode) feeds the token the step still in flight is
-    sampling: it is not in `token_ids` yet, and the model runner takes it from the device."""
+    sampling: it is not in `token_ids` yet, and the model runner takes it from the device. When
+    speculating it also feeds the draft that step is making (`draft_pending`), and `start` assumes
+    that step's own draft is rejected: the runner moves the row one position on, on the device,
+    where it was accepted. Once the step in flight is read back the engine settles `start` and
+    `draft` to their values."""
 
     seq: Sequence
     start: int
     num_tokens: int
     draft: int | None = None
     pending: bool = False
+    draft_pending: bool = False
 
     @property
     def samples(self) -> bool:
@@ -46,9 +51,14 @@ class Scheduled:
         return self.start + self.num_tokens == self.seq.num_tokens + self.pending
 
     @property
+    def drafting(self) -> bool:
+        """Whether the row feeds a draft after its token (known on the host or still on the device)."""
+        return self.draft is not None or self.draft_pending
+
+    @property
     def fed(self) -> list[int]:
-        if self.pending:
-            return [0]  # a stand-in: the runner copies the real id on the device
+        if self.pending:  # stand-ins: the runner copies the real ids on the device
+            return [0, 0] if self.draft_pending else [0]
         tokens = self.seq.token_ids[self.start : self.start + self.num_tokens]
         return tokens if self.draft is None else [*tokens, self.draft]
 
