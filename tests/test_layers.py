@@ -10,7 +10,7 @@ SRC = Path(__file__).parents[1] / "src" / "dsv3"
 
 # Bottom to top; a module may import its own layer's package and anything below.
 LAYERS = [
-    {"config", "io", "checkpoints", "compiling"},
+    {"config", "io", "checkpoints", "compiling", "host_copy"},
     {"model", "data", "scaling"},
     {"parallel"},
     {"infer"},

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dsv3.infer.readback import ReadBack
+from dsv3.host_copy import HostCopy
 
 __all__ = [
     "SamplingParams",
@@ -232,23 +232,27 @@ class PendingSample:
     logprobs: torch.Tensor | None  # (N,) of the chosen tokens
     top: tuple[torch.Tensor, torch.Tensor] | None  # (values, ids), (N, the most asked) each
     top_counts: list[int]  # per row, how many top logprobs it asked for
-    _host: ReadBack = field(init=False, repr=False)
+    _host: HostCopy = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        extra = [] if self.logprobs is None else [self.logprobs, *(self.top or ())]
-        self._host = ReadBack(self.tokens, self.accepted, *extra)  # behind the sampler, not later steps
+        # copied behind the sampler: reading them waits for this step, not for one queued after it
+        tensors = {"tokens": self.tokens, "accepted": self.accepted}
+        if self.logprobs is not None:
+            tensors["logprobs"] = self.logprobs
+        if self.top is not None:
+            tensors["top_values"], tensors["top_ids"] = self.top
+        self._host = HostCopy(tensors)
 
     def result(self) -> SampleOutput:
-        tokens, accepted, *extra = self._host.lists()
-        logprobs = top = None
-        if extra:
-            logprobs = extra[0]
+        host = {name: t.tolist() for name, t in self._host.get().items()}
+        tokens, logprobs, top = host["tokens"], host.get("logprobs"), None
+        if logprobs is not None:
             top = [[] for _ in tokens]
             if self.top is not None:
-                values, ids = extra[1:]
+                values, ids = host["top_values"], host["top_ids"]
                 top = [list(zip(ids[i][:k], values[i][:k], strict=True))
                        for i, k in enumerate(self.top_counts)]
-        return SampleOutput(tokens, accepted, logprobs, top)
+        return SampleOutput(tokens, host["accepted"], logprobs, top)
 
 
 @torch.no_grad()

@@ -25,9 +25,9 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.config import RunConfig
+from dsv3.host_copy import HostCopy
 from dsv3.model import Transformer
 from dsv3.train import checkpoint as ckpt
-from dsv3.train.readback import HostCopy
 from dsv3.train.sharded import begin_sharded_save
 
 __all__ = ["CheckpointWriter"]

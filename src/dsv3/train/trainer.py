@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from dsv3 import scaling
 from dsv3.checkpoints import best_checkpoint, is_sharded, list_checkpoints, verify_checkpoint
 from dsv3.config import ConfigError, RunConfig
+from dsv3.host_copy import HostCopy
 from dsv3.infer.text import sample_text
 from dsv3.io import write_json_atomic
 from dsv3.parallel import build_meshes, check_world_size, init_distributed, parallelize, world_size
@@ -52,7 +53,6 @@ from dsv3.train.optim import (
 )
 from dsv3.train.plots import plot_run
 from dsv3.train.profiler import StepProfiler
-from dsv3.train.readback import HostCopy
 from dsv3.train.saver import CheckpointWriter
 from dsv3.train.sharded import load_full_checkpoint, load_sharded_checkpoint
 from dsv3.train.sinks import MetricsLogger, truncate_metrics

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3.host_copy import HostCopy
 from dsv3.infer.compiled import compile_dynamic, compiled_blocks
 from dsv3.infer.cuda_graph import capture
 from dsv3.infer.engine.config import EngineConfig
 from dsv3.infer.engine.paged_cache import PagedBatch, PagedLatentCache
 from dsv3.infer.engine.scheduler import Batch, Scheduled
-from dsv3.infer.readback import ReadBack
 from dsv3.infer.sampling import PendingSample, SampleOutput, SamplingRow, sample_async, to_device
 from dsv3.model.moe import indexed_expert_tokens
 
@@ -97,7 +97,7 @@ class _Group:
     items: list[Scheduled]
     picks: list[tuple[int, int]]
     pending: PendingSample | None
-    drafts: ReadBack | None = None  # speculating: the next draft of each sampling row, in row order
+    drafts: HostCopy | None = None  # speculating: the next draft of each sampling row, in row order
     next_drafts: torch.Tensor | None = None  # the same, on the device (what an overlapped step feeds)
 
 
@@ -511,7 +511,7 @@ class ModelRunner:
         group = _Group(fwd.items, picks, pending)
         if self.speculative:
             group.next_drafts = self._draft(fwd, group)
-            group.drafts = ReadBack(group.next_drafts)
+            group.drafts = HostCopy({"drafts": group.next_drafts})
         return group
 
     def _results(self, g: _Group) -> list[RowResult]:
@@ -521,7 +521,7 @@ class ModelRunner:
             taken.setdefault(r, []).append(k)
         results = [self._result(s, out, taken.get(r, [])) for r, s in enumerate(g.items)]
         if g.drafts is not None:
-            for r, draft in zip(sorted(taken), g.drafts.lists()[0], strict=True):
+            for r, draft in zip(sorted(taken), g.drafts.get()["drafts"].tolist(), strict=True):
                 results[r].draft = draft
         return results
 

@@ -1,11 +1,13 @@
-"""Tensors copied from the GPU to the host without making the training thread wait.
+"""Tensors copied from the GPU to the host without waiting for everything queued on the device.
 
 Reading a CUDA tensor on the host (`.item()`, `.tolist()`, `bool(t)`, `.cpu()`) blocks the Python
 thread until the GPU has run everything queued so far, and the GPU then idles while the host prepares
-the next step. Instead, a copy into pinned host memory is queued behind the work already on the
-stream (so later in-place updates cannot reach it) and read when it is needed: the trainer reads a
-step's numbers a step later, a background checkpoint's thread reads the snapshot of the weights and
-optimizer state before it writes them.
+the next step. Instead, a copy into pinned host memory is queued behind the work that produced the
+tensors (so later in-place updates cannot reach it), an event marks that point of the stream, and
+reading waits for that event only, not for work queued after it: the trainer reads a step's numbers
+a step later, a background checkpoint's thread reads the snapshot of the weights and optimizer
+state before it writes them, and the serving engine reads a step's sampled tokens while the step
+that async scheduling launched behind it runs.
 """
 
 from __future__ import annotations
