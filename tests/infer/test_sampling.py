@@ -87,9 +87,10 @@ def test_banned_tokens_are_never_drawn():
     assert freq[0] == 0 and freq[1] == 0 and freq[2] > 0.3
 
 
-def test_speculative_acceptance_keeps_the_target_distribution():
-    """A greedy draft accepted with probability p(draft), else replaced by a draw from p without it:
-    the tokens are distributed as p, and drafts are accepted at rate p(draft)."""
+def test_speculative_acceptance_keeps_the_target_distribution_and_each_rows_draw():
+    """A draft (the draft model's argmax) is kept when the row's own draw is that token: the tokens
+    are distributed as p, drafts are accepted at rate p(draft), and each seeded row draws the token
+    it draws without a draft."""
     params = SamplingParams(temperature=0.8, top_k=5)
     logits = LOGITS
     p = (logits / 0.8).softmax(-1)
@@ -100,7 +101,8 @@ def test_speculative_acceptance_keeps_the_target_distribution():
         freq = torch.bincount(torch.tensor(out.tokens), minlength=6).float() / N
         torch.testing.assert_close(freq, p, atol=0.015, rtol=0)
         assert abs(sum(out.accepted) / N - float(p[draft])) < 0.015
-        assert all(t == draft for t, a in zip(out.tokens, out.accepted, strict=True) if a)
+        assert all(a == (t == draft) for t, a in zip(out.tokens, out.accepted, strict=True))
+        assert out.tokens == sample(logits.expand(N, -1).clone(), _rows(params)).tokens
     rows = [SamplingRow(SamplingParams(temperature=0), 0, 0, [0], [], draft=d) for d in (0, 1)]
     greedy = sample(logits.expand(2, -1).clone(), rows)
     assert greedy.tokens == [0, 0] and greedy.accepted == [True, False]

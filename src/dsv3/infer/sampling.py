@@ -11,10 +11,14 @@ request samples the same tokens whatever else shares its batch, and whether or n
 to preempt and recompute it. Logprobs are the model's own (log-softmax of the raw logits), as
 vLLM reports them by default.
 
-Speculative decoding (`draft` per row): the draft was the draft model's argmax, so the standard
-accept rule min(1, p/q) becomes "accept with probability p(draft)", and a rejected draft is
-replaced by a draw from p with the draft removed; the result is distributed exactly as p. Greedy
-rows accept exactly when the draft is the argmax.
+Speculative decoding (`draft` per row): the row draws its token from p exactly as without a draft
+(the same uniform number), and the draft is accepted when it is that token. The draft was the draft
+model's argmax, a distribution q with all its mass on it, for which the standard rule (accept with
+probability min(1, p/q) = p(draft), else draw from p without the draft) accepts at the same rate
+p(draft) and also outputs p; coupling the acceptance to the row's own draw keeps that rate and that
+distribution and makes a seeded request's tokens independent of its drafts: the same with and
+without speculation, and whatever drafts a preemption or another batch led to. Greedy rows accept
+exactly when the draft is the argmax.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def _splitmix64(x: int) -> int:
 
 def uniform(seed: int, index: int, stream: int = 0) -> float:
     """A number in [0, 1) that depends only on (seed, index, stream): the draw for output token
-    `index` of a request (stream 0: the token; stream 1: accepting a speculative draft)."""
+    `index` of a request (stream 0: the token; other streams are for any further draw a row needs)."""
     x = _splitmix64((seed & _MASK64) ^ _splitmix64(index * 4 + stream))
     return (x >> 11) * 2.0**-53
 
@@ -300,24 +304,13 @@ def sample_async(
         probs = (logits[idx] / temp).softmax(-1)
         probs, order = _filter(probs, sub)
         probs = probs / probs.sum(-1, keepdim=True)
-        sub_drafts = drafts[idx]
-        col = sub_drafts.clamp(min=0).unsqueeze(1)
-        if order is not None:  # the draft's column in sorted order
-            col = (order == col).int().argmax(-1, keepdim=True)
-        p_draft = probs.gather(1, col).squeeze(1)
-        u_accept = to_device([uniform(r.seed, r.index, 1) for r in sub], device, torch.float64)
-        accept = (sub_drafts >= 0) & (u_accept < p_draft.double())
-        residual = probs
-        if any(r.draft is not None for r in sub):
-            residual = torch.where((sub_drafts >= 0).unsqueeze(1), probs.scatter(1, col, 0.0), probs)
-        empty = residual.sum(-1) <= 0  # p(draft) = 1: always accepted, nothing left to draw from
-        residual = torch.where(empty.unsqueeze(1), probs, residual)
         u = to_device([uniform(r.seed, r.index, 0) for r in sub], device, torch.float64)
-        drawn = _draw(residual, u)
+        drawn = _draw(probs, u)
         if order is not None:
             drawn = order.gather(1, drawn.unsqueeze(1)).squeeze(1)
-        tokens[idx] = torch.where(accept, sub_drafts, drawn)
-        accepted[idx] = accept
+        sub_drafts = drafts[idx]
+        tokens[idx] = drawn  # the draw without a draft; the draft is kept when it is this token
+        accepted[idx] = (sub_drafts >= 0) & (drawn == sub_drafts)
 
     logprobs = top = None
     counts = [r.params.logprobs or 0 for r in rows]
