@@ -563,7 +563,9 @@ def test_a_prompt_admitted_into_an_overlapped_step_is_prefilled_once(references)
 
 
 @pytest.mark.parametrize("seed, speculative", [(0, False), (1, False), (2, True)])
-def test_random_traffic_gives_the_same_outputs_with_and_without_overlap(references, mtp_model, seed, speculative):
+def test_random_traffic_gives_the_same_outputs_with_and_without_overlap(
+    references, mtp_model, seed, speculative
+):
     """Randomised traffic (prompt lengths, arrival steps, max_tokens, stop ids, n, greedy and seeded
     sampling, a cache small enough to preempt, some aborts), also with MTP speculation: every request
     that is not aborted ends with the same tokens and finish reason whether steps overlap or not,
