@@ -267,13 +267,17 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
 
 @torch.no_grad()
 def sample_async(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], drafts: torch.Tensor | None = None
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    drafts: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> PendingSample:
     """`sample`, enqueued on the device without waiting for it: host values reach the device by
-    non-blocking copies and every decision that depends on them is taken on the host. `drafts`
-    (N,) on the device, −1 for none, replaces the rows' drafts: an overlapped speculative step's
-    rows verify drafts the host does not know yet. Those rows must be greedy (a sampled row's
-    accept rule asks the host whether it has a draft: its entry must be its row's own)."""
+    non-blocking copies and every decision that depends on them is taken on the host.
+
+    An overlapped speculative step's rows verify drafts the host does not know yet and sit at an
+    output index it does not know either: `drafts` (N,) on the device, −1 for none, replaces the
+    rows' drafts, and where `shift` (N,) is 1 a row's draw is that of output token `index + 1`."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"sample: {logits.shape[0]} rows of logits for {len(rows)} sampling rows")
     device = logits.device
@@ -305,6 +309,9 @@ def sample_async(
         probs, order = _filter(probs, sub)
         probs = probs / probs.sum(-1, keepdim=True)
         u = to_device([uniform(r.seed, r.index, 0) for r in sub], device, torch.float64)
+        if shift is not None:
+            later = to_device([uniform(r.seed, r.index + 1, 0) for r in sub], device, torch.float64)
+            u = torch.where(shift[idx].bool(), later, u)
         drawn = _draw(probs, u)
         if order is not None:
             drawn = order.gather(1, drawn.unsqueeze(1)).squeeze(1)

@@ -296,8 +296,8 @@ class LLMEngine:
         it reaches whether or not its own draft is accepted; the runner settles that on the device),
         and waiting sequences are admitted as in any step. None (the host reads back first, then
         schedules) when a row is still prefilling, uses penalties (which need its tokens on the
-        host) or, speculating, samples (its draws are indexed by output position, which depends on
-        the acceptance) or still has min_tokens to go, or when the cache cannot hold what every row
+        host) or, speculating, still has min_tokens to go (whether eos may be drawn depends on the
+        output index, which the acceptance moves), or when the cache cannot hold what every row
         may reach. A row that may end with what is in flight is left out."""
         if not self.overlap:
             return None
@@ -313,7 +313,7 @@ class LLMEngine:
             seq, params = s.seq, s.seq.params
             if seq.finished:
                 continue
-            if params.penalized or (spec and (not params.greedy or seq.num_output < params.min_tokens)):
+            if params.penalized or (spec and seq.num_output < params.min_tokens):
                 return None
             left = self.config.max_model_len - seq.num_tokens
             if params.max_tokens is not None:

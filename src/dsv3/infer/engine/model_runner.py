@@ -502,12 +502,13 @@ class ModelRunner:
                 cols = to_device([j for _, j in picks], self.device, torch.long)
                 h = fwd.hidden[rows, cols]
             sampling = [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
-            drafts = None
-            if fwd.drafts is not None:  # some drafts are on the device: the draft each pick verifies
-                rows = to_device([r for r, _ in picks], self.device, torch.long)
+            drafts = shift = None
+            if fwd.drafts is not None:  # some drafts are on the device: the draft each pick verifies,
+                rows = to_device([r for r, _ in picks], self.device, torch.long)  # and the index shift
                 verifies = [j == fwd.items[r].num_tokens - 1 for r, j in picks]
                 drafts = torch.where(to_device(verifies, self.device, torch.bool), fwd.drafts[rows], -1)
-            pending = sample_async(self.model.lm_head(h).float(), sampling, drafts)
+                shift = fwd.shift[rows]
+            pending = sample_async(self.model.lm_head(h).float(), sampling, drafts, shift)
         group = _Group(fwd.items, picks, pending)
         if self.speculative:
             group.next_drafts = self._draft(fwd, group)
