@@ -84,7 +84,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", metavar="PATH",
                    help="step part: after timing, the kernels of 20 decode steps at each C to PATH.cC.txt "
-                        "and the host's Python of serving C more requests to PATH.cC.host.txt")
+                        "and the host's Python of serving C more requests to PATH.cC.host.txt; prefix "
+                        "part: the kernels and host table of cold and warm requests, PATH.prefix-*.txt")
     args = p.parse_args()
     args.parts = args.parts.split(",")
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -178,6 +179,12 @@ def _drive(engine: LLMEngine, prompts: list[list[int]], concurrency: int, params
     return {"outputs": outs, "wall_s": wall, "tokens": tokens, "ttft": ttft, "tpot": tpot}
 
 
+def _drive_each(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> None:
+    """Serve these prompts one after the other (a profile's window of single requests)."""
+    for prompt in prompts:
+        _drive(engine, [prompt], 1, params)
+
+
 # --- parts ---------------------------------------------------------------------------------------------
 
 
@@ -199,6 +206,11 @@ def prefix_part(args) -> None:
         runs = [_drive(engine, [system + s], 1, params) for s in suffixes[1:]]
         ttft[name] = statistics.median(r["ttft"][0] for r in runs)
         cached = runs[-1]["outputs"][0].num_cached_tokens
+        if args.profile:  # 5 more requests of this kind: their kernels, and the host's Python
+            more = [system + s for s in _prompts(6, args.suffix_len, vocab, args.seed + 3)]
+            path = f"{args.profile}.prefix-{name}"
+            write_kernel_table(f"{path}.txt", partial(_drive_each, engine, more[:5], params), n_steps=1)
+            write_host_table(f"{path}.host.txt", partial(_drive_each, engine, more[5:], params))
         del engine
     _emit(
         {
