@@ -36,9 +36,9 @@ def one_compiled_row(x: torch.Tensor) -> bool:
 
 def few_compiled_rows(x: torch.Tensor) -> bool:
     """`one_compiled_row`, or one sequence's two rows, x (1, 2, in): a speculative step verifying a
-    draft, which then computes each row as the one-token step does. Only the (1, T, in) layout is
-    told apart: a flattened (N, in) input of two rows could be two sequences, whose count varies
-    within one compiled graph (asking would make the compiler specialise on it)."""
+    draft, which then runs reductions like the one-token step instead of cuBLAS GEMMs. Only the
+    (1, T, in) layout is told apart: a flattened (N, in) input of two rows could be two sequences,
+    whose count varies within one compiled graph (asking would make the compiler specialise on it)."""
     if one_compiled_row(x):
         return True
     return (

@@ -305,9 +305,10 @@ class LLMEngine:
         items = [*launched.batch.decode, *launched.batch.prefill]
         if not all(s.samples for s in items):
             return None
-        # speculating, the step in flight adds up to 2 tokens and the next may keep 2 more, writing
-        # up to 3 positions past the known tokens; plainly 1 token each, writing 1 position past
-        in_flight, reach = (2, 3) if spec else (1, 1)
+        # the step in flight adds up to `in_flight` tokens and the next one keeps up to as many; the
+        # next one writes up to `reach` positions past the tokens the host knows
+        in_flight = 2 if spec else 1
+        reach = 2 * in_flight - 1
         rows = []
         for s in items:
             seq, params = s.seq, s.seq.params
@@ -318,8 +319,8 @@ class LLMEngine:
             left = self.config.max_model_len - seq.num_tokens
             if params.max_tokens is not None:
                 left = min(left, params.max_tokens - seq.num_output)
-            if left <= in_flight + (1 if spec else 0):
-                continue  # it may end with what is in flight (speculating: or could not keep a draft)
+            if left < 2 * in_flight:
+                continue  # it may end before the next step's tokens all count
             rows.append(seq)
         need = sum(self.blocks.blocks_for(seq.num_tokens + reach) - len(seq.block_table) for seq in rows)
         if not rows or need > self.blocks.num_free:
