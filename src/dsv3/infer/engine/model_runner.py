@@ -391,17 +391,26 @@ class ModelRunner:
         tokens, accepted, next_drafts = after.continuation(seq_ids)
         ids[:, 0].index_copy_(0, index, tokens)
         ids[:, 1].index_copy_(0, index, next_drafts)
-        pick = [items[r] for r in rows], [valid[r] for r in rows], [fed[r] for r in rows]
-        _, later_positions, later_slots = self._rows(pick[0], T, pick[1], pick[2], offset=1)
-        moved = accepted.unsqueeze(1)
-        for now, later in ((positions, later_positions), (slots, later_slots)):
-            later = to_device(later, self.device, torch.long)
-            now.index_copy_(0, index, torch.where(moved, later, now[index]))
+        self._move_on(items, rows, T, valid, fed, accepted, positions=positions, slots=slots)
         drafts = to_device([-1 if s.draft is None else s.draft for s in items], self.device, torch.long)
         drafts.index_copy_(0, index, next_drafts)
         shift = torch.zeros(len(items), dtype=torch.long, device=self.device)
         shift.index_copy_(0, index, accepted.long())
         return drafts, shift
+
+    def _move_on(
+        self, items: list[Scheduled], rows: list[int], T: int, valid: list[int], first: list[list[int]],
+        moved: torch.Tensor, **targets: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """In each target (`positions`, `slots`: (B, T) on the device, as `_rows` lays them out), the
+        given rows become what they are one position later, where `moved` (one flag per row, on the
+        device) is set."""
+        sub = [items[r] for r in rows], [valid[r] for r in rows], [first[r] for r in rows]
+        _, positions, slots = self._rows(sub[0], T, sub[1], sub[2], offset=1)
+        later, index = {"positions": positions, "slots": slots}, to_device(rows, self.device, torch.long)
+        for name, target in targets.items():
+            values = to_device(later[name], self.device, torch.long)
+            target.index_copy_(0, index, torch.where(moved.unsqueeze(1), values, target[index]))
 
     def _draft(self, fwd: _Forward, group: _Group) -> torch.Tensor:
         """The MTP module over each row's newly computed positions, fed the token after each: the
@@ -438,12 +447,9 @@ class ModelRunner:
             return to_device(values, self.device, torch.long)
 
         if fwd.shift is not None:  # rows that start a position later where the step before kept its draft
-            moved = [r for r, s in enumerate(items) if s.draft_pending]
-            index = on_device(moved)
-            pick = [items[r] for r in moved], [valid[r] for r in moved], [following[r] for r in moved]
-            later = on_device(self._rows(pick[0], T, pick[1], pick[2], offset=1)[2])
-            now = slots_buf[index]
-            slots_buf.index_copy_(0, index, torch.where(fwd.shift[index].bool().unsqueeze(1), later, now))
+            moving = [r for r, s in enumerate(items) if s.draft_pending]
+            moved = fwd.shift[on_device(moving)].bool()
+            self._move_on(items, moving, T, valid, following, moved, slots=slots_buf)
         last = torch.zeros(len(items), dtype=torch.long, device=self.device)  # each row's last valid column
         if plain:
             rows, cols = on_device(plain), on_device([items[r].num_tokens - 1 for r in plain])
