@@ -290,14 +290,12 @@ def sample_async(
         rows_i, toks = zip(*banned, strict=True)
         logits[to_device(rows_i, device, torch.long), to_device(toks, device, torch.long)] = float("-inf")
     tokens = logits.argmax(-1)
-    draft_list = [-1 if r.draft is None else r.draft for r in rows]
-    if drafts is not None:
-        accepted = (drafts >= 0) & (tokens == drafts)
-    elif all(d < 0 for d in draft_list):
+    if drafts is None and all(r.draft is None for r in rows):  # no draft: nothing to copy or compare
         drafts = torch.full_like(tokens, -1)
         accepted = torch.zeros_like(tokens, dtype=torch.bool)
     else:
-        drafts = to_device(draft_list, device, torch.long)
+        if drafts is None:
+            drafts = to_device([-1 if r.draft is None else r.draft for r in rows], device, torch.long)
         accepted = (drafts >= 0) & (tokens == drafts)
 
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]

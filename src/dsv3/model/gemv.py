@@ -29,9 +29,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _compiling_without_grad() -> bool:
+    return not torch.is_grad_enabled() and torch.compiler.is_compiling()
+
+
 def one_compiled_row(x: torch.Tensor) -> bool:
     """Whether x (..., in) is one row being compiled with no gradient recorded: the reduction's case."""
-    return x.numel() == x.shape[-1] and not torch.is_grad_enabled() and torch.compiler.is_compiling()
+    return _compiling_without_grad() and x.numel() == x.shape[-1]
 
 
 def few_compiled_rows(x: torch.Tensor) -> bool:
@@ -39,15 +43,8 @@ def few_compiled_rows(x: torch.Tensor) -> bool:
     draft, which then runs reductions like the one-token step instead of cuBLAS GEMMs. Only the
     (1, T, in) layout is told apart: a flattened (N, in) input of two rows could be two sequences,
     whose count varies within one compiled graph (asking would make the compiler specialise on it)."""
-    if one_compiled_row(x):
-        return True
-    return (
-        not torch.is_grad_enabled()
-        and torch.compiler.is_compiling()
-        and x.dim() == 3
-        and x.shape[0] == 1
-        and x.shape[1] <= 2
-    )
+    two = x.dim() == 3 and x.shape[0] == 1 and x.shape[1] <= 2
+    return _compiling_without_grad() and (x.numel() == x.shape[-1] or two)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

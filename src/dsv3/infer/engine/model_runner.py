@@ -97,8 +97,8 @@ class _Group:
     items: list[Scheduled]
     picks: list[tuple[int, int]]
     pending: PendingSample | None
-    drafts: HostCopy | None = None  # speculating: the next draft of each sampling row, in row order
-    next_drafts: torch.Tensor | None = None  # the same, on the device (what an overlapped step feeds)
+    drafts: torch.Tensor | None = None  # speculating: the next draft of each sampling row, in row order
+    drafts_host: HostCopy | None = None  # the same, on its way to the host
 
 
 @dataclass
@@ -145,7 +145,7 @@ class Launched:
             kept = g.pending.accepted[k0] & to_device([g.items[r].drafting for r in rows], dev, torch.bool)
             tokens.append(torch.where(kept, g.pending.tokens[k1], g.pending.tokens[k0]))
             accepted.append(kept)
-            drafts.append(g.next_drafts)
+            drafts.append(g.drafts)
             for r in rows:
                 where[g.items[r].seq.seq_id] = len(where)
         index = to_device([where[i] for i in seq_ids], tokens[0].device, torch.long)
@@ -517,8 +517,8 @@ class ModelRunner:
             pending = sample_async(self.model.lm_head(h).float(), sampling, drafts, shift)
         group = _Group(fwd.items, picks, pending)
         if self.speculative:
-            group.next_drafts = self._draft(fwd, group)
-            group.drafts = HostCopy({"drafts": group.next_drafts})
+            group.drafts = self._draft(fwd, group)
+            group.drafts_host = HostCopy({"drafts": group.drafts})
         return group
 
     def _results(self, g: _Group) -> list[RowResult]:
@@ -527,8 +527,8 @@ class ModelRunner:
         for k, (r, _) in enumerate(g.picks):
             taken.setdefault(r, []).append(k)
         results = [self._result(s, out, taken.get(r, [])) for r, s in enumerate(g.items)]
-        if g.drafts is not None:
-            for r, draft in zip(sorted(taken), g.drafts.get()["drafts"].tolist(), strict=True):
+        if g.drafts_host is not None:
+            for r, draft in zip(sorted(taken), g.drafts_host.get()["drafts"].tolist(), strict=True):
                 results[r].draft = draft
         return results
 
