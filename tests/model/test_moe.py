@@ -102,6 +102,19 @@ def test_tokens_per_expert_and_sort_by_expert():
     assert ends.tolist() == [1, 4, 5, 8, 8]  # expert 4 gets nothing
 
 
+@pytest.mark.parametrize("n_experts", [5, 256, 257, 40_000])
+def test_sort_by_expert_narrow_keys_keep_the_stable_order(n_experts):
+    """The sort runs on uint8/int16 keys where the ids fit: the same order as a stable int64 sort
+    (pairs of one expert stay in token order), the largest id included."""
+    g = torch.Generator().manual_seed(n_experts)
+    idx = torch.randint(0, n_experts, (300, 4), generator=g)
+    idx[0, 0] = n_experts - 1
+    order, ends = sort_by_expert(idx, n_experts)
+    flat = idx.flatten()
+    assert torch.equal(order, flat.argsort(stable=True))
+    assert torch.equal(ends, torch.bincount(flat, minlength=n_experts).cumsum(0))
+
+
 def _per_expert_reference(x, w, ends):
     """The obvious loop, to check the vectorized paths against."""
     out, start = [], 0

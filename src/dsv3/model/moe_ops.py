@@ -33,14 +33,21 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     """Order of the N·k (token, slot) pairs grouped by expert (N·k,) and each expert's end offset (E,).
 
     The offsets come from a search in the sorted ids rather than a bincount, so every shape is static
-    (no data-dependent sizes for torch.compile, no host sync).
+    (no data-dependent sizes for torch.compile, no host sync). The sort runs on the narrowest integer
+    type that holds the ids: a radix sort makes one pass per key byte, and int64 keys took 2-3× as
+    long as uint8 on the H200.
     """
     flat = indices.flatten()
-    order = flat.argsort(stable=True)
+    order = flat.to(sort_key_dtype(n_experts)).argsort(stable=True)
     ends = torch.searchsorted(
         flat[order], torch.arange(n_experts, device=flat.device, dtype=flat.dtype), right=True
     )
     return order, ends
+
+
+def sort_key_dtype(n_experts: int) -> torch.dtype:
+    """The narrowest integer type holding expert ids 0..n_experts-1."""
+    return torch.uint8 if n_experts <= 256 else torch.int16 if n_experts <= 2**15 else torch.int64
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
