@@ -85,7 +85,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--profile", metavar="PATH",
                    help="step part: after timing, the kernels of 20 decode steps at each C to PATH.cC.txt "
                         "and the host's Python of serving C more requests to PATH.cC.host.txt; prefix "
-                        "part: the kernels and host table of cold and warm requests, PATH.prefix-*.txt")
+                        "part: the kernels and host table of cold and warm requests, PATH.prefix-*.txt; "
+                        "speculative part: one request's, PATH.speculative-{plain,mtp}*.txt")
     args = p.parse_args()
     args.parts = args.parts.split(",")
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -261,6 +262,10 @@ def speculative_part(args) -> None:
         _drive(engine, warm, 1, params)  # graphs, warm-up (another prompt: no prefix hit in the timed ones)
         rows[spec] = _drive(engine, prompts, 1, params)
         rows[spec]["acceptance"] = engine.stats.acceptance_rate
+        if args.profile:  # one request's kernels and host Python, plain and speculative side by side
+            path = f"{args.profile}.speculative-{'mtp' if spec else 'plain'}"
+            write_kernel_table(f"{path}.txt", partial(_drive, engine, prompts[:1], 1, params), n_steps=1)
+            write_host_table(f"{path}.host.txt", partial(_drive, engine, prompts[1:2], 1, params))
         del engine
     same = sum(
         a.outputs[0].token_ids == b.outputs[0].token_ids
