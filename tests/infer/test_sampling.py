@@ -6,7 +6,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dsv3.infer.sampling import SamplingParams, SamplingRow, _penalize, params_error, sample, uniform
+from dsv3.infer.sampling import (
+    SamplingParams,
+    SamplingRow,
+    _penalize,
+    device_index,
+    params_error,
+    sample,
+    uniform,
+)
 
 LOGITS = torch.tensor([2.0, 1.5, 0.8, -0.6, -3.0, 0.1])
 N = 20_000  # draws per distribution: frequencies within ±0.015 of the probabilities
@@ -117,3 +125,20 @@ def test_logprobs_are_raw_and_top_logprobs_sorted():
         assert [i for i, _ in top] == [0, 1] and abs(top[0][1] - float(lp[0])) < 1e-6
     none = sample(LOGITS.expand(1, -1).clone(), _rows(SamplingParams(), n=1))
     assert none.logprobs is None and none.top_logprobs is None
+
+
+@pytest.mark.parametrize(
+    "positions, is_slice",
+    [([], True), ([3], True), ([0, 1, 2, 3], True), ([1, 3, 5], True), ([2, 0], False), ([0, 0, 1], False),
+     ([0, 1, 3], False)],
+)
+def test_device_index_reads_and_writes_like_an_index_tensor(positions, is_slice):
+    """Evenly spaced positions become a slice (no copy to the device); either way the index reads and
+    writes the positions it was given, in their order."""
+    index = device_index(positions, torch.device("cpu"))
+    assert isinstance(index, slice) == is_slice
+    t = torch.arange(10) * 10
+    assert t[index].tolist() == [10 * p for p in positions]
+    if len(set(positions)) == len(positions):
+        t[index] = -torch.arange(len(positions)) - 1
+        assert [t[p].item() for p in positions] == [-k - 1 for k in range(len(positions))]

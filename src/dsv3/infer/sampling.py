@@ -40,6 +40,7 @@ __all__ = [
     "sample",
     "sample_async",
     "PendingSample",
+    "device_index",
     "to_device",
     "params_error",
 ]
@@ -171,6 +172,18 @@ def to_device(values: Sequence, device: torch.device, dtype: torch.dtype | None 
     """Host values on `device` without waiting for the device: `torch.tensor(..., device=cuda)`
     would synchronize the stream, which the engine's overlapped steps must never do."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def device_index(positions: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """An index selecting these positions (ascending or not): a slice where they step evenly, which
+    costs no copy to the device (the common case: every row, or every other pick), else an index
+    tensor. Read through it with `t[index]` (a view for a slice) and write with `t[index] = v`."""
+    n = len(positions)
+    first = positions[0] if n else 0
+    step = positions[1] - first if n > 1 else 1
+    if step > 0 and first >= 0 and all(p == first + k * step for k, p in enumerate(positions)):
+        return slice(first, first + step * (n - 1) + 1, step)
+    return to_device(positions, device, torch.long)
 
 
 def _penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -40,7 +40,14 @@ from dsv3.infer.cuda_graph import capture
 from dsv3.infer.engine.config import EngineConfig
 from dsv3.infer.engine.paged_cache import PagedBatch, PagedLatentCache
 from dsv3.infer.engine.scheduler import Batch, Scheduled
-from dsv3.infer.sampling import PendingSample, SampleOutput, SamplingRow, sample_async, to_device
+from dsv3.infer.sampling import (
+    PendingSample,
+    SampleOutput,
+    SamplingRow,
+    device_index,
+    sample_async,
+    to_device,
+)
 from dsv3.model.moe import indexed_expert_tokens
 
 __all__ = ["ModelRunner", "Launched", "RowResult", "batch_buckets", "GRAPH_TOKENS"]
@@ -121,10 +128,7 @@ class Launched:
         if len(where) != sum(len(g.picks) for g in self.groups):
             raise ValueError("model runner: a step that sampled two positions of a row cannot be continued")
         flat = tokens[0] if len(tokens) == 1 else torch.cat(tokens)
-        index = [where[i] for i in seq_ids]
-        if index == list(range(len(index))):
-            return flat[: len(index)]  # the common case: the same rows, in order
-        return flat[to_device(index, flat.device, torch.long)]
+        return flat[device_index([where[i] for i in seq_ids], flat.device)]  # usually a slice: same rows
 
     def continuation(self, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Speculating: what a step launched before this one is read back feeds these sequences, on
@@ -140,16 +144,19 @@ class Launched:
                 first.setdefault(r, k)
             rows = sorted(first)
             dev = g.pending.tokens.device
-            k0 = to_device([first[r] for r in rows], dev, torch.long)
-            k1 = to_device([first[r] + g.items[r].drafting for r in rows], dev, torch.long)
-            kept = g.pending.accepted[k0] & to_device([g.items[r].drafting for r in rows], dev, torch.bool)
+            drafting = [g.items[r].drafting for r in rows]
+            k0 = device_index([first[r] for r in rows], dev)
+            k1 = device_index([first[r] + d for r, d in zip(rows, drafting, strict=True)], dev)
+            kept = g.pending.accepted[k0]
+            if not all(drafting):
+                kept = kept & to_device(drafting, dev, torch.bool)
             tokens.append(torch.where(kept, g.pending.tokens[k1], g.pending.tokens[k0]))
             accepted.append(kept)
             drafts.append(g.drafts)
             for r in rows:
                 where[g.items[r].seq.seq_id] = len(where)
-        index = to_device([where[i] for i in seq_ids], tokens[0].device, torch.long)
-        return tuple(torch.cat(t)[index] for t in (tokens, accepted, drafts))
+        index = device_index([where[i] for i in seq_ids], tokens[0].device)
+        return tuple((t[0] if len(t) == 1 else torch.cat(t))[index] for t in (tokens, accepted, drafts))
 
 
 class ModelRunner:
@@ -244,11 +251,14 @@ class ModelRunner:
     def _buffer(self, T: int) -> dict[str, torch.Tensor]:
         if T not in self._buffers:
             B, dev = min(self.config.max_num_seqs, GRAPH_TOKENS // T), self.device
+            # the main forward's and the draft's inputs, each a stack that one copy fills (`_fill`)
+            main = torch.zeros(3, B, T, dtype=torch.long, device=dev)
+            draft = torch.zeros(2, B, T, dtype=torch.long, device=dev)
             self._buffers[T] = {
-                **{k: torch.zeros(B, T, dtype=torch.long, device=dev)
-                   for k in ("ids", "positions", "slots", "draft_ids", "draft_slots")},
+                "main": main, **dict(zip(("ids", "positions", "slots"), main, strict=True)),
+                "draft": draft, **dict(zip(("draft_ids", "draft_slots"), draft, strict=True)),
                 "tables": torch.zeros(B, self.max_blocks, dtype=torch.long, device=dev),
-            }  # fmt: skip
+            }
         return self._buffers[T]
 
     def _step(self, kind: str, B: int, NB: int, T: int) -> Callable[[], torch.Tensor]:
@@ -326,11 +336,13 @@ class ModelRunner:
 
         return replay
 
-    def _fill(self, buf: torch.Tensor, rows: list[list[int]], pad: int) -> None:
-        """Copy host rows into the head of a (bucket, T) buffer, padding the rest with `pad`."""
-        host = torch.full(buf.shape, pad, dtype=buf.dtype)
-        host[: len(rows)] = torch.tensor(rows, dtype=buf.dtype)
-        buf.copy_(host, non_blocking=True)
+    @staticmethod
+    def _fill(stack: torch.Tensor, rows: Sequence[list[list[int]]], pads: Sequence[int]) -> None:
+        """Copy host rows into the head rows of each (bucket, T) buffer of a (K, bucket, T) stack,
+        padding each buffer's rest with its pad value: one copy to the device for all K."""
+        _, B, T = stack.shape
+        host = [r + [[pad] * T] * (B - len(r)) for r, pad in zip(rows, pads, strict=True)]
+        stack.copy_(torch.tensor(host, dtype=stack.dtype), non_blocking=True)
 
     # --- forwards ------------------------------------------------------------------------------------
     def _forward(self, items: list[Scheduled], after: Launched | None) -> _Forward:
@@ -348,9 +360,7 @@ class ModelRunner:
             NB = min(max(2, _pow2(self._width(items))), self.max_blocks)
             ids, positions, slots = self._rows(items, Tb, valid, fed)
             buf, scratch = self._buffer(Tb), self.cache.scratch_slot
-            self._fill(buf["ids"][:Bb], ids, 0)
-            self._fill(buf["positions"][:Bb], positions, 0)
-            self._fill(buf["slots"][:Bb], slots, scratch)
+            self._fill(buf["main"][:, :Bb], (ids, positions, slots), (0, 0, scratch))
             buf["tables"][:Bb, :NB].copy_(self._tables(items, Bb, NB), non_blocking=True)
             drafts, shift = self._feed_pending(
                 buf["ids"][:B], buf["positions"][:B], buf["slots"][:B], items, Tb, valid, fed, after
@@ -380,22 +390,20 @@ class ModelRunner:
         if after is None:
             raise ValueError("model runner: a pending row needs the launched step it continues")
         seq_ids = [items[r].seq.seq_id for r in rows]
+        index = device_index(rows, self.device)  # the common case, every row: a slice, no copy
         if not any(items[r].draft_pending for r in rows):
-            tokens = after.sampled(seq_ids)
-            if rows == list(range(len(items))):
-                ids[:, 0].copy_(tokens)  # the common case: every row, no index to copy to the device
-            else:
-                ids[:, 0].index_copy_(0, to_device(rows, self.device, torch.long), tokens)
+            ids[index, 0] = after.sampled(seq_ids)
             return None, None
-        index = to_device(rows, self.device, torch.long)
         tokens, accepted, next_drafts = after.continuation(seq_ids)
-        ids[:, 0].index_copy_(0, index, tokens)
-        ids[:, 1].index_copy_(0, index, next_drafts)
+        ids[index, 0] = tokens
+        ids[index, 1] = next_drafts
         self._move_on(items, rows, T, valid, fed, accepted, positions=positions, slots=slots)
+        if len(rows) == len(items):  # every row continues `after`: its drafts and acceptances are all
+            return next_drafts, accepted.long()
         drafts = to_device([-1 if s.draft is None else s.draft for s in items], self.device, torch.long)
-        drafts.index_copy_(0, index, next_drafts)
+        drafts[index] = next_drafts
         shift = torch.zeros(len(items), dtype=torch.long, device=self.device)
-        shift.index_copy_(0, index, accepted.long())
+        shift[index] = accepted.long()
         return drafts, shift
 
     def _move_on(
@@ -407,10 +415,11 @@ class ModelRunner:
         device) is set."""
         sub = [items[r] for r in rows], [valid[r] for r in rows], [first[r] for r in rows]
         _, positions, slots = self._rows(sub[0], T, sub[1], sub[2], offset=1)
-        later, index = {"positions": positions, "slots": slots}, to_device(rows, self.device, torch.long)
+        later = to_device([positions, slots], self.device, torch.long)  # both in one copy
+        later = {"positions": later[0], "slots": later[1]}
+        index = device_index(rows, self.device)
         for name, target in targets.items():
-            values = to_device(later[name], self.device, torch.long)
-            target.index_copy_(0, index, torch.where(moved.unsqueeze(1), values, target[index]))
+            target[index] = torch.where(moved.unsqueeze(1), later[name], target[index])
 
     def _draft(self, fwd: _Forward, group: _Group) -> torch.Tensor:
         """The MTP module over each row's newly computed positions, fed the token after each: the
@@ -437,31 +446,31 @@ class ModelRunner:
             Bb, NB, Tb = fwd.shape
             buf = self._buffer(Tb)
             ids_buf, slots_buf = buf["draft_ids"][:Bb], buf["draft_slots"][:Bb]
-            self._fill(ids_buf, ids, 0)
-            self._fill(slots_buf, slots, self.cache.scratch_slot)
+            self._fill(buf["draft"][:, :Bb], (ids, slots), (0, self.cache.scratch_slot))
         else:
             ids_buf = torch.tensor(ids, device=self.device)
             slots_buf = torch.tensor(slots, device=self.device)
 
-        def on_device(values: list[int]) -> torch.Tensor:
-            return to_device(values, self.device, torch.long)
+        def index(values: list[int]) -> slice | torch.Tensor:
+            return device_index(values, self.device)
 
         if fwd.shift is not None:  # rows that start a position later where the step before kept its draft
             moving = [r for r, s in enumerate(items) if s.draft_pending]
-            moved = fwd.shift[on_device(moving)].bool()
+            moved = fwd.shift[index(moving)].bool()
             self._move_on(items, moving, T, valid, following, moved, slots=slots_buf)
         last = torch.zeros(len(items), dtype=torch.long, device=self.device)  # each row's last valid column
-        if plain:
-            rows, cols = on_device(plain), on_device([items[r].num_tokens - 1 for r in plain])
-            ids_buf[rows, cols] = out.tokens[on_device([first_pick[r] for r in plain])]
+        if plain:  # a (row, column) pair each: index tensors
+            rows = to_device(plain, self.device, torch.long)
+            cols = to_device([items[r].num_tokens - 1 for r in plain], self.device, torch.long)
+            ids_buf[rows, cols] = out.tokens[index([first_pick[r] for r in plain])]
             last[rows] = cols
         if drafted:  # fed [token, draft]: next come (draft, token after it) if accepted, else (token,)
-            rows = on_device(drafted)
-            k0 = on_device([first_pick[r] for r in drafted])
-            accepted = out.accepted[k0]
-            drafts = on_device([items[r].draft for r in drafted]) if fwd.drafts is None else fwd.drafts[rows]
-            ids_buf[rows, 0] = torch.where(accepted, drafts, out.tokens[k0])
-            ids_buf[rows, 1] = out.tokens[k0 + 1]
+            rows, k0 = index(drafted), [first_pick[r] for r in drafted]
+            accepted, token = out.accepted[index(k0)], out.tokens[index(k0)]
+            drafts = fwd.drafts[rows] if fwd.drafts is not None else to_device(
+                [items[r].draft for r in drafted], self.device, torch.long)  # fmt: skip
+            ids_buf[rows, 0] = torch.where(accepted, drafts, token)
+            ids_buf[rows, 1] = out.tokens[index([k + 1 for k in k0])]
             slots_buf[rows, 1] = torch.where(accepted, slots_buf[rows, 1], self.cache.scratch_slot)
             last[rows] = accepted.long()
         if fwd.shape is not None:
@@ -469,8 +478,8 @@ class ModelRunner:
         else:
             batch = self.cache.batch(slots_buf, fwd.tables, fwd.positions, absorb=T <= 2)
             drafts = self._draft_tokens(fwd.hidden, ids_buf, fwd.positions, batch)
-        sampling = on_device(sorted(first_pick))
-        return drafts[sampling, last[sampling]]
+        sampling = index(sorted(first_pick))
+        return drafts[sampling].gather(1, last[sampling].unsqueeze(1)).squeeze(1)
 
     # --- one step ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -500,20 +509,17 @@ class ModelRunner:
         ]
         pending = None
         if picks:
-            B = len(fwd.items)
-            if picks == [(r, 0) for r in range(B)]:  # decode without drafts: a view, no index to copy
-                h = fwd.hidden[:B, 0]
-            else:
-                rows = to_device([r for r, _ in picks], self.device, torch.long)
-                cols = to_device([j for _, j in picks], self.device, torch.long)
-                h = fwd.hidden[rows, cols]
+            T = fwd.hidden.shape[1]  # the picked positions of (B·T, d): usually evenly spaced, a view
+            h = fwd.hidden.flatten(0, 1)[device_index([r * T + j for r, j in picks], self.device)]
             sampling = [self._sampling_row(fwd.items[r], j - fwd.items[r].num_tokens + 1) for r, j in picks]
             drafts = shift = None
-            if fwd.drafts is not None:  # some drafts are on the device: the draft each pick verifies,
-                rows = to_device([r for r, _ in picks], self.device, torch.long)  # and the index shift
-                verifies = [j == fwd.items[r].num_tokens - 1 for r, j in picks]
-                drafts = torch.where(to_device(verifies, self.device, torch.bool), fwd.drafts[rows], -1)
-                shift = fwd.shift[rows]
+            if fwd.drafts is not None:  # some drafts are on the device: the draft each pick verifies
+                verifying = [k for k, (r, j) in enumerate(picks) if j == fwd.items[r].num_tokens - 1]
+                drafts = torch.full((len(picks),), -1, dtype=torch.long, device=self.device)
+                drafts[device_index(verifying, self.device)] = fwd.drafts[
+                    device_index([picks[k][0] for k in verifying], self.device)]  # fmt: skip
+                if not all(row.params.greedy for row in sampling):  # draws read the index shift
+                    shift = fwd.shift[to_device([r for r, _ in picks], self.device, torch.long)]
             pending = sample_async(self.model.lm_head(h).float(), sampling, drafts, shift)
         group = _Group(fwd.items, picks, pending)
         if self.speculative:
