@@ -17,8 +17,11 @@ from collections.abc import Callable
 import torch
 
 
-def write_kernel_table(path: str, step: Callable[[], object], n_steps: int = 3, rows: int = 45) -> None:
-    """Profile `n_steps` calls of `step` and write the kernels, by total device time, to `path`."""
+def write_kernel_table(
+    path: str, step: Callable[[], object], n_steps: int = 3, rows: int = 45, trace: str | None = None
+) -> None:
+    """Profile `n_steps` calls of `step` and write the kernels, by total device time, to `path`
+    (and the Chrome trace to `trace`, for `trace_summary.py`: where the host and the GPU wait)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -31,6 +34,8 @@ def write_kernel_table(path: str, step: Callable[[], object], n_steps: int = 3, 
                                       max_name_column_width=90)
     with open(path, "w") as f:
         f.write(f"{n_steps} steps\n{table}\n")
+    if trace:
+        prof.export_chrome_trace(trace)
 
 
 def write_host_table(path: str, fn: Callable[[], object], rows: int = 40) -> None:

@@ -52,6 +52,7 @@ from dsv3.infer.sampling import SamplingParams
 from dsv3.model import Transformer
 from dsv3.model.hf import load_hf, save_hf
 from kernel_table import write_host_table, write_kernel_table
+from trace_summary import summarize
 
 PARTS = ("prefix", "speculative", "load", "step")
 SYSTEMS = ("dsv3-engine", "dsv3-engine-sync", "dsv3-generate", "hf-static")
@@ -273,8 +274,12 @@ def speculative_part(args) -> None:
         rows[spec]["acceptance"] = engine.stats.acceptance_rate
         if args.profile:  # one request's kernels and host Python, plain and speculative side by side
             path = f"{args.profile}.speculative-{'mtp' if spec else 'plain'}"
-            write_kernel_table(f"{path}.txt", partial(_drive, engine, prompts[:1], 1, params), n_steps=1)
+            write_kernel_table(f"{path}.txt", partial(_drive, engine, prompts[:1], 1, params), n_steps=1,
+                               trace=f"{path}.json" if torch.cuda.is_available() else None)
             write_host_table(f"{path}.host.txt", partial(_drive, engine, prompts[1:2], 1, params))
+            if torch.cuda.is_available():  # per output token: where the host and the GPU spend a request
+                _emit({"bench": "speculative_trace", "mtp": bool(spec), "per": "output token",
+                       **summarize(Path(f"{path}.json"), args.new_tokens)})
         del engine
     same = sum(
         a.outputs[0].token_ids == b.outputs[0].token_ids

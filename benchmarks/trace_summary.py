@@ -11,7 +11,9 @@ inside its kernel for a slower rank. This reads the Chrome trace `train.profile_
     (a collective in the critical path, or one waiting for another rank);
   - idle_ms and the largest idle gaps: no kernel at all (the GPU waits for the host);
   - host_sync_ms: host time in calls that wait for the GPU (stream/device/event synchronize, blocking
-    copies to the host), and the top operators by device time.
+    copies to the host), and the top operators by device time;
+  - host_api_ms: the host's time in each CUDA runtime and driver call (graph launches, kernel
+    launches, copies), largest first: what a host-bound loop spends launching.
 
     python benchmarks/trace_summary.py runs/x/profile/rank0.json [rank1.json ...] [--steps 3]
 """
@@ -75,8 +77,13 @@ def summarize(path: Path, steps: int) -> dict:
         by_kernel[e["name"][:80]] += e["dur"]
     host_sync = sum(e["dur"] for e in events if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"
                     and e["name"].startswith(SYNC_CALLS))
+    by_api: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            by_api[e["name"]] += e["dur"]
     per = 1e3 * steps  # µs in the window → ms a step
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
+    api = sorted(by_api.items(), key=lambda kv: -kv[1])[:8]
     return {
         "trace": str(path), "steps": steps,
         "window_ms": round((end - start) / per, 2),
@@ -88,13 +95,14 @@ def summarize(path: Path, steps: int) -> dict:
         "largest_gaps_ms": [round(g / 1e3, 2) for g in gaps[:5]],
         "host_sync_ms": round(host_sync / per, 2),
         "top_kernels_ms": {name: round(us / per, 2) for name, us in top},
+        "host_api_ms": {name: round(us / per, 3) for name, us in api},
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("traces", type=Path, nargs="+")
-    p.add_argument("--steps", type=int, default=3, help="training steps in the window (per-step figures)")
+    p.add_argument("--steps", type=int, default=3, help="steps in the window (per-step figures)")
     args = p.parse_args()
     for path in args.traces:
         print(json.dumps(summarize(path, args.steps)), flush=True)
