@@ -315,13 +315,21 @@ def test_drafts_made_on_the_device_verify_right_whether_or_not_steps_overlap(mtp
     plain = LLMEngine(mtp_model, None, EngineConfig(block_size=4))
     assert run_staggered(plain, prompts, GREEDY, special) == expected
     config = EngineConfig(block_size=4, speculative_tokens=1, async_scheduling=overlap)
-    engine = LLMEngine(mtp_model, None, config)
-    engine.runner._draft_fn = engine.runner._draft_tokens = lambda h, ids, pos, batch: oracle[pos, ids]
-    overlapped = _counting_launches(engine)
-    assert run_staggered(engine, prompts, GREEDY, special) == expected
-    assert 0 < engine.stats.spec_accepted < engine.stats.spec_drafts
-    assert engine.stats.steps < plain.stats.steps and engine.blocks.num_used == 0
-    assert (sum(overlapped) > len(overlapped) // 3) if overlap else not any(overlapped)
+    engines = []
+    for fusing in (True, False):  # greedy rows verifying drafts: one fused step function, or the general path
+        engine = LLMEngine(mtp_model, None, config)
+        engine.runner._draft_fn = engine.runner._draft_tokens = lambda h, ids, pos, batch: oracle[pos, ids]
+        if not fusing:
+            engine.runner._fusable = lambda items: False
+        overlapped, fused = _counting_launches(engine), _counting_fused_steps(engine)
+        assert run_staggered(engine, prompts, GREEDY, special) == expected
+        assert 0 < engine.stats.spec_accepted < engine.stats.spec_drafts
+        assert (len(fused) > engine.stats.steps // 3) if fusing else not fused
+        assert engine.stats.steps < plain.stats.steps and engine.blocks.num_used == 0
+        assert (sum(overlapped) > len(overlapped) // 3) if overlap else not any(overlapped)
+        engines.append(engine)
+    fused, general = (e.stats for e in engines)  # the same drafts kept, in the same steps
+    assert (fused.spec_accepted, fused.steps) == (general.spec_accepted, general.steps)
 
 
 def test_overlapped_steps_write_the_mtp_cache_where_the_acceptance_puts_each_row(mtp_model):
@@ -487,6 +495,48 @@ def _counting_launches(engine: LLMEngine) -> list[bool]:
 
     engine.runner.launch = counting
     return overlapped
+
+
+def _counting_fused_steps(engine: LLMEngine) -> list[list[str]]:
+    """Record the requests of each decode group that ran as one greedy speculative step (`_speculate`)."""
+    speculate, rows = engine.runner._speculate, []
+
+    def counting(items, after):
+        rows.append([s.seq.request_id for s in items])
+        return speculate(items, after)
+
+    engine.runner._speculate = counting
+    return rows
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=7),
+        SamplingParams(max_tokens=N_NEW, temperature=0, logprobs=1),
+        SamplingParams(max_tokens=N_NEW, temperature=0, min_tokens=N_NEW, stop_token_ids=[5]),
+        SamplingParams(max_tokens=N_NEW, temperature=0, repetition_penalty=1.3),
+    ],
+    ids=["sampled", "logprobs", "min_tokens", "penalty"],
+)
+def test_fused_speculative_steps_only_take_plain_greedy_rows(mtp_model, params):
+    """A decode group with a row that is sampled, wants logprobs, still bans tokens before
+    min_tokens or is penalised never runs as the fused greedy step (whose pick is an argmax); the
+    output is the speculative engine's general path's, which equals decoding without drafts."""
+    prompts = _prompts()[:4]
+    special = {3: params}  # arrives third: the others decode without it first
+    plain = run_staggered(LLMEngine(mtp_model, None, EngineConfig(block_size=4)), prompts, GREEDY, special)
+    engine = LLMEngine(mtp_model, None, EngineConfig(block_size=4, speculative_tokens=1))
+    fused, groups, launch = _counting_fused_steps(engine), [], engine.runner.launch
+
+    def recording(batch, after=None):
+        groups.append([s.seq.request_id for s in batch.decode])
+        return launch(batch, after)
+
+    engine.runner.launch = recording
+    assert run_staggered(engine, prompts, GREEDY, special) == plain
+    assert sum("3" in g for g in groups) > 3  # request 3 decoded beside the others
+    assert fused and not any("3" in g for g in fused)
 
 
 def test_overlapped_steps_give_the_same_outputs_as_read_back_steps(references):
@@ -667,7 +717,10 @@ class _ReplayedStep:
 
     def replay(self) -> None:
         recorded = dict(self.runner._hidden)
-        self.out.copy_(self.fn())
+        fresh = self.fn()
+        for out, value in zip(*((self.out, fresh) if isinstance(fresh, tuple) else ((self.out,), (fresh,))),
+                              strict=True):  # fmt: skip
+            out.copy_(value)
         self.runner._hidden.clear()
         self.runner._hidden.update(recorded)
 

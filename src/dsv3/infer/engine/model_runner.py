@@ -18,7 +18,10 @@ absorbed form for one or two tokens a row, the expand path for longer chunks.
 Then one sampler call covers every row that fed its sequence's last token (two positions for a row
 that verifies a draft). With speculative decoding the MTP module runs over the positions the main
 model just computed, fed the token after each, which fills its own cache layer and drafts the next
-token: the argmax of its head at the row's last accepted position. `launch` enqueues all of it
+token: the argmax of its head at the row's last accepted position. A decode group whose rows all
+verify a draft and pick greedily (no penalties, logprobs or banned tokens) runs all of that as one
+step function instead (`_speculate`; one CUDA graph on a GPU), since between the two forwards
+there is nothing the host must decide. `launch` enqueues all of it
 without waiting for the device; `collect` reads the step back. A step launched before the one it
 continues is read back (async scheduling) takes that step's sampled tokens, and when speculating
 its drafts and acceptances, from the device: a row whose draft was accepted starts one position
@@ -262,8 +265,9 @@ class ModelRunner:
         return self._buffers[T]
 
     def _step(self, kind: str, B: int, NB: int, T: int) -> Callable[[], torch.Tensor]:
-        """The main forward (`main`: hidden states) or the MTP draft (`draft`: argmax per position)
-        for B rows, block tables NB wide and T tokens a row, over this shape's buffers."""
+        """The main forward (`main`: hidden states), the MTP draft (`draft`: argmax per position) or
+        a whole greedy speculative step (`speculate`, T = 2: see `_speculate`) for B rows, block
+        tables NB wide and T tokens a row, over this shape's buffers."""
         key = (kind, B, NB, T)
         if key in self._steps:
             return self._steps[key]
@@ -278,12 +282,31 @@ class ModelRunner:
                 h = self._hidden_states(ids, positions, batch, self._block_fn)
                 self._hidden[(B, NB, T)] = h
                 return h
-        else:
+        elif kind == "draft":
             ids, slots = buf["draft_ids"][:B], buf["draft_slots"][:B]
 
             def step() -> torch.Tensor:
                 batch = self.cache.batch(slots, tables, positions, absorb)
                 return self._draft_fn(self._hidden[(B, NB, T)], ids, positions, batch)
+        else:
+            ids, slots = buf["ids"][:B], buf["slots"][:B]
+            mtp_ids, mtp_slots = buf["draft_ids"][:B], buf["draft_slots"][:B]
+            scratch = self.cache.scratch_slot
+
+            def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                h = self._hidden_states(ids, positions, self.cache.batch(slots, tables, positions, absorb),
+                                        self._block_fn)  # fmt: skip
+                tokens = self.model.lm_head(h).float().argmax(-1)  # (B, 2): after the token, after the draft
+                accepted = tokens[:, 0] == ids[:, 1]
+                # the MTP module's inputs, as `_draft` patches them: (draft, token after it) if accepted,
+                # else (token,) with the second position's cache write sent to the scratch slot
+                mtp_ids.copy_(torch.stack((torch.where(accepted, ids[:, 1], tokens[:, 0]), tokens[:, 1]), 1))
+                mtp_slots.copy_(slots)
+                mtp_slots[:, 1].masked_fill_(~accepted, scratch)
+                drafts = self._draft_fn(h, mtp_ids, positions, self.cache.batch(mtp_slots, tables, positions,
+                                                                                absorb))  # fmt: skip
+                following = drafts.gather(1, accepted.long().unsqueeze(1)).squeeze(1)
+                return tokens, torch.stack((accepted, torch.zeros_like(accepted)), 1), following
 
         if self.graphs:
             step = self._graphed(step, key)
@@ -319,6 +342,8 @@ class ModelRunner:
                 self._step("main", B, width, T)()
                 if self.speculative:
                     self._step("draft", B, width, T)()
+                    if T == 2:
+                        self._step("speculate", B, width, T)()
 
     def _graphed(self, step: Callable[[], torch.Tensor], key: tuple) -> Callable[[], torch.Tensor]:
         try:
@@ -356,15 +381,7 @@ class ModelRunner:
         fed = [s.fed for s in items]
         valid = [len(f) for f in fed]
         if Bb * Tb <= GRAPH_TOKENS:
-            # at least 2 blocks wide: a width of 1 would be one more shape family for the compiler
-            NB = min(max(2, _pow2(self._width(items))), self.max_blocks)
-            ids, positions, slots = self._rows(items, Tb, valid, fed)
-            buf, scratch = self._buffer(Tb), self.cache.scratch_slot
-            self._fill(buf["main"][:, :Bb], (ids, positions, slots), (0, 0, scratch))
-            buf["tables"][:Bb, :NB].copy_(self._tables(items, Bb, NB), non_blocking=True)
-            drafts, shift = self._feed_pending(
-                buf["ids"][:B], buf["positions"][:B], buf["slots"][:B], items, Tb, valid, fed, after
-            )
+            NB, drafts, shift = self._inputs(items, Bb, Tb, after)
             h = self._step("main", Bb, NB, Tb)()[:B]
             return _Forward(items, h, (Bb, NB, Tb), drafts=drafts, shift=shift)
         ids, positions, slots = self._rows(items, T, valid, fed)
@@ -375,6 +392,54 @@ class ModelRunner:
         batch = self.cache.batch(slots, tables, pos, absorb=T <= 2)
         h = self._hidden_states(ids, pos, batch)
         return _Forward(items, h, None, pos, tables, drafts=drafts, shift=shift)
+
+    def _inputs(
+        self, items: list[Scheduled], Bb: int, Tb: int, after: Launched | None
+    ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """Fill the (Bb, Tb) step buffers with these rows' inputs, patching in on the device what
+        `after` is still computing (`_feed_pending`). Returns the block-table width and the pending
+        rows' drafts and shifts."""
+        fed = [s.fed for s in items]
+        valid = [len(f) for f in fed]
+        # at least 2 blocks wide: a width of 1 would be one more shape family for the compiler
+        NB = min(max(2, _pow2(self._width(items))), self.max_blocks)
+        ids, positions, slots = self._rows(items, Tb, valid, fed)
+        buf, B = self._buffer(Tb), len(items)
+        self._fill(buf["main"][:, :Bb], (ids, positions, slots), (0, 0, self.cache.scratch_slot))
+        buf["tables"][:Bb, :NB].copy_(self._tables(items, Bb, NB), non_blocking=True)
+        drafts, shift = self._feed_pending(
+            buf["ids"][:B], buf["positions"][:B], buf["slots"][:B], items, Tb, valid, fed, after
+        )
+        return NB, drafts, shift
+
+    def _fusable(self, items: list[Scheduled]) -> bool:
+        """Whether a decode group runs as one greedy speculative step (`_speculate`): every row
+        verifies a draft and its pick is a plain argmax (greedy, no penalties, no logprobs, no
+        tokens banned before min_tokens), and the padded shape is a step function's."""
+        if not self.speculative or next(b for b in self.buckets if b >= len(items)) * 2 > GRAPH_TOKENS:
+            return False
+        for s in items:
+            p = s.seq.params
+            if not (s.drafting and s.samples and s.num_tokens == 1) or p.penalized or p.logprobs is not None:
+                return False
+            if not p.greedy or s.seq.num_output + s.pending < p.min_tokens:
+                return False
+        return True
+
+    def _speculate(self, items: list[Scheduled], after: Launched | None) -> _Group:
+        """`_sample(_forward(...))` of a fusable group (`_fusable`) as one step function, one CUDA
+        graph on a GPU: the main model over [token, draft], the argmax at both positions, the
+        acceptance, the MTP module's patched inputs and its next draft, with no host work between
+        them (the general path runs three graphs' worth of steps and ~20 small ops around them)."""
+        B = len(items)
+        Bb = next(b for b in self.buckets if b >= B)
+        NB, _, _ = self._inputs(items, Bb, 2, after)
+        tokens, accepted, drafts = self._step("speculate", Bb, NB, 2)()
+        picks = [(r, j) for r in range(B) for j in (0, 1)]
+        pending = PendingSample(tokens[:B].flatten(), accepted[:B].flatten(), None, None, [0] * len(picks))
+        group = _Group(items, picks, pending, drafts[:B])
+        group.drafts_host = HostCopy({"drafts": group.drafts})
+        return group
 
     def _feed_pending(
         self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, items: list[Scheduled], T: int,
@@ -490,7 +555,11 @@ class ModelRunner:
         with torch.compiler.set_stance("force_eager"):
             groups = []
             for items in (batch.decode, batch.prefill):
-                if items:  # one group at a time: two groups may share a step function and its output
+                if not items:  # one group at a time: two groups may share a step function and its output
+                    continue
+                if self._fusable(items):
+                    groups.append(self._speculate(items, after))
+                else:
                     groups.append(self._sample(self._forward(items, after)))
         return Launched(batch, groups)
 
