@@ -251,6 +251,10 @@ class ModelRunner:
         return max(-(-(s.start + len(s.fed) + s.draft_pending) // self.config.block_size) for s in items)
 
     # --- step functions over preallocated buffers, one per shape -----------------------------------
+    def _bucket(self, rows: int) -> int:
+        """The batch-size bucket a group of `rows` rows is padded to."""
+        return next(b for b in self.buckets if b >= rows)
+
     def _buffer(self, T: int) -> dict[str, torch.Tensor]:
         if T not in self._buffers:
             B, dev = min(self.config.max_num_seqs, GRAPH_TOKENS // T), self.device
@@ -375,7 +379,7 @@ class ModelRunner:
         shape is small enough (see the module docstring), else eagerly. A `pending` row's token (and
         draft, and where it starts, when speculating) comes from `after` on the device."""
         B, T = len(items), max(len(s.fed) for s in items)
-        Bb, Tb = next(b for b in self.buckets if b >= B), _pow2(T)
+        Bb, Tb = self._bucket(B), _pow2(T)
         if Tb == 2 and not any(s.drafting for s in items):
             Tb = 4  # 2 tokens a row are for verifying drafts: a 2-token chunk joins the longer chunks' family
         fed = [s.fed for s in items]
@@ -416,7 +420,7 @@ class ModelRunner:
         """Whether a decode group runs as one greedy speculative step (`_speculate`): every row
         verifies a draft and its pick is a plain argmax (greedy, no penalties, no logprobs, no
         tokens banned before min_tokens), and the padded shape is a step function's."""
-        if not self.speculative or next(b for b in self.buckets if b >= len(items)) * 2 > GRAPH_TOKENS:
+        if not self.speculative or self._bucket(len(items)) * 2 > GRAPH_TOKENS:
             return False
         for s in items:
             p = s.seq.params
@@ -430,10 +434,12 @@ class ModelRunner:
         """`_sample(_forward(...))` of a fusable group (`_fusable`) as one step function, one CUDA
         graph on a GPU: the main model over [token, draft], the argmax at both positions, the
         acceptance, the MTP module's patched inputs and its next draft, with no host work between
-        them (the general path runs three graphs' worth of steps and ~20 small ops around them)."""
+        them (the general path runs two graphs with ~20 small ops around them)."""
         B = len(items)
-        Bb = next(b for b in self.buckets if b >= B)
+        Bb = self._bucket(B)
         NB, _, _ = self._inputs(items, Bb, 2, after)
+        # on a GPU the graph's static outputs: the next launch reads them (`continuation`) before it
+        # replays this graph again, and the host reads its pinned copies
         tokens, accepted, drafts = self._step("speculate", Bb, NB, 2)()
         picks = [(r, j) for r in range(B) for j in (0, 1)]
         pending = PendingSample(tokens[:B].flatten(), accepted[:B].flatten(), None, None, [0] * len(picks))
