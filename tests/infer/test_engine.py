@@ -485,28 +485,26 @@ def test_abort_releases_blocks_at_once(references):
     assert engine.blocks.num_used == 0 and not engine.has_unfinished_requests()
 
 
+def _recording(engine: LLMEngine, method: str, note) -> list:
+    """Wrap the runner's `method`: each call first records `note(*its arguments)`."""
+    original, notes = getattr(engine.runner, method), []
+
+    def recording(*args, **kwargs):
+        notes.append(note(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    setattr(engine.runner, method, recording)
+    return notes
+
+
 def _counting_launches(engine: LLMEngine) -> list[bool]:
     """Record, per launched step, whether it was overlapped (launched after a step not yet read back)."""
-    launch, overlapped = engine.runner.launch, []
-
-    def counting(batch, after=None):
-        overlapped.append(after is not None)
-        return launch(batch, after)
-
-    engine.runner.launch = counting
-    return overlapped
+    return _recording(engine, "launch", lambda batch, after=None: after is not None)
 
 
 def _counting_fused_steps(engine: LLMEngine) -> list[list[str]]:
     """Record the requests of each decode group that ran as one greedy speculative step (`_speculate`)."""
-    speculate, rows = engine.runner._speculate, []
-
-    def counting(items, after):
-        rows.append([s.seq.request_id for s in items])
-        return speculate(items, after)
-
-    engine.runner._speculate = counting
-    return rows
+    return _recording(engine, "_speculate", lambda items, after: [s.seq.request_id for s in items])
 
 
 @pytest.mark.parametrize(
@@ -527,13 +525,8 @@ def test_fused_speculative_steps_only_take_plain_greedy_rows(mtp_model, params):
     special = {3: params}  # arrives third: the others decode without it first
     plain = run_staggered(LLMEngine(mtp_model, None, EngineConfig(block_size=4)), prompts, GREEDY, special)
     engine = LLMEngine(mtp_model, None, EngineConfig(block_size=4, speculative_tokens=1))
-    fused, groups, launch = _counting_fused_steps(engine), [], engine.runner.launch
-
-    def recording(batch, after=None):
-        groups.append([s.seq.request_id for s in batch.decode])
-        return launch(batch, after)
-
-    engine.runner.launch = recording
+    fused = _counting_fused_steps(engine)
+    groups = _recording(engine, "launch", lambda batch, after=None: [s.seq.request_id for s in batch.decode])
     assert run_staggered(engine, prompts, GREEDY, special) == plain
     assert sum("3" in g for g in groups) > 3  # request 3 decoded beside the others
     assert fused and not any("3" in g for g in fused)
@@ -589,14 +582,10 @@ def test_a_prompt_admitted_into_an_overlapped_step_is_prefilled_once(references)
     stop = refs[0][5]
     first = refs[0].index(stop)
     engine = LLMEngine(model, None, EngineConfig(async_scheduling=True))
-    prefills = []
-    launch = engine.runner.launch
+    def prefilled(batch, after=None):
+        return [s.seq.request_id for s in batch.prefill]
 
-    def counting(batch, after=None):
-        prefills.extend(s.seq.request_id for s in batch.prefill)
-        return launch(batch, after)
-
-    engine.runner.launch = counting
+    prefills = _recording(engine, "launch", prefilled)
     greedy = SamplingParams(max_tokens=N_NEW, temperature=0, stop_token_ids=[stop])
     engine.add_request("a", prompts[0], greedy)
     outs = {}
@@ -609,7 +598,7 @@ def test_a_prompt_admitted_into_an_overlapped_step_is_prefilled_once(references)
         if not engine.has_unfinished_requests():
             break
     assert outs == {"a": refs[0][: first + 1], "b": refs[2]}
-    assert prefills.count("b") == 1 and engine.blocks.num_used == 0
+    assert sum(p.count("b") for p in prefills) == 1 and engine.blocks.num_used == 0
 
 
 @pytest.mark.parametrize("seed, speculative", [(0, False), (1, False), (2, True)])

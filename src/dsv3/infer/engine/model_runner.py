@@ -382,12 +382,12 @@ class ModelRunner:
         Bb, Tb = self._bucket(B), _pow2(T)
         if Tb == 2 and not any(s.drafting for s in items):
             Tb = 4  # 2 tokens a row are for verifying drafts: a 2-token chunk joins the longer chunks' family
-        fed = [s.fed for s in items]
-        valid = [len(f) for f in fed]
         if Bb * Tb <= GRAPH_TOKENS:
             NB, drafts, shift = self._inputs(items, Bb, Tb, after)
             h = self._step("main", Bb, NB, Tb)()[:B]
             return _Forward(items, h, (Bb, NB, Tb), drafts=drafts, shift=shift)
+        fed = [s.fed for s in items]
+        valid = [len(f) for f in fed]
         ids, positions, slots = self._rows(items, T, valid, fed)
         dev = self.device
         pos, tables = torch.tensor(positions, device=dev), self._tables(items, B, self._width(items)).to(dev)
