@@ -338,6 +338,23 @@ def test_larger_fsdp_units_gather_more_weights_at_a_time():
     assert total(13) > total(4) > total(2)
 
 
+def test_gradients_reduced_at_the_last_micro_batch_are_held_unsharded_meanwhile():
+    """`grad_sync: last_micro_batch` keeps every parameter's fp32 gradient unsharded between
+    micro-batches (instead of one unit's at a time); with one micro-batch a step nothing changes."""
+    run = load_run_config("small")
+    prof = memory_profile(run.model)
+
+    def grads(sync: str, n_micro: int) -> int:
+        layout = ParallelConfig(gpus=2, dp_shard=2, fsdp_unit_blocks=4, grad_sync=sync)
+        return estimate_memory(prof, layout, seq_len=2048, micro_batch=8, n_micro=n_micro,
+                               recompute=False).gradients
+    every, last = grads("every_micro_batch", 2), grads("last_micro_batch", 2)
+    assert grads("last_micro_batch", 1) == grads("every_micro_batch", 1) == every
+    whole = sum(u.gathered(1, 1) for u in [*prof.units, prof.embedding, prof.head])
+    four_blocks = sum(u.gathered(1, 1) for u in prof.units[prof.n_blocks - 4 : prof.n_blocks])
+    assert last - every == pytest.approx(4 * (whole - four_blocks), rel=0.05)
+
+
 def test_pipeline_units_cut_evenly_and_v_schedules_fold_the_stages():
     assert stage_units(5, 4) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
     v = ParallelConfig(gpus=2, pp=2, pp_schedule="DualPipeV")

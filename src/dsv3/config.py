@@ -400,6 +400,12 @@ class ParallelConfig(_Strict):
     )
     cpu_offload: bool = Field(default=False, description="FSDP2: keep sharded weights, gradients and "
                               "optimizer state in CPU memory")
+    grad_sync: Literal["every_micro_batch", "last_micro_batch"] = Field(
+        default="every_micro_batch", description="FSDP2 without a pipeline, several micro-batches a step: "
+        "reduce(-scatter) the gradients after every micro-batch (they stay sharded: least memory) or only "
+        "after the last (one reduction a step: less communication, the unsharded gradients held in fp32 "
+        "meanwhile). Pipelines always reduce once, after the last (torch's schedules)",
+    )
     max_nodes_per_token: int | None = Field(
         default=None, gt=0, description="node-limited routing: each token's experts lie on at most this many "
         "nodes (DeepSeek-V3: 4); needs expert groups that map onto nodes",

@@ -44,6 +44,9 @@ LAYOUTS_2 = {
     "fsdp_selective_ac": ("parallel.dp_shard=2", "train.activation_checkpointing=selective"),
     # two decoder blocks to an FSDP unit (the third alone, the MTP block alone), their experts outside
     "fsdp_units_ep": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.fsdp_unit_blocks=2"),
+    # 2 micro-batches a rank, the gradients reduce-scattered once, after the second (ZeRO-2)
+    "fsdp_sync_last": ("parallel.dp_shard=2", "parallel.grad_sync=last_micro_batch",
+                       "parallel.reshard_after_forward=false"),
 }
 LAYOUTS_4 = {
     "ep_fsdp": ("parallel.dp_shard=4", "parallel.ep=2"),
@@ -140,7 +143,8 @@ def train_job(out: str, shards: list[str], overrides: list[str], resume: str | N
     records: list[dict] = []
     trainer = _StopAfterSave(cfg, resume=resume, on_record=records.append)
     trainer.stop_at = stop_at
-    errors = gradient_errors(trainer) if resume is None else {}
+    with _counting(dist, "reduce_scatter_tensor", "reduce_scatter_single") as reduce_scatters:
+        errors = gradient_errors(trainer) if resume is None else {}
     with contextlib.suppress(_Stop):
         trainer.fit()
     # Ranks holding the same pipeline stage hold the same MoE layers: their biases must agree exactly.
@@ -159,7 +163,29 @@ def train_job(out: str, shards: list[str], overrides: list[str], resume: str | N
         "same_bias": same_bias,
         "grad_errors": errors,
         "expert_placements": experts,
+        "reduce_scatters": reduce_scatters[0],  # in the gradient check's step
     }
+
+
+@contextlib.contextmanager
+def _counting(owner, *names: str):
+    """Count the calls of those of `owner.<names>` that exist inside the block: yields a one-item list
+    holding the count (torch has renamed collectives across versions: pass every name)."""
+    count, originals = [0], {n: getattr(owner, n) for n in names if hasattr(owner, n)}
+
+    def counting(original):
+        def counted(*args, **kwargs):
+            count[0] += 1
+            return original(*args, **kwargs)
+        return counted
+
+    for name, original in originals.items():
+        setattr(owner, name, counting(original))
+    try:
+        yield count
+    finally:
+        for name, original in originals.items():
+            setattr(owner, name, original)
 
 
 def sample_job(out: str, shards: list[str], overrides: list[str]) -> dict:
@@ -347,6 +373,13 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
 def test_two_rank_layouts_give_the_single_process_losses(name, two_ranks, reference):
     _assert_same_training(name, two_ranks["layouts"][name], reference)
+
+
+def test_gradients_reduced_once_a_step_when_asked(two_ranks):
+    """`grad_sync: last_micro_batch` reduce-scatters after the last of a rank's 2 micro-batches only:
+    half the collectives of reducing after each (the same gradients and losses: the layout test)."""
+    every, last = (two_ranks["layouts"][n]["reduce_scatters"] for n in ("fsdp", "fsdp_sync_last"))
+    assert every > 0 and last * 2 == every
 
 
 def test_bfloat16_moments_on_sharded_parameters_train_like_one_process(two_ranks, shards, tmp_path):

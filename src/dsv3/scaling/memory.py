@@ -289,13 +289,15 @@ def estimate_memory(
         local = params / dp_shard
         if dp_shard > 1:
             # FSDP2 holds bf16 gathered copies of the current and the prefetched unit, or of every unit
-            # of the rank when they are kept from forward to backward; in a pipeline, gradients
-            # accumulate unsharded over the step's micro-batches until the schedule reduces them.
+            # of the rank when they are kept from forward to backward; in a pipeline (or with
+            # `grad_sync: last_micro_batch`) gradients accumulate unsharded, in fp32, over the step's
+            # micro-batches until the last one reduces them.
             rank_gathered = sum(prof.units[u].gathered(tp, ep) for u in units)
             rank_gathered += (prof.embedding.gathered(tp, ep) if first else 0)
             rank_gathered += (prof.head.gathered(tp, ep) if last else 0)
             kept = 2 * gathered if reshards_after_forward(layout) else rank_gathered
-            unsharded_grads = rank_gathered if layout.pp > 1 else gathered
+            deferred = layout.pp > 1 or (layout.grad_sync == "last_micro_batch" and n_micro > 1)
+            unsharded_grads = rank_gathered if deferred else gathered
             on_gpu = 0 if layout.cpu_offload else local  # offload: shards and AdamW state in host memory
             weights = MASTER_BYTES * on_gpu + COMPUTE_BYTES * kept
             grads = GRAD_BYTES * (on_gpu + unsharded_grads)

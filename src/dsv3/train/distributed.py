@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from dsv3.config import RunConfig
 from dsv3.model.transformer import cross_entropy
@@ -51,7 +52,10 @@ class DistributedSteps:
         n = len(micro_batches)
         parts = torch.zeros(4, device=self.device)
         load = self._zero_load()
-        for batch in micro_batches:  # FSDP reduce-scatters each one's gradients: they stay sharded
+        defer = isinstance(model, FSDPModule) and self.cfg.parallel.grad_sync == "last_micro_batch"
+        for i, batch in enumerate(micro_batches):  # FSDP reduce-scatters the gradients after each one,
+            if defer:  # or only after the last: until then they add up unsharded
+                model.set_requires_gradient_sync(i == n - 1)
             parts += micro_batch(model, batch.to(self.device, non_blocking=True), tc, n, self.autocast)
             for index, moe in self.local_moe:
                 load[index] += moe.tokens_per_expert
