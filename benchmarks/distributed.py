@@ -163,7 +163,8 @@ def summarize(out: Path, name: str) -> dict:
     return {
         "run": name, "gpus": cfg.parallel.gpus,
         "layout": cfg.parallel.model_dump(include={"dp_shard", "ep", "ep_dispatch", "reshard_after_forward",
-                                                          "fsdp_unit_blocks"}),
+                                                          "fsdp_unit_blocks", "grad_sync"}),
+        "micro_batches_per_gpu": cfg.train.global_batch_size // cfg.train.micro_batch_size // cfg.parallel.dp,
         "steps": train[-1]["step"] if train else 0, "final_loss": train[-1]["lm_loss"] if train else None,
         "tokens_per_s_per_gpu": statistics.median(steady) if steady else None,
         "peak_gpu_mem_gb": peak or None, "estimate_gb": estimate.total / 1e9,

@@ -9,7 +9,9 @@ lines, one per measurement:
 - `speculative`: the engine at concurrency 1 with and without MTP speculative decoding (one drafted
   token a step): output tokens/s, acceptance rate, speedup, and whether greedy tokens are identical.
   Random weights draft at chance (acceptance ≈ 1/vocab): pass --checkpoint with a trained model
-  (and its tokenizer) for a meaningful figure.
+  (and its tokenizer) for a meaningful figure. Where greedy tokens differ, a `speculative_differences`
+  line gives each differing prompt's first parting token and the two tokens' logit gap under the
+  same weights in float32 (near-ties: rounding; see `_first_differences`).
 - `step`: for each concurrency C, the engine's decode step function (its CUDA graph on a GPU)
   replayed back to back: the device time of a step, against the engine's TPOT at C.
 - `load`: for each offered concurrency C, C clients each sending a request as soon as their last
@@ -302,6 +304,48 @@ def speculative_part(args) -> None:
             "same_greedy_tokens": same,
         }
     )
+    if same < 1:  # its own line, after the figures: it builds a float32 copy of the model
+        splits = _first_differences(model, prompts, rows[0]["outputs"], rows[1]["outputs"])
+        _emit({"bench": "speculative_differences", "model": source, "first_differences": splits})
+
+
+@torch.no_grad()
+def _first_differences(model, prompts: list[list[int]], plain: list, spec: list) -> list[dict]:
+    """Where greedy decoding with and without speculation first part, per prompt that differs, and how
+    the two tokens compare under a third computation: the same weights in float32, the whole sequence up
+    to there in one uncached forward. A near-tie there (a gap well under the bf16 engine's rounding of
+    logits, ~0.06 at 10) is one the two bf16 paths' kernels rounded to different sides; a large gap
+    with the plain token ahead every time would point at the speculative path."""
+    differing = []
+    for i, (a, b) in enumerate(zip(plain, spec, strict=True)):
+        a, b = a.outputs[0].token_ids, b.outputs[0].token_ids
+        k = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if k is not None:
+            differing.append((i, k, a, b))
+    if not differing:
+        return []
+    device = next(model.parameters()).device
+    with torch.device("meta"):  # float32, holding the bf16 weights exactly
+        reference = Transformer(model.config).eval()
+    reference.to_empty(device=device)
+    reference.init_buffers()  # the RoPE tables and routing state: not in the state dict
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    out = []
+    for i, k, a, b in differing:
+        ids = torch.tensor([prompts[i] + a[:k]], device=device)
+        logits = reference(ids)[0, -1]
+        top = logits.topk(2).values
+        out.append(
+            {
+                "prompt": i,
+                "token": k,
+                "plain_minus_mtp_logit": round(float(logits[a[k]] - logits[b[k]]), 4),
+                "top2_gap": round(float(top[0] - top[1]), 4),
+                "top_logit": round(float(top[0]), 2),
+            }
+        )
+    del reference
+    return out
 
 
 def step_part(args) -> None:
