@@ -6,14 +6,14 @@
 #
 # STEPS picks a subset (default: all, in this order):
 #     parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments
-#     train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32
+#     train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32
 # CUDA_VISIBLE_DEVICES picks the GPU: two instances with different STEPS can share a 2-GPU machine.
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 900); one failing step does not stop the rest.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32}
+steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -46,6 +46,9 @@ step train_chunked benchmarks/train_step.py --preset small --batch 8 --seq 2048 
 # AdamW's moments in bf16 (train.optimizer_state_dtype, DeepSeek-V3's): memory and the optimizer's time
 step train_bf16_moments benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     --moments bfloat16 --systems trainer
+# FP8 linears (train.fp8: attention projections, dense and shared-expert FFNs, blockwise-scaled)
+step train_fp8 benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile --fp8 \
+    --systems trainer,dsv3
 # the whole training forward compiled as one graph (train.compile=model) against each block on its own
 step train_whole_compile benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     --compile-scope model --systems trainer

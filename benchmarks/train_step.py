@@ -36,6 +36,7 @@ import torch
 from dsv3.config import ModelConfig, RopeScaling, load_model_config, load_run_config
 from dsv3.data.shards import IndexedDatasetWriter
 from dsv3.model import Transformer, attention
+from dsv3.model.fp8_linear import convert_to_fp8
 from dsv3.scaling import DEFAULT_PEAK_TFLOPS, training_flops_per_token
 from kernel_table import write_kernel_table
 
@@ -70,6 +71,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--mtp", action="store_true", help="dsv3 also trains its MTP depth(s), λ=0.3")
     p.add_argument("--moments", choices=["float32", "bfloat16"], default="float32",
                    help="the trainer's AdamW moments (train.optimizer_state_dtype)")
+    p.add_argument("--fp8", action="store_true",
+                   help="dsv3 (trainer and bare step): FP8 linears, blockwise-scaled (train.fp8)")
     p.add_argument(
         "--pad-v",
         choices=["auto", "yes", "no"],
@@ -114,6 +117,8 @@ def _build_dsv3(cfg: ModelConfig, args, device: torch.device) -> tuple[torch.nn.
     model = Transformer(cfg, seed=args.seed).to(device)
     model.activation_checkpointing = args.activation_checkpointing
     model.loss_chunk_tokens = args.loss_chunk
+    if args.fp8:
+        convert_to_fp8(model)
     if args.compile and args.compile_scope == "model":
         model.compile_model()
     elif args.compile:
@@ -214,6 +219,7 @@ def _model_step(system: str, cfg: ModelConfig, args, device: torch.device) -> di
         result["activation_checkpointing"] = args.activation_checkpointing
         result["loss_chunk_tokens"] = args.loss_chunk
         result["sdpa_pad_v"] = args.pad_v
+        result["fp8"] = args.fp8
     else:
         result["attn_implementation"] = model.config._attn_implementation
         result["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
@@ -254,7 +260,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
             f"train.compile={(args.compile_scope if args.compile else 'false')}",
             f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
             f"train.loss_chunk_tokens={args.loss_chunk}", f"train.seed={args.seed}",
-            f"train.optimizer_state_dtype={args.moments}",
+            f"train.optimizer_state_dtype={args.moments}", f"train.fp8={str(args.fp8).lower()}",
             # one GPU, whatever layout the preset plans for
             "parallel.gpus=1", "parallel.dp_replicate=1", "parallel.dp_shard=1", "parallel.ep=1",
             "parallel.tp=1", "parallel.pp=1",
@@ -297,6 +303,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
         "activation_checkpointing": args.activation_checkpointing,
         "loss_chunk_tokens": args.loss_chunk,
         "optimizer_moments": args.moments,
+        "fp8": args.fp8,
     }
 
 

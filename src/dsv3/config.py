@@ -300,6 +300,11 @@ class TrainConfig(_Strict):
         "loss) on its own, as every layout runs; model = the whole training forward as one graph (one "
         "process only: kernels fuse across block boundaries, one longer compile)",
     )
+    fp8: bool = Field(
+        default=False, description="attention's projections and the dense and shared-expert FFNs in FP8 "
+        "(DeepSeek-V3's 1x128 / 128x128 scaling; cuBLAS on a CUDA GPU, emulated in float32 elsewhere); "
+        "the router, routed experts, embedding and head stay bf16",
+    )
     activation_checkpointing: bool | Literal["selective"] = Field(
         default=False, description="true: recompute every block in the backward, keeping only its "
         "input; selective: keep its GEMM and attention outputs, recompute the rest (norms, RoPE, SwiGLU)",

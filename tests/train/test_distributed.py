@@ -28,6 +28,10 @@ TOLERANCE = 1e-5  # relative, per step; measured ≤ 1e-6
 GRADIENT_TOLERANCE = 1e-5  # relative to the parameter's largest gradient; measured ≤ 1e-6
 STEPS = 12
 BF16_MOMENTS = "train.optimizer_state_dtype=bfloat16"
+# FP8 linears need whole 128-wide tiles of input features (tests/model/test_fp8_linear.py)
+FP8 = ("train.fp8=true", "model.hidden_size=128", "model.intermediate_size=256",
+       "model.moe_intermediate_size=128", "model.q_lora_rank=128", "model.kv_lora_rank=128",
+       "model.qk_nope_head_dim=64", "model.v_head_dim=64")
 # Three blocks + MTP = 4 pipeline units: two V-shaped stages on each of 2 ranks. 8 sequences of 32
 # tokens a step in micro-batches of 2: 4 micro-batches on one rank, DualPipeV's minimum for pp=2.
 MODEL = ("model.num_hidden_layers=3", "train.micro_batch_size=2")
@@ -186,6 +190,14 @@ def _counting(owner, *names: str):
     finally:
         for name, original in originals.items():
             setattr(owner, name, original)
+
+
+def losses_job(out: str, shards: list[str], overrides: list[str]) -> dict:
+    """Train and return rank 0's losses (a layout whose reference is not the float32 one)."""
+    records: list[dict] = []
+    train(_config(Path(out), tuple(map(Path, shards)), f"parallel.gpus={dist_world()}", *overrides),
+          on_record=records.append)
+    return {"losses": [r["loss"] for r in records if r["kind"] == "train"]}
 
 
 def sample_job(out: str, shards: list[str], overrides: list[str]) -> dict:
@@ -363,6 +375,7 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
         "skip_device": (skip_job, {"out": str(tmp / "skip_device"), "shards": s, "on_device": True}),
         "bf16_moments": (train_job, {"out": str(tmp / "bf16_moments"), "shards": s,
                                      "overrides": [*ep2, BF16_MOMENTS]}),
+        "fp8": (losses_job, {"out": str(tmp / "fp8"), "shards": s, "overrides": [*FP8, *ep2]}),
     }
     results = dict(zip(named, run_on_ranks(2, list(named.values()), tmp / "results"), strict=True))
     layouts = {k.removeprefix("layout:"): v for k, v in results.items() if k.startswith("layout:")}
@@ -391,6 +404,16 @@ def test_bfloat16_moments_on_sharded_parameters_train_like_one_process(two_ranks
     got = two_ranks["bf16_moments"]
     assert len(got["losses"]) == len(one) == STEPS
     assert got["losses"] == pytest.approx(one, rel=TOLERANCE) and got["same_bias"]  # measured ≤ 1e-7
+
+
+def test_fp8_linears_on_sharded_weights_train_like_one_process(two_ranks, shards, tmp_path):
+    """FP8 linears (quantized from FSDP's gathered weights) with EP=2: one FP8 process's losses, to
+    well under what FP8 itself moves them (the ranks sum gradients in another order)."""
+    records: list[dict] = []
+    train(_config(tmp_path / "one", shards, *FP8), on_record=records.append)
+    one = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(two_ranks["fp8"]["losses"]) == len(one) == STEPS
+    assert two_ranks["fp8"]["losses"] == pytest.approx(one, rel=1e-4)  # FP8 against float32: 1.6e-3
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_4))

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from dsv3.config import RunConfig
+from dsv3.model.fp8_linear import convert_to_fp8
 from dsv3.model.moe import MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.transformer import Block, Transformer, initial_value, set_activation_checkpointing
@@ -110,6 +111,8 @@ def parallelize(
         apply_tp(blocks, meshes.tp)
     if p.ep > 1:
         apply_ep([m for m in parts.modules() if isinstance(m, MoE)], meshes.ep, p.ep_dispatch)
+    if tc.fp8:
+        convert_to_fp8(parts)
     if tc.activation_checkpointing:
         apply_ac(roots, tc.activation_checkpointing)
     if tc.compile:

@@ -35,6 +35,7 @@ from dsv3.config import ConfigError, RunConfig
 from dsv3.host_copy import HostCopy
 from dsv3.infer.text import sample_text
 from dsv3.io import write_json_atomic
+from dsv3.model.fp8_linear import convert_to_fp8
 from dsv3.parallel import build_meshes, check_world_size, init_distributed, parallelize, world_size
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.distributed import DistributedSteps
@@ -128,6 +129,9 @@ class Trainer:
         self.world, self.distributed = world, world > 1
         if cfg.parallel.cpu_offload and self.device.type != "cuda":
             raise ConfigError("parallel.cpu_offload keeps GPU state in host memory: needs train.device cuda")
+        if self.tc.fp8 and self.tc.compile and self.device.type != "cuda":
+            raise ConfigError("train.fp8 with train.compile needs train.device cuda (Inductor's CPU code "
+                              "generator fails on the FP8 backward): drop one of them on CPU")
         if self.distributed:
             self.device = init_distributed(self.device.type)
             meshes = build_meshes(cfg.parallel, self.device.type)
@@ -213,6 +217,8 @@ class Trainer:
             model = Transformer(self.cfg.model, seed=self.tc.seed).to(self.device)
         model.activation_checkpointing = self.tc.activation_checkpointing
         model.loss_chunk_tokens = self.tc.loss_chunk_tokens
+        if self.tc.fp8:
+            convert_to_fp8(model)
         if self.tc.compile == "model":
             model.compile_model()
         elif self.tc.compile:

@@ -1,0 +1,167 @@
+"""FP8 training GEMMs with DeepSeek-V3's fine-grained scaling: 1×128 tiles of activations and
+gradients, 128×128 blocks of weights, float32 accumulation.
+
+One scale per small tile keeps an outlier from flattening the rest of its row (per-tensor FP8 loses
+them), which is what lets DeepSeek-V3 train its linears in float8_e4m3fn throughout:
+
+- forward  y  = x · Wᵀ : x in 1×128 tiles along its features, W in 128×128 blocks;
+- dgrad    dx = dy · W : dy in 1×128 tiles along the output features, W in the same blocks;
+- wgrad    dW = dyᵀ · x: both in 1×128 tiles along the tokens (the GEMM's contraction).
+
+On a CUDA GPU the products are `F.scaled_mm` (cuBLAS's blockwise-scaled FP8 GEMM, sm90); elsewhere
+they run *emulated*: the same quantized values and scales, dequantized and multiplied in float32, so
+the CPU tests check exactly the arithmetic the GPU does (up to the order of the float32 sums). A
+layer keeps the unquantized input for its backward (as bf16 training does) and quantizes again there.
+
+Dimensions: the contraction of each product must be whole tiles. Features that are not a multiple
+of 128 on the input side keep the layer in bf16 (`convert_to_fp8` says which); output features and
+token counts are padded with zeros where a product contracts over them (zeros add nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.model.gemv import Linear
+
+__all__ = ["FP8_TILE", "Fp8Linear", "convert_to_fp8", "fp8_linear", "quantize_blocks", "quantize_tiles"]
+
+log = logging.getLogger(__name__)
+
+FP8_TILE = 128
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+_TINY = 1e-12  # an all-zero tile gets this amax: its values stay 0
+
+
+def _pad_to_tile(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with zeros appended along `dim` up to a multiple of FP8_TILE."""
+    extra = -x.shape[dim] % FP8_TILE
+    if not extra:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, extra]
+    return F.pad(x, pad)
+
+
+def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) with K a multiple of 128 → (q (M, K) float8_e4m3fn, scale (M, K/128) float32), one
+    scale per 1×128 tile such that x ≈ q · scale (the largest |value| of a tile maps to 448)."""
+    M, K = x.shape
+    if K % FP8_TILE:
+        raise ValueError(f"quantize_tiles: {K} columns is not a multiple of {FP8_TILE}")
+    tiles = x.float().view(M, K // FP8_TILE, FP8_TILE)
+    scale = tiles.abs().amax(-1).clamp_min(_TINY) / FP8_MAX
+    q = (tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(M, K), scale
+
+
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) with K a multiple of 128 → (q (N', K) float8_e4m3fn with N' = N padded to a multiple
+    of 128 by zero rows, scale (N'/128, K/128) float32), one scale per 128×128 block."""
+    N, K = w.shape
+    if K % FP8_TILE:
+        raise ValueError(f"quantize_blocks: {K} columns is not a multiple of {FP8_TILE}")
+    padded = _pad_to_tile(w.float(), 0)
+    rows, cols = padded.shape[0] // FP8_TILE, K // FP8_TILE
+    blocks = padded.view(rows, FP8_TILE, cols, FP8_TILE)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(_TINY) / FP8_MAX
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(padded.shape), scale
+
+
+def _expand(scale: torch.Tensor, rows: int, cols: int, tile: tuple[int, int]) -> torch.Tensor:
+    """A scale per (tile[0] × tile[1]) block → one per element of a (rows, cols) matrix."""
+    return scale.repeat_interleave(tile[0], 0)[:rows].repeat_interleave(tile[1], 1)[:, :cols]
+
+
+# How a product's operand is scaled, as (rows, cols) of the matrix one scale covers: a (M, K) and
+# b (K, N) of a · b. "tiles" = 1×128 along K (a row's tile; for b, a column's), "blocks" = 128×128.
+_A_TILE = {"tiles": (1, FP8_TILE), "blocks": (FP8_TILE, FP8_TILE)}
+_B_TILE = {"tiles": (FP8_TILE, 1), "blocks": (FP8_TILE, FP8_TILE)}
+
+
+def scaled_matmul(
+    a: torch.Tensor, a_scale: torch.Tensor, a_kind: str, b: torch.Tensor, b_scale: torch.Tensor, b_kind: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """a (M, K) · b (K, N) of FP8 values and their scales, accumulated in float32 → (M, N) out_dtype.
+    Scales as cuBLAS takes them: a's "tiles" (M, K/128), "blocks" (M/128, K/128); b's "tiles"
+    (K/128, N), "blocks" (K/128, N/128)."""
+    if a.is_cuda:
+        recipe = {"tiles": F.ScalingType.BlockWise1x128, "blocks": F.ScalingType.BlockWise128x128}
+        col_major = [s.t().contiguous().t() for s in (a_scale, b_scale)]  # cuBLAS: outer-dim-major scales
+        return F.scaled_mm(a, b, col_major[0], recipe[a_kind], col_major[1], recipe[b_kind],
+                           output_dtype=out_dtype)  # fmt: skip
+    (M, K), N = a.shape, b.shape[1]
+    a32 = a.float() * _expand(a_scale, M, K, _A_TILE[a_kind])
+    b32 = b.float() * _expand(b_scale, K, N, _B_TILE[b_kind])
+    return (a32 @ b32).to(out_dtype)
+
+
+class _Fp8LinearFunction(torch.autograd.Function):
+    """y = x · Wᵀ with the three GEMMs in FP8 (module docstring); x (M, K), W (N, K)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        N = weight.shape[0]
+        xq, xs = quantize_tiles(x)
+        wq, ws = quantize_blocks(weight)  # (N', K): zero rows past N
+        y = scaled_matmul(xq, xs, "tiles", wq.t(), ws.t(), "blocks", out_dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.out_dtype = out_dtype
+        return y[:, :N]
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        N = weight.shape[0]
+        dy = _pad_to_tile(dy, 1)  # (M, N'): contracted over the output features in dgrad
+        wq, ws = quantize_blocks(weight)
+        dyq, dys = quantize_tiles(dy)
+        # b = W (N', K) as a (K=N', N=K) operand, column-major as cuBLAS wants it
+        dx = scaled_matmul(dyq, dys, "tiles", wq.t().contiguous().t(), ws, "blocks", x.dtype)
+        # dW = dyᵀ · x, contracted over the tokens: both quantized along them (padded to whole tiles)
+        dyt_q, dyt_s = quantize_tiles(_pad_to_tile(dy.t(), 1))  # (N', M')
+        xt_q, xt_s = quantize_tiles(_pad_to_tile(x.t(), 1))  # (K, M')
+        dw = scaled_matmul(dyt_q, dyt_s, "tiles", xt_q.t(), xt_s.t(), "tiles", torch.float32)
+        return dx, dw[:N].to(weight.dtype), None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) · Wᵀ (W: (N, K)) with FP8 GEMMs forward and backward; the result in autocast's
+    dtype when autocast is on, else in x's."""
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        y = _Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]).to(out_dtype), weight, out_dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Fp8Linear(Linear):
+    """A `Linear` whose products run in FP8 (`fp8_linear`); same parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight)
+
+
+def convert_to_fp8(model: nn.Module) -> list[str]:
+    """Make the model's linears FP8 in place (before sharding or compiling it): attention's
+    projections, the dense and shared-expert FFNs. The router, the routed experts (grouped GEMMs),
+    the embedding and the output head stay as they are, as in DeepSeek-V3. Returns the names of the
+    linears kept in bf16 because their input features are not whole 128-wide tiles."""
+    kept, converted = [], 0
+    for name, module in model.named_modules():
+        if type(module) is Linear:
+            if module.in_features % FP8_TILE:
+                kept.append(name)
+            else:
+                module.__class__ = Fp8Linear
+                converted += 1
+    log.info("fp8: %d linears in FP8%s", converted,
+             f"; {len(kept)} kept in bf16 (input features not whole 128-wide tiles): {', '.join(kept)}"
+             if kept else "")  # fmt: skip
+    return kept
