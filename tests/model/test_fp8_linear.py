@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dsv3.config import ConfigError
+from dsv3.model.fp8 import quantize_blocks
 from dsv3.model.fp8_linear import (
     FP8_TILE,
     Fp8Linear,
     convert_to_fp8,
     fp8_linear,
-    quantize_blocks,
     quantize_tiles,
 )
 from dsv3.model.gemv import Linear
@@ -73,11 +73,11 @@ def test_blocks_pad_rows_with_zeros_and_match_the_loop_reference():
     assert torch.equal(back.double(), _blocks_ref(w))
 
 
-def test_whole_tiles_are_required():
+def test_tiles_need_whole_tiles_and_blocks_pad_both_sides():
     with pytest.raises(ValueError, match="not a multiple of 128"):
         quantize_tiles(torch.randn(4, 100))
-    with pytest.raises(ValueError, match="not a multiple of 128"):
-        quantize_blocks(torch.randn(4, 100))
+    q, scale = quantize_blocks(torch.randn(4, 100))
+    assert q.shape == (128, 128) and scale.shape == (1, 1) and q[:, 100:].float().abs().max() == 0
 
 
 @pytest.mark.parametrize(("tokens", "out_features"), [(256, 384), (100, 200)])  # whole tiles, and padded

@@ -1,7 +1,8 @@
 """DeepSeek-V3's FP8 weight format: float8_e4m3fn values with one float32 scale per 128×128 block.
 
 The published checkpoints store each linear weight W as q = W / s per block and `weight_scale_inv`
-= s (the factor that dequantizes: W ≈ q·s). Pure functions, used when reading such checkpoints.
+= s (the factor that dequantizes: W ≈ q·s). Pure functions, used when reading such checkpoints and
+by FP8 training's weight blocks (`fp8_linear`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import math
 
 import torch
 
-__all__ = ["FP8_BLOCK", "dequantize_fp8", "quantize_fp8"]
+__all__ = ["FP8_BLOCK", "FP8_MAX", "dequantize_fp8", "quantize_blocks", "quantize_fp8"]
 
 FP8_BLOCK = (128, 128)
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 def dequantize_fp8(
@@ -26,14 +28,19 @@ def dequantize_fp8(
     return w.float() * scale
 
 
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3's weight format: float8_e4m3fn (out, in) and float32 `weight_scale_inv` per block."""
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) → (q float8_e4m3fn (N', K'), w padded with zeros to whole blocks, and its float32 scale
+    per block (N'/b0, K'/b1)) with w ≈ q · scale: each block's largest |value| maps to 448. On w's device."""
     out_dim, in_dim = w.shape
     rows, cols = math.ceil(out_dim / block[0]), math.ceil(in_dim / block[1])
-    padded = torch.zeros(rows * block[0], cols * block[1], dtype=torch.float32)
-    padded[:out_dim, :in_dim] = w.float()
+    padded = torch.nn.functional.pad(w.float(), (0, cols * block[1] - in_dim, 0, rows * block[0] - out_dim))
     blocks = padded.view(rows, block[0], cols, block[1])
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # (rows, cols)
-    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
-    q = (blocks / scale_inv[:, None, :, None]).view_as(padded)[:out_dim, :in_dim]
-    return q.to(torch.float8_e4m3fn), scale_inv
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # (rows, cols); zeros stay zeros
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(padded.shape), scale
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's weight format: float8_e4m3fn (out, in) and float32 `weight_scale_inv` per block."""
+    q, scale_inv = quantize_blocks(w, block)
+    return q[: w.shape[0], : w.shape[1]].contiguous(), scale_inv

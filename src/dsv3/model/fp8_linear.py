@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.model.fp8 import FP8_MAX, quantize_blocks
 from dsv3.model.gemv import Linear
 
-__all__ = ["FP8_TILE", "Fp8Linear", "convert_to_fp8", "fp8_linear", "quantize_blocks", "quantize_tiles"]
+__all__ = ["FP8_TILE", "Fp8Linear", "convert_to_fp8", "fp8_linear", "quantize_tiles"]
 
 log = logging.getLogger(__name__)
 
 FP8_TILE = 128
 FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
 _TINY = 1e-12  # an all-zero tile gets this amax: its values stay 0
 
 
@@ -57,20 +57,6 @@ def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = tiles.abs().amax(-1).clamp_min(_TINY) / FP8_MAX
     q = (tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(M, K), scale
-
-
-def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) with K a multiple of 128 → (q (N', K) float8_e4m3fn with N' = N padded to a multiple
-    of 128 by zero rows, scale (N'/128, K/128) float32), one scale per 128×128 block."""
-    N, K = w.shape
-    if K % FP8_TILE:
-        raise ValueError(f"quantize_blocks: {K} columns is not a multiple of {FP8_TILE}")
-    padded = _pad_to_tile(w.float(), 0)
-    rows, cols = padded.shape[0] // FP8_TILE, K // FP8_TILE
-    blocks = padded.view(rows, FP8_TILE, cols, FP8_TILE)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(_TINY) / FP8_MAX
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(padded.shape), scale
 
 
 def _expand(scale: torch.Tensor, rows: int, cols: int, tile: tuple[int, int]) -> torch.Tensor:
@@ -111,16 +97,14 @@ class _Fp8LinearFunction(torch.autograd.Function):
         xq, xs = quantize_tiles(x)
         wq, ws = quantize_blocks(weight)  # (N', K): zero rows past N
         y = scaled_matmul(xq, xs, "tiles", wq.t(), ws.t(), "blocks", out_dtype)
-        ctx.save_for_backward(x, weight)
-        ctx.out_dtype = out_dtype
+        ctx.save_for_backward(x, wq, ws)  # the FP8 weight: a byte a parameter, not quantized twice
+        ctx.weight_rows, ctx.weight_dtype = N, weight.dtype
         return y[:, :N]
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        N = weight.shape[0]
+        x, wq, ws = ctx.saved_tensors
         dy = _pad_to_tile(dy, 1)  # (M, N'): contracted over the output features in dgrad
-        wq, ws = quantize_blocks(weight)
         dyq, dys = quantize_tiles(dy)
         # b = W (N', K) as a (K=N', N=K) operand, column-major as cuBLAS wants it
         dx = scaled_matmul(dyq, dys, "tiles", wq.t().contiguous().t(), ws, "blocks", x.dtype)
@@ -128,7 +112,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
         dyt_q, dyt_s = quantize_tiles(_pad_to_tile(dy.t(), 1))  # (N', M')
         xt_q, xt_s = quantize_tiles(_pad_to_tile(x.t(), 1))  # (K, M')
         dw = scaled_matmul(dyt_q, dyt_s, "tiles", xt_q.t(), xt_s.t(), "tiles", torch.float32)
-        return dx, dw[:N].to(weight.dtype), None
+        return dx, dw[: ctx.weight_rows].to(ctx.weight_dtype), None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
