@@ -11,7 +11,8 @@ them), which is what lets DeepSeek-V3 train its linears in float8_e4m3fn through
 On a CUDA GPU the products are `F.scaled_mm` (cuBLAS's blockwise-scaled FP8 GEMM, sm90); elsewhere
 they run *emulated*: the same quantized values and scales, dequantized and multiplied in float32, so
 the CPU tests check exactly the arithmetic the GPU does (up to the order of the float32 sums). A
-layer keeps the unquantized input for its backward (as bf16 training does) and quantizes again there.
+layer keeps its unquantized input for the backward (as bf16 training does; it is quantized there
+along the other axis for the weight gradient) and its FP8 weight (a byte a parameter).
 
 Dimensions: the contraction of each product must be whole tiles. Features that are not a multiple
 of 128 on the input side keep the layer in bf16 (`convert_to_fp8` says which); output features and
