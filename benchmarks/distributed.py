@@ -3,11 +3,13 @@
 Every run is the real command, `torchrun --nproc-per-node N -m dsv3 train --config run.yaml` (one GPU:
 `python -m dsv3 train`), on the same data, and every GPU gets the same micro-batch: one GPU runs the
 global batch as 2 micro-batches, 2 GPUs as 1 micro-batch each. So the 3 runs see the same samples per
-step (their loss curves must match) and the same per-GPU work per forward (their tokens/s per GPU
-compare: weak scaling, target ≥ 90 % of one GPU).
+step (their loss curves must match) and the same per-GPU work per forward. Weak scaling (tokens/s per
+GPU, target ≥ 90 % of one GPU) compares against `single_1mb` where it was run: one GPU doing exactly a
+rank's work a step (one micro-batch and one optimizer step; `single` steps AdamW once per two).
 
     python benchmarks/distributed.py data   OUT        # byte-level shards of the Python stdlib (no download)
     python benchmarks/distributed.py run    OUT single # 1 GPU, `small` preset, 200 steps
+    python benchmarks/distributed.py run    OUT single_1mb # 1 GPU, one micro-batch a step: a rank's work
     python benchmarks/distributed.py run    OUT fsdp   # 2 GPUs, FSDP2 (dp_shard=2)
     python benchmarks/distributed.py run    OUT ep     # 2 GPUs, FSDP2 + expert parallel (ep=2)
     python benchmarks/distributed.py run    OUT ep-allgather # the same, parallel.ep_dispatch=all_gather
@@ -54,6 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # name: (processes, parallel layout, steps, save_every, async)
 RUNS: dict[str, tuple[int, list[str], int, int, bool]] = {
     "single": (1, [], 200, 0, False),
+    # one GPU doing exactly one 2-GPU rank's work a step: one micro-batch, one optimizer step (`single`
+    # runs the 2-GPU global batch as 2 micro-batches: the same samples, but twice the tokens per AdamW
+    # step); the weak-scaling baseline when present
+    "single_1mb": (1, [], 200, 0, False),
     "fsdp": (2, ["parallel.dp_shard=2"], 200, 0, False),
     "ep": (2, ["parallel.dp_shard=2", "parallel.ep=2"], 200, 0, False),
     # every rank gets both ranks' tokens (fixed-size messages: no host sync per MoE layer)
@@ -98,10 +104,11 @@ def run_config(out: Path, name: str, toy: bool, tag: str = "") -> tuple[int, lis
     n, layout, steps, save_every, background = RUNS[name]
     data = make_data(out, toy)
     per_gpu = 2 if toy else 8  # sequences per micro-batch on every GPU
+    micro_batches = 1 if name == "single_1mb" else 2  # in the global batch
     overrides = [
         f"data.train=[{data}]", "data.valid=[]", "data.valid_fraction=0.02",
         f"train.output_dir={out / _dir(name, tag)}", f"train.steps={steps if not toy else min(steps, 20)}",
-        f"train.global_batch_size={2 * per_gpu}", f"train.micro_batch_size={per_gpu}",
+        f"train.global_batch_size={micro_batches * per_gpu}", f"train.micro_batch_size={per_gpu}",
         "train.warmup_steps=20", "train.log_every=10" if not toy else "train.log_every=2",
         "train.eval_every=100", "train.eval_batches=4", "train.tensorboard=false",
         f"train.save_every={save_every}", "train.keep_last=1",
@@ -181,17 +188,24 @@ def report(out: Path) -> list[dict]:
     two_gpu = [d.name for d in sorted(out.iterdir()) if d.name.split("-")[0] in ("fsdp", "ep")]
     for name in two_gpu:
         # against the one-GPU run of the same tag (`single-fp32` for `ep-fp32`), else plain `single`
-        base = "single" + next((t for t in tags if name.endswith(t)), "")
+        tag = next((t for t in tags if name.endswith(t)), "")
+        base = "single" + tag
         if not _records(out, name) or not _records(out, base):
             continue
         single, s = summarize(out, base), summarize(out, name)
+        # tokens/s against one GPU doing a rank's exact work (`single_1mb`), where that run exists
+        work = next((w for w in ("single_1mb" + tag, "single_1mb") if _records(out, w)), base)
+        alone = summarize(out, work) if work != base else single
         curve = {r["step"]: r["lm_loss"] for r in _records(out, base) if r["kind"] == "train"}
         other = {r["step"]: r["lm_loss"] for r in _records(out, name) if r["kind"] == "train"}
         diffs = [abs(other[k] - curve[k]) for k in curve if k in other]
         lines.append({
             "compare": f"{name} (2 GPUs) vs {base} (1 GPU)",
-            "weak_scaling": s["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"],
-            "tokens_per_s_per_gpu": [single["tokens_per_s_per_gpu"], s["tokens_per_s_per_gpu"]],
+            "weak_scaling": s["tokens_per_s_per_gpu"] / alone["tokens_per_s_per_gpu"],
+            "weak_scaling_baseline": work,
+            "vs_single_two_micro_batches": s["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"],
+            "tokens_per_s_per_gpu": {run: summary["tokens_per_s_per_gpu"]
+                                     for run, summary in ((work, alone), (base, single), (name, s))},
             "loss_curve_max_abs_diff": max(diffs) if diffs else None,
             "loss_curve_mean_abs_diff": statistics.mean(diffs) if diffs else None,
             "final_lm_loss": [single["final_loss"], s["final_loss"]],
