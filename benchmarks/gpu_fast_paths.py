@@ -137,34 +137,44 @@ def _expert_rows_past_the_end(device: torch.device) -> dict:
 
 
 def _fp8_gemms(device: torch.device) -> dict:
-    """FP8 linears: cuBLAS's blockwise-scaled GEMMs (forward, dgrad, wgrad) against the float32 emulation
-    on the CPU of the same quantized values and scales (should agree to float32 summation order), eager
-    and compiled; and how far FP8 moves the products from bf16's."""
+    """FP8 GEMMs on the GPU (cuBLAS's blockwise-scaled linears, the rowwise-scaled grouped experts:
+    forward, dgrad, wgrad) against the float32 emulation on the CPU of the same quantized values and
+    scales (should agree to float32 summation order), eager and compiled; and how far FP8 moves the
+    products from bf16's."""
+    from dsv3.model.fp8_experts import fp8_expert_matmul
     from dsv3.model.fp8_linear import fp8_linear
+    from dsv3.model.moe_ops import expert_matmul
 
     torch.manual_seed(0)
-    x = torch.randn(4096, 1024, device=device, dtype=torch.bfloat16)
-    w = torch.randn(576, 1024, device=device) * 0.03  # kv_a's 576 outputs: padded to 640 in dgrad
-    dy = torch.randn(4096, 576, device=device, dtype=torch.bfloat16)
+    ends = torch.tensor([0, 700, 1500, 1500, 2600, 4096], device=device)  # an empty expert, uneven loads
+    cases = {  # name: (fp8 function, bf16 function, x, w, dy, extra argument)
+        "linear": (fp8_linear, lambda a, b: a @ b.to(a.dtype).t(),
+                   torch.randn(4096, 1024, device=device, dtype=torch.bfloat16),
+                   torch.randn(576, 1024, device=device) * 0.03,  # kv_a's 576 outputs: padded in dgrad
+                   torch.randn(4096, 576, device=device, dtype=torch.bfloat16), ()),
+        "experts": (fp8_expert_matmul, expert_matmul,
+                    torch.randn(4096, 1024, device=device, dtype=torch.bfloat16),
+                    torch.randn(6, 1024, 1024, device=device, dtype=torch.bfloat16) * 0.03,
+                    torch.randn(4096, 1024, device=device, dtype=torch.bfloat16), (ends,)),
+    }
 
-    def run(fn, dev: str) -> list[torch.Tensor]:
+    def run(fn, dev: str, x, w, dy, extra) -> list[torch.Tensor]:
         xi, wi = (t.detach().to(dev, copy=True).requires_grad_() for t in (x, w))  # fresh leaves each run
-        y = fn(xi, wi)
+        y = fn(xi, wi, *(e.to(dev) for e in extra))
         y.backward(dy.to(dev))
         return [t.float().cpu() for t in (y, xi.grad, wi.grad)]
 
-    emulated = run(fp8_linear, "cpu")
+    def rel(got: list[torch.Tensor], ref: list[torch.Tensor]) -> dict:
+        pairs = zip(("y", "dx", "dw"), got, ref, strict=True)
+        return {k: ((g - e).norm() / e.norm()).item() for k, g, e in pairs}
+
     out: dict = {}
-    variants = {"eager": fp8_linear}
-    if device.type == "cuda":  # Inductor's CPU code generator fails on this backward (the trainer refuses it)
-        variants["compiled"] = torch.compile(fp8_linear)
-    for name, fn in variants.items():
-        got = run(fn, device.type)
-        out[name] = {k: ((g - e).norm() / e.norm()).item()
-                     for k, g, e in zip(("y", "dx", "dw"), got, emulated, strict=True)}
-    exact = run(lambda a, b: a @ b.to(a.dtype).t(), device.type)
-    out["vs_bf16"] = {k: ((g - e).norm() / e.norm()).item()
-                      for k, g, e in zip(("y", "dx", "dw"), emulated, exact, strict=True)}
+    for case, (fp8, bf16, *inputs) in cases.items():
+        emulated = run(fp8, "cpu", *inputs)
+        out[case] = {"eager": rel(run(fp8, device.type, *inputs), emulated)}
+        if device.type == "cuda":  # Inductor's CPU code generator fails on the linear's backward
+            out[case]["compiled"] = rel(run(torch.compile(fp8), device.type, *inputs), emulated)
+        out[case]["vs_bf16"] = rel(emulated, run(bf16, device.type, *inputs))
     return out
 
 

@@ -301,9 +301,10 @@ class TrainConfig(_Strict):
         "process only: kernels fuse across block boundaries, one longer compile)",
     )
     fp8: bool = Field(
-        default=False, description="attention's projections and the dense and shared-expert FFNs in FP8 "
-        "(DeepSeek-V3's 1x128 / 128x128 scaling; cuBLAS on a CUDA GPU, emulated in float32 elsewhere); "
-        "the router, routed experts, embedding and head stay bf16",
+        default=False, description="GEMMs in FP8: attention's projections and the dense and shared-expert "
+        "FFNs with DeepSeek-V3's 1x128 / 128x128 scaling, the routed experts' forward and input gradient "
+        "rowwise-scaled (cuBLAS on a CUDA GPU, emulated in float32 elsewhere); the router, embedding and "
+        "head stay bf16",
     )
     activation_checkpointing: bool | Literal["selective"] = Field(
         default=False, description="true: recompute every block in the backward, keeping only its "

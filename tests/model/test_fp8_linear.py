@@ -1,8 +1,9 @@
-"""FP8 linears with DeepSeek-V3's 1×128 / 128×128 scaling (the CPU path: the GPU's quantized values
-and scales, multiplied in float32).
+"""FP8 GEMMs: linears with DeepSeek-V3's 1×128 / 128×128 scaling and the routed experts' rowwise
+scaling (the CPU path: the GPU's quantized values and scales, multiplied in float32).
 
-The reference quantizes tile by tile in plain loops (one amax, one scale, one cast per tile) and
-multiplies in float64: an independent statement of the scheme the vectorised code must compute.
+The reference quantizes tile by tile (or row by row) in plain loops (one amax, one scale, one cast
+per tile) and multiplies in float64: an independent statement of the scheme the vectorised code must
+compute.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.config import ConfigError
+from dsv3.config import ConfigError, load_run_config
+from dsv3.model import Transformer
 from dsv3.model.fp8 import quantize_blocks
+from dsv3.model.fp8_experts import fp8_expert_matmul
 from dsv3.model.fp8_linear import (
     FP8_TILE,
     Fp8Linear,
@@ -20,6 +23,7 @@ from dsv3.model.fp8_linear import (
     quantize_tiles,
 )
 from dsv3.model.gemv import Linear
+from dsv3.model.moe import Experts
 from dsv3.train.trainer import Trainer
 from tests.conftest import FIXTURE_TEXT, byte_documents, micro_run, write_shard
 
@@ -146,3 +150,37 @@ def test_fp8_with_compile_on_cpu_is_refused(tmp_path):
     cfg = micro_run(tmp_path / "run", shard, None, *ALIGNED, "train.fp8=true", "train.compile=true")
     with pytest.raises(ConfigError, match="train.fp8 with train.compile needs train.device cuda"):
         Trainer(cfg)
+
+
+def _row_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """Each row through FP8 with its own scale (the routed experts' rowwise scheme)."""
+    return torch.stack([_tile_roundtrip(row) for row in x.reshape(-1, x.shape[-1])]).view(x.shape)
+
+
+def test_expert_products_are_the_rowwise_quantized_ones():
+    """Forward x·W_eᵀ and dgrad dy·W_e from rowwise-quantized operands (x and dy per token, W per
+    expert row for the forward and per expert column for dgrad); wgrad dy_eᵀ·x_e unquantized."""
+    torch.manual_seed(4)
+    ends = torch.tensor([5, 5, 12, 20])  # expert 1 receives nothing
+    x = torch.randn(20, 64, requires_grad=True)
+    w = (torch.randn(4, 48, 64) * 0.1).requires_grad_()
+    dy = torch.randn(20, 48)
+    y = fp8_expert_matmul(x, w, ends)
+    y.backward(dy)
+    starts = [0, *ends[:-1].tolist()]
+    qx, qdy, qw = _row_roundtrip(x.detach()), _row_roundtrip(dy), _row_roundtrip(w.detach())
+    qwt = _row_roundtrip(w.detach().transpose(1, 2)).transpose(1, 2)  # per expert column
+    for e, (a, b) in enumerate(zip(starts, ends.tolist(), strict=True)):
+        torch.testing.assert_close(y[a:b].double(), qx[a:b] @ qw[e].t(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(x.grad[a:b].double(), qdy[a:b] @ qwt[e], rtol=1e-5, atol=1e-4)
+        exact = dy[a:b].t().double() @ x.detach()[a:b].double()
+        torch.testing.assert_close(w.grad[e].double(), exact, rtol=1e-5, atol=1e-4)
+    assert w.grad[1].abs().max() == 0
+
+
+def test_conversion_makes_the_routed_experts_fp8():
+    cfg = load_run_config("tiny", list(ALIGNED)).model
+    model = Transformer(cfg)
+    convert_to_fp8(model)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert experts and all(e.matmul is fp8_expert_matmul for e in experts)

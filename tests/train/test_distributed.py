@@ -241,6 +241,7 @@ def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = Fa
 
     from dsv3.config import load_model_config
     from dsv3.model.moe import LocalDispatcher, MoE, sort_by_expert
+    from dsv3.model.moe_ops import expert_matmul
     from dsv3.parallel import expert as ep
 
     dist.init_process_group("gloo")
@@ -259,8 +260,9 @@ def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = Fa
         indices = torch.stack([torch.randperm(16)[:6] for _ in range(tokens)])
         order, ends = sort_by_expert(indices, 16)
 
-        class _Full(torch.nn.Module):
+        class _Full(torch.nn.Module):  # the experts' interface: stacked weights and their product
             gate_up_proj, down_proj = full
+            matmul = staticmethod(expert_matmul)
 
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
@@ -413,7 +415,7 @@ def test_fp8_linears_on_sharded_weights_train_like_one_process(two_ranks, shards
     train(_config(tmp_path / "one", shards, *FP8), on_record=records.append)
     one = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(two_ranks["fp8"]["losses"]) == len(one) == STEPS
-    assert two_ranks["fp8"]["losses"] == pytest.approx(one, rel=1e-4)  # FP8 against float32: 1.6e-3
+    assert two_ranks["fp8"]["losses"] == pytest.approx(one, rel=1e-4)  # FP8 against float32: 7e-4
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_4))

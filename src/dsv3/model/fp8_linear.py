@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.model.fp8 import FP8_MAX, quantize_blocks
+from dsv3.model.fp8_experts import fp8_expert_matmul
 from dsv3.model.gemv import Linear
+from dsv3.model.moe import Experts
 
 __all__ = ["FP8_TILE", "Fp8Linear", "convert_to_fp8", "fp8_linear", "quantize_tiles"]
 
@@ -134,11 +136,12 @@ class Fp8Linear(Linear):
 
 
 def convert_to_fp8(model: nn.Module) -> list[str]:
-    """Make the model's linears FP8 in place (before sharding or compiling it): attention's
-    projections, the dense and shared-expert FFNs. The router, the routed experts (grouped GEMMs),
-    the embedding and the output head stay as they are, as in DeepSeek-V3. Returns the names of the
-    linears kept in bf16 because their input features are not whole 128-wide tiles."""
-    kept, converted = [], 0
+    """Make the model's GEMMs FP8 in place (before sharding or compiling it): attention's
+    projections, the dense and shared-expert FFNs (blockwise, here) and the routed experts' grouped
+    GEMMs (rowwise, `fp8_experts`). The router, the embedding and the output head stay as they are,
+    as in DeepSeek-V3. Returns the names of the linears kept in bf16 because their input features
+    are not whole 128-wide tiles."""
+    kept, converted, experts = [], 0, 0
     for name, module in model.named_modules():
         if type(module) is Linear:
             if module.in_features % FP8_TILE:
@@ -146,7 +149,10 @@ def convert_to_fp8(model: nn.Module) -> list[str]:
             else:
                 module.__class__ = Fp8Linear
                 converted += 1
-    log.info("fp8: %d linears in FP8%s", converted,
-             f"; {len(kept)} kept in bf16 (input features not whole 128-wide tiles): {', '.join(kept)}"
-             if kept else "")  # fmt: skip
+        elif isinstance(module, Experts):
+            module.matmul = fp8_expert_matmul
+            experts += 1
+    log.info("fp8: %d linears and %d routed-expert layers in FP8%s", converted, experts,
+             f"; {len(kept)} linears kept in bf16 (input features not whole 128-wide tiles): "
+             f"{', '.join(kept)}" if kept else "")  # fmt: skip
     return kept

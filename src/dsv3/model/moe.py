@@ -20,6 +20,7 @@ auxiliary-loss-free balancing update (`MoE.update_bias`, b_i += γ·sign(mean lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -158,11 +159,13 @@ class Gate(nn.Module):
 
 
 def expert_ffn(
-    xs: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    xs: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = expert_matmul,
 ) -> torch.Tensor:
-    """Rows sorted by expert (M, d), each expert's end offset (E,) → SwiGLU through its weights (M, d)."""
-    gate, up = expert_matmul(xs, gate_up_proj, ends).chunk(2, dim=-1)  # (M, I) each
-    return expert_matmul(F.silu(gate) * up, down_proj, ends)
+    """Rows sorted by expert (M, d), each expert's end offset (E,) → SwiGLU through its weights (M, d).
+    `matmul`: the grouped product (`Experts.matmul`: bf16, or FP8 after `convert_to_fp8`)."""
+    gate, up = matmul(xs, gate_up_proj, ends).chunk(2, dim=-1)  # (M, I) each
+    return matmul(F.silu(gate) * up, down_proj, ends)
 
 
 class ExpertDispatcher(Protocol):
@@ -185,7 +188,7 @@ class LocalDispatcher:
         N, k = weights.shape
         inverse = inverse_permutation(order)
         xs = gather_rows(x, order // k, inverse, k, compute_dtype(x))  # (N·k, d) sorted by expert
-        ys = expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj)
+        ys = expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj, experts.matmul)
         ys = gather_rows(ys, inverse, order, 1).view(N, k, -1)  # back to (token, slot)
         return weighted_sum(weights, ys)
 
@@ -199,6 +202,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
         self.dispatcher: ExpertDispatcher = LocalDispatcher()
+        self.matmul = expert_matmul  # the grouped product; `convert_to_fp8` makes it FP8's
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,

@@ -103,7 +103,7 @@ def padded_expert_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> to
 
 
 @torch.library.custom_op("dsv3::padded_expert_mm_wgrad", mutates_args=())
-def _padded_expert_mm_wgrad(grad: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def padded_expert_mm_wgrad(grad: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """d loss / d w (E, out, in) of `padded_expert_mm`: each expert's gradᵀ @ x over its rows."""
     g_batch, _, _ = _pad_by_expert(grad, ends)
     x_batch, _, _ = _pad_by_expert(x, ends)
@@ -115,7 +115,7 @@ def _(x, w, ends):
     return x.new_empty(x.shape[0], w.shape[1])
 
 
-@_padded_expert_mm_wgrad.register_fake
+@padded_expert_mm_wgrad.register_fake
 def _(grad, x, ends):
     return x.new_empty(ends.shape[0], grad.shape[1], x.shape[1])
 
@@ -128,7 +128,7 @@ def _padded_expert_mm_setup(ctx, inputs, output) -> None:
 def _padded_expert_mm_backward(ctx, grad):
     x, w, ends = ctx.saved_tensors
     grad_x = padded_expert_mm(grad, w.transpose(1, 2).contiguous(), ends)
-    return grad_x, _padded_expert_mm_wgrad(grad, x, ends), None
+    return grad_x, padded_expert_mm_wgrad(grad, x, ends), None
 
 
 padded_expert_mm.register_autograd(_padded_expert_mm_backward, setup_context=_padded_expert_mm_setup)

@@ -144,7 +144,8 @@ class AllToAllDispatcher:
             x, slot_weight, token, local_expert, n_pairs, recv_sizes, send_sizes, self.group,
             compute_dtype(x), El)
         local_ends = recv[:, 1:].sum(0).cumsum(0)  # (El,)
-        ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj))
+        ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj),
+                        experts.matmul)
         # One weighted sum per received row over its slots in a fixed order: the same float32 sum as
         # one process (a slot whose expert is elsewhere has weight 0 and no pair).
         partial = pair_weighted_sum(w_in, ys, by_expert)  # (M, d)

@@ -124,7 +124,8 @@ class AllGatherDispatcher:
         inverse = inverse_permutation(pair_order)
         valid = (torch.arange(pair_order.numel(), device=x.device) < local_ends[-1]).unsqueeze(1)
         xs = _GatherDispatch.apply(x, pair_order // k, inverse, valid, k, self.group, compute_dtype(x))
-        ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj))
+        ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj),
+                        experts.matmul)
         ys = torch.where(valid, ys, 0)  # the rows past the last local pair were never computed
         ys = gather_rows(ys, inverse, pair_order, 1).view(-1, k, ys.shape[-1])  # (R·N, k, d)
         partial = weighted_sum(torch.where(mine, routing[:, :k], 0).to(weights.dtype), ys)  # (R·N, d)
