@@ -29,8 +29,9 @@ _TINY = 1e-12  # an all-zero row gets this amax: its values stay 0
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., K) → (q float8_e4m3fn (..., K), scale float32 (...)): one scale per row, x ≈ q · scale."""
-    x = x.float()
+    """x (..., K) → (q float8_e4m3fn (..., K), scale float32 (...)): one scale per row, x ≈ q · scale.
+    q is laid out row-major whatever x's strides (a transposed view is copied)."""
+    x = x.contiguous().float()
     scale = x.abs().amax(-1).clamp_min(_TINY) / FP8_MAX
     return (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 

@@ -56,7 +56,7 @@ def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x.shape
     if K % FP8_TILE:
         raise ValueError(f"quantize_tiles: {K} columns is not a multiple of {FP8_TILE}")
-    tiles = x.float().view(M, K // FP8_TILE, FP8_TILE)
+    tiles = x.contiguous().float().view(M, K // FP8_TILE, FP8_TILE)  # q row-major, as cuBLAS wants it
     scale = tiles.abs().amax(-1).clamp_min(_TINY) / FP8_MAX
     q = (tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(M, K), scale
