@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.fp8 import FP8_MAX, quantize_blocks
-from dsv3.model.fp8_experts import fp8_expert_matmul
+from dsv3.model.fp8 import quantize_blocks
+from dsv3.model.fp8_experts import fp8_expert_matmul, quantize_rows
 from dsv3.model.gemv import Linear
 from dsv3.model.moe import Experts
 
@@ -37,8 +37,6 @@ __all__ = ["FP8_TILE", "Fp8Linear", "convert_to_fp8", "fp8_linear", "quantize_ti
 log = logging.getLogger(__name__)
 
 FP8_TILE = 128
-FP8 = torch.float8_e4m3fn
-_TINY = 1e-12  # an all-zero tile gets this amax: its values stay 0
 
 
 def _pad_to_tile(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -56,9 +54,7 @@ def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x.shape
     if K % FP8_TILE:
         raise ValueError(f"quantize_tiles: {K} columns is not a multiple of {FP8_TILE}")
-    tiles = x.contiguous().float().view(M, K // FP8_TILE, FP8_TILE)  # q row-major, as cuBLAS wants it
-    scale = tiles.abs().amax(-1).clamp_min(_TINY) / FP8_MAX
-    q = (tiles / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q, scale = quantize_rows(x.contiguous().view(M, K // FP8_TILE, FP8_TILE))  # a tile is a row here
     return q.view(M, K), scale
 
 
