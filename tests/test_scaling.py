@@ -322,6 +322,10 @@ def test_layout_problems_name_the_keys():
     refused = layout_problems(run.model, whole, ParallelConfig(gpus=2, dp_shard=2))
     assert "train.compile=model" in " ".join(refused)
     assert layout_problems(run.model, whole, ParallelConfig(gpus=1)) == []
+    fp8 = run.train.model_copy(update={"fp8": True})
+    tp_fp8 = layout_problems(run.model, fp8, ParallelConfig(gpus=2, tp=2))
+    assert "train.fp8 with parallel.tp=2" in " ".join(tp_fp8)
+    assert layout_problems(run.model, fp8, ParallelConfig(gpus=2, dp_shard=2, ep=2)) == []
     assert problems(gpus=2, dp_shard=2, ep=2) == ""
 
 

@@ -378,6 +378,8 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
         "bf16_moments": (train_job, {"out": str(tmp / "bf16_moments"), "shards": s,
                                      "overrides": [*ep2, BF16_MOMENTS]}),
         "fp8": (losses_job, {"out": str(tmp / "fp8"), "shards": s, "overrides": [*FP8, *ep2]}),
+        "fp8_pp": (losses_job, {"out": str(tmp / "fp8_pp"), "shards": s,
+                                "overrides": [*FP8, "parallel.pp=2"]}),
     }
     results = dict(zip(named, run_on_ranks(2, list(named.values()), tmp / "results"), strict=True))
     layouts = {k.removeprefix("layout:"): v for k, v in results.items() if k.startswith("layout:")}
@@ -408,14 +410,15 @@ def test_bfloat16_moments_on_sharded_parameters_train_like_one_process(two_ranks
     assert got["losses"] == pytest.approx(one, rel=TOLERANCE) and got["same_bias"]  # measured ≤ 1e-7
 
 
-def test_fp8_linears_on_sharded_weights_train_like_one_process(two_ranks, shards, tmp_path):
-    """FP8 linears (quantized from FSDP's gathered weights) with EP=2: one FP8 process's losses, to
-    well under what FP8 itself moves them (the ranks sum gradients in another order)."""
+def test_fp8_on_sharded_and_pipelined_layouts_trains_like_one_process(two_ranks, shards, tmp_path):
+    """FP8 GEMMs (quantized from FSDP's gathered weights) with EP=2, and in a pipeline: one FP8
+    process's losses, to well under what FP8 itself moves them (the ranks sum in another order)."""
     records: list[dict] = []
     train(_config(tmp_path / "one", shards, *FP8), on_record=records.append)
     one = [r["loss"] for r in records if r["kind"] == "train"]
-    assert len(two_ranks["fp8"]["losses"]) == len(one) == STEPS
-    assert two_ranks["fp8"]["losses"] == pytest.approx(one, rel=1e-4)  # FP8 against float32: 7e-4
+    for layout in ("fp8", "fp8_pp"):  # FSDP + EP=2, and a 2-stage pipeline
+        assert len(two_ranks[layout]["losses"]) == len(one) == STEPS
+        assert two_ranks[layout]["losses"] == pytest.approx(one, rel=1e-4), layout  # FP8 vs float32: 7e-4
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_4))

@@ -127,6 +127,9 @@ def layout_problems(
         for key, width in widths.items():
             if width % p.tp:
                 problems.append(f"parallel.tp={p.tp} must divide {key}={width}")
+    if train.fp8 and p.tp > 1:
+        problems.append(f"train.fp8 with parallel.tp={p.tp}: FP8 linears quantize whole weights and inputs, "
+                        "not tensor-parallel shards (use tp=1)")
     if train.compile == "model" and p.gpus > 1:
         problems.append("train.compile=model compiles one process's whole forward: with parallel.gpus="
                         f"{p.gpus} use train.compile=true (each block compiled, hooks and exchanges between)")
