@@ -2,7 +2,7 @@
 
 The published checkpoints store each linear weight W as q = W / s per block and `weight_scale_inv`
 = s (the factor that dequantizes: W ≈ q·s). Pure functions, used when reading such checkpoints and
-by FP8 training's weight blocks (`fp8_linear`).
+by FP8 training's quantizers (`fp8_linear`, `fp8_experts`).
 """
 
 from __future__ import annotations
@@ -11,21 +11,32 @@ import math
 
 import torch
 
-__all__ = ["FP8_BLOCK", "FP8_MAX", "dequantize_fp8", "quantize_blocks", "quantize_fp8"]
+__all__ = ["FP8_BLOCK", "FP8_MAX", "dequantize_fp8", "expand_scales", "quantize_blocks", "quantize_fp8",
+           "quantize_rows"]
 
 FP8_BLOCK = (128, 128)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+_TINY = 1e-12  # the amax of an all-zero block or row: its values stay 0
+
+
+def expand_scales(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+    """One scale per (block[0] × block[1]) block → one per element of a (rows, cols) matrix."""
+    return scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
 
 
 def dequantize_fp8(
     w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = FP8_BLOCK
 ) -> torch.Tensor:
     """float8 weight (out, in) × its per-block scale (⌈out/b0⌉, ⌈in/b1⌉) → float32 (out, in)."""
-    out_dim, in_dim = w.shape
-    scale = (
-        scale_inv.float().repeat_interleave(block[0], 0)[:out_dim].repeat_interleave(block[1], 1)[:, :in_dim]
-    )
-    return w.float() * scale
+    return w.float() * expand_scales(scale_inv, *w.shape, block)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) → (q float8_e4m3fn (..., K), scale float32 (...)): one scale per row, x ≈ q · scale.
+    q is laid out row-major whatever x's strides (a transposed view is copied)."""
+    x = x.contiguous().float()
+    scale = x.abs().amax(-1).clamp_min(_TINY) / FP8_MAX
+    return (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +46,7 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> tupl
     rows, cols = math.ceil(out_dim / block[0]), math.ceil(in_dim / block[1])
     padded = torch.nn.functional.pad(w.float(), (0, cols * block[1] - in_dim, 0, rows * block[0] - out_dim))
     blocks = padded.view(rows, block[0], cols, block[1])
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # (rows, cols); zeros stay zeros
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=_TINY) / FP8_MAX  # (rows, cols)
     q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(padded.shape), scale
 

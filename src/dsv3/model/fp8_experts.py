@@ -20,21 +20,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.model.fp8 import FP8_MAX
+from dsv3.model.fp8 import quantize_rows
+from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe_ops import padded_expert_mm, padded_expert_mm_wgrad
 
-__all__ = ["fp8_expert_matmul", "quantize_rows"]
-
-_TINY = 1e-12  # an all-zero row gets this amax: its values stay 0
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., K) → (q float8_e4m3fn (..., K), scale float32 (...)): one scale per row, x ≈ q · scale.
-    q is laid out row-major whatever x's strides (a transposed view is copied)."""
-    x = x.contiguous().float()
-    scale = x.abs().amax(-1).clamp_min(_TINY) / FP8_MAX
-    return (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
+__all__ = ["fp8_expert_matmul"]
 
 def _grouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
              ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
@@ -75,7 +65,6 @@ class _Fp8ExpertMatmul(torch.autograd.Function):
 def fp8_expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """`moe_ops.expert_matmul` with FP8 products (module docstring): rows of x (M, in) sorted by expert,
     w (E, out, in), each expert's end offset → (M, out), in autocast's dtype when it is on."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
         return _Fp8ExpertMatmul.apply(x.to(dtype), w, ends)

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.fp8 import quantize_blocks
-from dsv3.model.fp8_experts import fp8_expert_matmul, quantize_rows
-from dsv3.model.gemv import Linear
+from dsv3.model.fp8 import expand_scales, quantize_blocks, quantize_rows
+from dsv3.model.fp8_experts import fp8_expert_matmul
+from dsv3.model.gemv import Linear, compute_dtype
 from dsv3.model.moe import Experts
 
 __all__ = ["FP8_TILE", "Fp8Linear", "convert_to_fp8", "fp8_linear", "quantize_tiles"]
@@ -58,11 +58,6 @@ def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(M, K), scale
 
 
-def _expand(scale: torch.Tensor, rows: int, cols: int, tile: tuple[int, int]) -> torch.Tensor:
-    """A scale per (tile[0] × tile[1]) block → one per element of a (rows, cols) matrix."""
-    return scale.repeat_interleave(tile[0], 0)[:rows].repeat_interleave(tile[1], 1)[:, :cols]
-
-
 # How a product's operand is scaled, as (rows, cols) of the matrix one scale covers: a (M, K) and
 # b (K, N) of a · b. "tiles" = 1×128 along K (a row's tile; for b, a column's), "blocks" = 128×128.
 _A_TILE = {"tiles": (1, FP8_TILE), "blocks": (FP8_TILE, FP8_TILE)}
@@ -82,8 +77,8 @@ def scaled_matmul(
         return F.scaled_mm(a, b, col_major[0], recipe[a_kind], col_major[1], recipe[b_kind],
                            output_dtype=out_dtype)  # fmt: skip
     (M, K), N = a.shape, b.shape[1]
-    a32 = a.float() * _expand(a_scale, M, K, _A_TILE[a_kind])
-    b32 = b.float() * _expand(b_scale, K, N, _B_TILE[b_kind])
+    a32 = a.float() * expand_scales(a_scale, M, K, _A_TILE[a_kind])
+    b32 = b.float() * expand_scales(b_scale, K, N, _B_TILE[b_kind])
     return (a32 @ b32).to(out_dtype)
 
 
@@ -117,9 +112,8 @@ class _Fp8LinearFunction(torch.autograd.Function):
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) · Wᵀ (W: (N, K)) with FP8 GEMMs forward and backward; the result in autocast's
     dtype when autocast is on, else in x's."""
-    device = x.device.type
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    with torch.autocast(device, enabled=False):
+    out_dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
         y = _Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]).to(out_dtype), weight, out_dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
 
