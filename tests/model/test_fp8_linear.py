@@ -184,3 +184,30 @@ def test_conversion_makes_the_routed_experts_fp8():
     convert_to_fp8(model)
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     assert experts and all(e.matmul is fp8_expert_matmul for e in experts)
+
+
+@pytest.mark.parametrize("tokens, in_features, out_features", [(300, 640, 1024), (4096, 1024, 576)])
+def test_gpu_calls_pass_torchs_layout_checks(tokens, in_features, out_features):
+    """On meta tensors the products take the GPU path (`F.scaled_mm`, `_scaled_grouped_mm`,
+    `F.grouped_mm`), whose meta functions check scale shapes and strides as cuBLAS does: the layouts
+    are checked here without a GPU (K/128 = 5 needs the block scales padded to 8 rows; 576 outputs
+    are padded to whole blocks)."""
+    from dsv3.model.fp8_experts import _Fp8ExpertMatmul
+    from dsv3.model.fp8_linear import _Fp8LinearFunction
+
+    def grads(fn, x, w, *extra):
+        x, w = x.requires_grad_(), w.requires_grad_()
+        y = fn(x, w, *extra)
+        y.backward(torch.empty_like(y))
+        return y.shape, x.grad.shape, w.grad.shape
+
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    x = torch.empty(tokens, in_features, **meta)
+    w = torch.empty(out_features, in_features, device="meta")
+    assert grads(_Fp8LinearFunction.apply, x, w, torch.bfloat16) == (
+        (tokens, out_features), x.shape, w.shape)  # fmt: skip
+    experts = torch.empty(4, out_features, in_features, **meta)
+    ends = torch.empty(4, device="meta", dtype=torch.int64)
+    x = torch.empty(tokens, in_features, **meta)
+    assert grads(_Fp8ExpertMatmul.apply, x, experts, ends) == (
+        (tokens, out_features), x.shape, experts.shape)  # fmt: skip

@@ -64,18 +64,27 @@ _A_TILE = {"tiles": (1, FP8_TILE), "blocks": (FP8_TILE, FP8_TILE)}
 _B_TILE = {"tiles": (FP8_TILE, 1), "blocks": (FP8_TILE, FP8_TILE)}
 
 
+def _cublas_scale(scale: torch.Tensor, kind: str, operand: str) -> torch.Tensor:
+    """A scale in `scaled_matmul`'s layout → the one cuBLAS's blockwise GEMM takes: column-major
+    ("outer dimension first"), tiles as (outer, K/128), blocks as (K/128 rounded up to 4, outer/128)."""
+    if kind == "tiles":  # a's (M, K/128) as it is; b's (K/128, N) as (N, K/128)
+        return scale.t().contiguous().t() if operand == "a" else scale.contiguous().t()
+    blocks = scale.t() if operand == "a" else scale  # (K/128, outer/128)
+    blocks = F.pad(blocks, (0, 0, 0, -blocks.shape[0] % 4))  # rows past K/128 are never read
+    return blocks.t().contiguous().t()
+
+
 def scaled_matmul(
     a: torch.Tensor, a_scale: torch.Tensor, a_kind: str, b: torch.Tensor, b_scale: torch.Tensor, b_kind: str,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:  # fmt: skip
     """a (M, K) · b (K, N) of FP8 values and their scales, accumulated in float32 → (M, N) out_dtype.
-    Scales as cuBLAS takes them: a's "tiles" (M, K/128), "blocks" (M/128, K/128); b's "tiles"
-    (K/128, N), "blocks" (K/128, N/128)."""
-    if a.is_cuda:
+    Scales laid out like the matrices they scale: a's "tiles" (M, K/128), "blocks" (M/128, K/128);
+    b's "tiles" (K/128, N), "blocks" (K/128, N/128)."""
+    if a.device.type in ("cuda", "meta"):  # meta: torch's checks of the cuBLAS call, on any machine
         recipe = {"tiles": F.ScalingType.BlockWise1x128, "blocks": F.ScalingType.BlockWise128x128}
-        col_major = [s.t().contiguous().t() for s in (a_scale, b_scale)]  # cuBLAS: outer-dim-major scales
-        return F.scaled_mm(a, b, col_major[0], recipe[a_kind], col_major[1], recipe[b_kind],
-                           output_dtype=out_dtype)  # fmt: skip
+        a_cublas, b_cublas = _cublas_scale(a_scale, a_kind, "a"), _cublas_scale(b_scale, b_kind, "b")
+        return F.scaled_mm(a, b, a_cublas, recipe[a_kind], b_cublas, recipe[b_kind], output_dtype=out_dtype)
     (M, K), N = a.shape, b.shape[1]
     a32 = a.float() * expand_scales(a_scale, M, K, _A_TILE[a_kind])
     b32 = b.float() * expand_scales(b_scale, K, N, _B_TILE[b_kind])
