@@ -191,15 +191,19 @@ def test_gpu_calls_pass_torchs_layout_checks(tokens, in_features, out_features):
     """On meta tensors the products take the GPU path (`F.scaled_mm`, `_scaled_grouped_mm`,
     `F.grouped_mm`), whose meta functions check scale shapes and strides as cuBLAS does: the layouts
     are checked here without a GPU (K/128 = 5 needs the block scales padded to 8 rows; 576 outputs
-    are padded to whole blocks)."""
+    are padded to whole blocks), eagerly and traced by torch.compile in one graph."""
     from dsv3.model.fp8_experts import _Fp8ExpertMatmul
     from dsv3.model.fp8_linear import _Fp8LinearFunction
 
     def grads(fn, x, w, *extra):
-        x, w = x.requires_grad_(), w.requires_grad_()
-        y = fn(x, w, *extra)
-        y.backward(torch.empty_like(y))
-        return y.shape, x.grad.shape, w.grad.shape
+        shapes = []
+        for run in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):  # no graph break either
+            xi, wi = x.detach().requires_grad_(), w.detach().requires_grad_()
+            y = run(xi, wi, *extra)
+            y.backward(torch.empty_like(y))
+            shapes.append((y.shape, xi.grad.shape, wi.grad.shape))
+        assert shapes[0] == shapes[1]
+        return shapes[0]
 
     meta = {"device": "meta", "dtype": torch.bfloat16}
     x = torch.empty(tokens, in_features, **meta)

@@ -74,6 +74,22 @@ def _cublas_scale(scale: torch.Tensor, kind: str, operand: str) -> torch.Tensor:
     return blocks.t().contiguous().t()
 
 
+def _scaled_mm(
+    a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_kind: str, b_scale: torch.Tensor, b_kind: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """`F.scaled_mm` with the blockwise recipes named by `a_kind` / `b_kind`."""
+    recipe = {"tiles": F.ScalingType.BlockWise1x128, "blocks": F.ScalingType.BlockWise128x128}
+    return F.scaled_mm(a, b, a_scale, recipe[a_kind], b_scale, recipe[b_kind], output_dtype=out_dtype)
+
+
+# An opaque op for torch.compile, which (torch 2.11) cannot trace F.scaled_mm's `_scaled_mm_v2` builtin
+# and would break each compiled block's graph at every FP8 linear. Its fake-tensor function is the call
+# itself: under fake (and meta) tensors that runs torch's meta function, the same layout checks.
+_blockwise_scaled_mm = torch.library.custom_op("dsv3::blockwise_scaled_mm", _scaled_mm, mutates_args=())
+_blockwise_scaled_mm.register_fake(_scaled_mm)
+
+
 def scaled_matmul(
     a: torch.Tensor, a_scale: torch.Tensor, a_kind: str, b: torch.Tensor, b_scale: torch.Tensor, b_kind: str,
     out_dtype: torch.dtype,
@@ -82,9 +98,8 @@ def scaled_matmul(
     Scales laid out like the matrices they scale: a's "tiles" (M, K/128), "blocks" (M/128, K/128);
     b's "tiles" (K/128, N), "blocks" (K/128, N/128)."""
     if a.device.type in ("cuda", "meta"):  # meta: torch's checks of the cuBLAS call, on any machine
-        recipe = {"tiles": F.ScalingType.BlockWise1x128, "blocks": F.ScalingType.BlockWise128x128}
         a_cublas, b_cublas = _cublas_scale(a_scale, a_kind, "a"), _cublas_scale(b_scale, b_kind, "b")
-        return F.scaled_mm(a, b, a_cublas, recipe[a_kind], b_cublas, recipe[b_kind], output_dtype=out_dtype)
+        return _blockwise_scaled_mm(a, b, a_cublas, a_kind, b_cublas, b_kind, out_dtype)
     (M, K), N = a.shape, b.shape[1]
     a32 = a.float() * expand_scales(a_scale, M, K, _A_TILE[a_kind])
     b32 = b.float() * expand_scales(b_scale, K, N, _B_TILE[b_kind])
