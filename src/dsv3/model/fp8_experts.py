@@ -51,7 +51,9 @@ class _Fp8ExpertMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w, ends = ctx.saved_tensors
-        dy = dy.to(x.dtype)
+        # row-major, so that the token dimension grouped_mm contracts in wgrad is the outer one: a
+        # contiguous one would need every expert's rows to start 16-byte aligned (its device assert)
+        dy, x = dy.to(x.dtype).contiguous(), x.contiguous()
         dyq, dys = quantize_rows(dy)
         wtq, wts = quantize_rows(w.transpose(-2, -1))  # per (expert, input column): (E, in, out), (E, in)
         dx = _grouped(dyq, dys, wtq.transpose(-2, -1), wts, ends, x.dtype)
