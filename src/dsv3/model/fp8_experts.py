@@ -38,6 +38,21 @@ def _grouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     return padded_expert_mm(a32, b32.transpose(-2, -1).contiguous(), ends).to(out_dtype)
 
 
+@torch.library.custom_op("dsv3::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Each expert's dy_eᵀ · x_e → (E, out, in), one grouped GEMM contracting over the tokens. Both
+    operands row-major, so the token dimension is the outer one: a contiguous one would need every
+    expert's rows to start 16 bytes apart (grouped_mm's device assert). An opaque op, because
+    Inductor otherwise lays out a fused `dy.t()` as it likes (it wrote it row-major, and the first
+    compiled FP8 step on the GPU hit that assert)."""
+    return F.grouped_mm(dy.contiguous().t(), x.contiguous(), offs=offs)
+
+
+@_grouped_weight_grad.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1])
+
+
 class _Fp8ExpertMatmul(torch.autograd.Function):
     """(M, in) rows sorted by expert times their expert's w (E, out, in)ᵀ, FP8 forward and dgrad."""
 
@@ -51,14 +66,12 @@ class _Fp8ExpertMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w, ends = ctx.saved_tensors
-        # row-major, so that the token dimension grouped_mm contracts in wgrad is the outer one: a
-        # contiguous one would need every expert's rows to start 16-byte aligned (its device assert)
-        dy, x = dy.to(x.dtype).contiguous(), x.contiguous()
+        dy = dy.to(x.dtype)
         dyq, dys = quantize_rows(dy)
         wtq, wts = quantize_rows(w.transpose(-2, -1))  # per (expert, input column): (E, in, out), (E, in)
         dx = _grouped(dyq, dys, wtq.transpose(-2, -1), wts, ends, x.dtype)
         if dy.device.type in ("cuda", "meta") and dy.dtype == torch.bfloat16:  # dy_eᵀ · x_e: one GEMM
-            dw = F.grouped_mm(dy.t(), x, offs=ends.to(torch.int32))
+            dw = _grouped_weight_grad(dy, x, ends.to(torch.int32))
         else:
             dw = padded_expert_mm_wgrad(dy, x, ends)
         return dx, dw.to(w.dtype), None
