@@ -188,8 +188,8 @@ def test_conversion_makes_the_routed_experts_fp8():
 
 @pytest.mark.parametrize("tokens, in_features, out_features", [(300, 640, 1024), (4096, 1024, 576)])
 def test_gpu_calls_pass_torchs_layout_checks(tokens, in_features, out_features):
-    """On meta tensors the products take the GPU path (`F.scaled_mm`, `_scaled_grouped_mm`,
-    `F.grouped_mm`), whose meta functions check scale shapes and strides as cuBLAS does: the layouts
+    """On meta tensors the products take the GPU path (`F.scaled_mm`, `_scaled_grouped_mm`), whose
+    meta functions check scale shapes and strides as cuBLAS does: the layouts
     are checked here without a GPU (K/128 = 5 needs the block scales padded to 8 rows; 576 outputs
     are padded to whole blocks), eagerly and traced by torch.compile in one graph."""
     from dsv3.model.fp8_experts import _Fp8ExpertMatmul
@@ -215,3 +215,19 @@ def test_gpu_calls_pass_torchs_layout_checks(tokens, in_features, out_features):
     x = torch.empty(tokens, in_features, **meta)
     assert grads(_Fp8ExpertMatmul.apply, x, experts, ends) == (
         (tokens, out_features), x.shape, experts.shape)  # fmt: skip
+
+
+def test_expert_weight_gradient_takes_any_layout():
+    """The GPU path's weight gradient (one bf16 grouped GEMM over the tokens) equals each expert's
+    dy_eᵀ·x_e, whatever the strides it is handed (a transposed dy is laid out again inside)."""
+    from dsv3.model.fp8_experts import _grouped_weight_grad
+
+    torch.manual_seed(5)
+    ends = torch.tensor([16, 16, 40, 64], dtype=torch.int32)  # an empty expert
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    dy = torch.randn(48, 64, dtype=torch.bfloat16).t()  # (64, 48), token dimension contiguous
+    dw = _grouped_weight_grad(dy, x, ends)
+    starts = [0, *ends[:-1].tolist()]
+    for e, (a, b) in enumerate(zip(starts, ends.tolist(), strict=True)):
+        exact = dy[a:b].double().t() @ x[a:b].double()
+        torch.testing.assert_close(dw[e].double(), exact, rtol=1e-2, atol=1e-2)
