@@ -11,12 +11,19 @@ import math
 
 import torch
 
-__all__ = ["FP8_BLOCK", "FP8_MAX", "dequantize_fp8", "expand_scales", "quantize_blocks", "quantize_fp8",
-           "quantize_rows"]
+__all__ = ["FP8_BLOCK", "FP8_MAX", "dequantize_fp8", "expand_scales", "gpu_kernels", "quantize_blocks",
+           "quantize_fp8", "quantize_rows"]
 
 FP8_BLOCK = (128, 128)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 _TINY = 1e-12  # the amax of an all-zero block or row: its values stay 0
+
+
+def gpu_kernels(t: torch.Tensor) -> bool:
+    """Whether FP8 products on t call torch's GPU kernels (cuBLAS/CUTLASS): on CUDA, and on meta
+    tensors, where only those kernels' shape and layout checks run (how the CPU tests check the GPU
+    calls). Elsewhere the products are emulated in float32."""
+    return t.device.type in ("cuda", "meta")
 
 
 def expand_scales(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:

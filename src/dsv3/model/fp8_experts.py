@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.model.fp8 import quantize_rows
+from dsv3.model.fp8 import gpu_kernels, quantize_rows
 from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe_ops import padded_expert_mm, padded_expert_mm_wgrad
 
@@ -30,7 +30,7 @@ def _grouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
              ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """Rows of a (M, K) sorted by group, each times its group's b (E, K, N): FP8 values with scales per
     row of a (M,) and per (group, column) of b (E, N) → (M, N) in out_dtype."""
-    if a.device.type in ("cuda", "meta"):  # a row-major, each b column-major: the callers lay them out so
+    if gpu_kernels(a):  # a row-major, each b column-major: the callers lay them out so
         offs = ends.to(torch.int32)
         return torch._scaled_grouped_mm(a, b, a_scale, b_scale, offs=offs, out_dtype=out_dtype)
     a32 = a.float() * a_scale.unsqueeze(-1)
@@ -70,7 +70,7 @@ class _Fp8ExpertMatmul(torch.autograd.Function):
         dyq, dys = quantize_rows(dy)
         wtq, wts = quantize_rows(w.transpose(-2, -1))  # per (expert, input column): (E, in, out), (E, in)
         dx = _grouped(dyq, dys, wtq.transpose(-2, -1), wts, ends, x.dtype)
-        if dy.device.type in ("cuda", "meta") and dy.dtype == torch.bfloat16:  # dy_eᵀ · x_e: one GEMM
+        if gpu_kernels(dy) and dy.dtype == torch.bfloat16:  # per expert: dy_eᵀ · x_e, one grouped GEMM
             dw = _grouped_weight_grad(dy, x, ends.to(torch.int32))
         else:
             dw = padded_expert_mm_wgrad(dy, x, ends)

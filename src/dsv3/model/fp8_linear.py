@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.fp8 import expand_scales, quantize_blocks, quantize_rows
+from dsv3.model.fp8 import expand_scales, gpu_kernels, quantize_blocks, quantize_rows
 from dsv3.model.fp8_experts import fp8_expert_matmul
 from dsv3.model.gemv import Linear, compute_dtype
 from dsv3.model.moe import Experts
@@ -97,7 +97,7 @@ def scaled_matmul(
     """a (M, K) · b (K, N) of FP8 values and their scales, accumulated in float32 → (M, N) out_dtype.
     Scales laid out like the matrices they scale: a's "tiles" (M, K/128), "blocks" (M/128, K/128);
     b's "tiles" (K/128, N), "blocks" (K/128, N/128)."""
-    if a.device.type in ("cuda", "meta"):  # meta: torch's checks of the cuBLAS call, on any machine
+    if gpu_kernels(a):
         a_cublas, b_cublas = _cublas_scale(a_scale, a_kind, "a"), _cublas_scale(b_scale, b_kind, "b")
         return _blockwise_scaled_mm(a, b, a_cublas, a_kind, b_cublas, b_kind, out_dtype)
     (M, K), N = a.shape, b.shape[1]
