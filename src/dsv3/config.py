@@ -304,7 +304,8 @@ class TrainConfig(_Strict):
         default=False, description="GEMMs in FP8: attention's projections and the dense and shared-expert "
         "FFNs with DeepSeek-V3's 1x128 / 128x128 scaling, the routed experts' forward and input gradient "
         "rowwise-scaled (cuBLAS on a CUDA GPU, emulated in float32 elsewhere); the router, embedding and "
-        "head stay bf16",
+        "head stay bf16. Slower than bf16 at the small preset's width on an H200 (0.78x; "
+        "docs/performance.md): the conversions outweigh the gain until GEMMs are much wider",
     )
     activation_checkpointing: bool | Literal["selective"] = Field(
         default=False, description="true: recompute every block in the backward, keeping only its "
