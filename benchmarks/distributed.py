@@ -167,6 +167,7 @@ def summarize(out: Path, name: str) -> dict:
     estimate = memory_per_gpu(cfg.model, cfg.train, cfg.parallel)
     peak = max((r.get("peak_gpu_mem_gb", 0.0) for r in train), default=0.0)
     saves = [r for r in records if r["kind"] == "save"]
+    ep_imbalance = [r["ep_imbalance"] for r in train if "ep_imbalance" in r]
     return {
         "run": name, "gpus": cfg.parallel.gpus,
         "layout": cfg.parallel.model_dump(include={"dp_shard", "ep", "ep_dispatch", "reshard_after_forward",
@@ -176,6 +177,8 @@ def summarize(out: Path, name: str) -> dict:
         "tokens_per_s_per_gpu": statistics.median(steady) if steady else None,
         "peak_gpu_mem_gb": peak or None, "estimate_gb": estimate.total / 1e9,
         "peak_over_estimate": peak / (estimate.total / 1e9) if peak else None,
+        # the busiest expert-parallel rank's routed rows over the mean rank's (each MoE layer waits for it)
+        "ep_imbalance": round(statistics.mean(ep_imbalance), 3) if ep_imbalance else None,
         "save_stall_s": [round(r["stall_s"], 3) for r in saves],
         "background_save": bool(saves and saves[0]["background"]),
     }

@@ -164,6 +164,7 @@ def train_job(out: str, shards: list[str], overrides: list[str], resume: str | N
         "losses": [r["loss"] for r in records if r["kind"] == "train"],
         "val": [r["val_loss"] for r in records if r["kind"] == "eval"],
         "saves": [r for r in records if r["kind"] == "save"],
+        "ep_imbalance": [r.get("ep_imbalance") for r in records if r["kind"] == "train"],
         "same_bias": same_bias,
         "grad_errors": errors,
         "expert_placements": experts,
@@ -390,6 +391,13 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
 def test_two_rank_layouts_give_the_single_process_losses(name, two_ranks, reference):
     _assert_same_training(name, two_ranks["layouts"][name], reference)
+
+
+def test_expert_parallel_runs_log_their_ranks_load_imbalance(two_ranks):
+    """Each step's record says how much busier the busiest expert-parallel rank was; FSDP has none."""
+    ep, fsdp = two_ranks["layouts"]["ep"]["ep_imbalance"], two_ranks["layouts"]["fsdp"]["ep_imbalance"]
+    assert len(ep) == STEPS and all(v is not None and 1.0 <= v <= 2.0 for v in ep)
+    assert fsdp == [None] * STEPS
 
 
 def test_gradients_reduced_once_a_step_when_asked(two_ranks):

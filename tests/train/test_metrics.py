@@ -58,6 +58,16 @@ def test_expert_load_stats_imbalance_is_max_over_mean():
     loads = np.array([[10, 0, 30, 0], [5, 5, 5, 5], [0, 0, 0, 0]])
     stats = expert_load_stats(torch.tensor(loads), None)
     assert stats["imbalance"][:2] == pytest.approx([3.0, 1.0]) and stats["imbalance"][2] is None
+    assert "ep_imbalance" not in stats
+
+
+def test_expert_parallel_imbalance_is_the_busiest_ranks_share():
+    """EP=2 over 4 experts: rank 0 holds experts 0-1, rank 1 experts 2-3; a layer that saw no token
+    (an MTP depth without its loss) is left out."""
+    loads = torch.tensor([[10, 0, 30, 0], [5, 5, 5, 5], [0, 0, 0, 0]])
+    stats = expert_load_stats(loads, None, ep=2)
+    assert stats["ep_imbalance_max"] == pytest.approx(1.5)  # ranks 10 and 30 against their mean 20
+    assert stats["ep_imbalance"] == pytest.approx((1.5 + 1.0) / 2)
 
 
 def test_trainer_warns_and_the_plot_marks_the_collapse(tmp_path, corpus_shards, caplog):

@@ -27,11 +27,15 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
-def expert_load_stats(loads: torch.Tensor, biases: torch.Tensor | None) -> dict[str, Any]:
+def expert_load_stats(loads: torch.Tensor, biases: torch.Tensor | None, ep: int = 1) -> dict[str, Any]:
     """Per MoE layer: tokens per expert, max/mean imbalance, normalised load entropy, bias values.
 
     `loads` is (layers, experts) of routed-token counts. The entropy of the load distribution is
     divided by log(experts): 1.0 is a perfectly even load, 0.0 all tokens on one expert.
+    With expert parallelism (`ep` > 1; rank r holds experts [r·E/ep, (r+1)·E/ep)) also the busiest
+    rank's rows over the mean rank's, averaged and maximal over the layers: every MoE layer waits
+    for its busiest rank, so this is the factor by which the routed experts' time exceeds a balanced
+    one (what a load-aware expert placement would win back).
     """
     loads = loads.double()
     ran = (loads.sum(dim=1) > 0).tolist()  # MTP layers see no token when the MTP loss is off
@@ -46,6 +50,12 @@ def expert_load_stats(loads: torch.Tensor, biases: torch.Tensor | None) -> dict[
     }
     if any(ran):
         out["imbalance_max"] = max(v for v in out["imbalance"] if v is not None)
+    if ep > 1 and any(ran):
+        per_rank = loads.view(loads.shape[0], ep, -1).sum(dim=2)
+        rank_ratio = (per_rank.max(dim=1).values / per_rank.mean(dim=1).clamp_min(1e-9)).tolist()
+        ran_ratio = [v for v, r in zip(rank_ratio, ran, strict=True) if r]
+        out["ep_imbalance"] = sum(ran_ratio) / len(ran_ratio)
+        out["ep_imbalance_max"] = max(ran_ratio)
     if biases is not None:
         out["expert_bias"] = biases.double().tolist()
     return out

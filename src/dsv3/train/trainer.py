@@ -365,7 +365,7 @@ class Trainer:
             "tokens": pending.step * self.tc.tokens_per_step,
         }
         if "load" in values:
-            record.update(expert_load_stats(values["load"], values["biases"]))
+            record.update(expert_load_stats(values["load"], values["biases"], self.cfg.parallel.ep))
             if warning := self.collapse.update(pending.step, record["imbalance"], pending.gamma):
                 log.warning(warning)
         return record
