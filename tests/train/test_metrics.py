@@ -93,3 +93,14 @@ def test_trainer_warns_and_the_plot_marks_the_collapse(tmp_path, corpus_shards, 
     assert replay.warned_at == trainer.collapse.warned_at and any(replay.stretches())
     paths = plot_run(tmp_path / "run", collapse_steps=20)
     assert any(p.name == "expert_load.png" and p.stat().st_size > 1000 for p in paths)
+
+
+def test_progress_line_shows_the_expert_parallel_imbalance_only_when_there_is_one():
+    from dsv3.cli.train import format_progress
+
+    record = {"step": 10, "lm_loss": 3.0, "lr": 1e-3, "tokens": 1000, "tokens_per_s": 500.0, "mfu": None,
+              "eta_s": 60.0, "imbalance_max": 1.5}
+    line = format_progress(record, 100)
+    assert "load max/mean 1.50" in line and "ep rank" not in line
+    record |= expert_load_stats(torch.tensor([[10, 0, 30, 0]]), None, ep=2)
+    assert "ep rank max/mean 1.50" in format_progress(record, 100)

@@ -43,6 +43,8 @@ def format_progress(r: dict[str, Any], total_steps: int) -> str:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if "imbalance_max" in r:
         parts.append(f"load max/mean {r['imbalance_max']:.2f}")
+    if "ep_imbalance" in r:  # the busiest expert-parallel rank's rows over the mean rank's
+        parts.append(f"ep rank max/mean {r['ep_imbalance']:.2f}")
     parts.append(f"ETA {_duration(r['eta_s'])}")
     return " │ ".join(parts)
 
