@@ -17,7 +17,8 @@ rank's work a step (one micro-batch and one optimizer step; `single` steps AdamW
     python benchmarks/distributed.py run    OUT save-1gpu-sync   # then -async, save-2gpu-sync, -async:
     python benchmarks/distributed.py run    OUT fsdp --tag zero2 --set parallel.reshard_after_forward=false
                                                        # a variant, in OUT/fsdp-zero2 (--compile: compiled);
-                                                       # `report` holds it to OUT/single-zero2 if there is one
+                                                       # `report` holds it to OUT/single_1mb-zero2 and
+                                                       # OUT/single-zero2, whichever were run
     python benchmarks/distributed.py report OUT        # JSON lines: curves, scaling, memory, stalls
 
 Each `run` takes a few minutes on H200s (well under 10) and prints one JSON line; `report` reads the
@@ -187,34 +188,39 @@ def summarize(out: Path, name: str) -> dict:
 def report(out: Path) -> list[dict]:
     """The comparisons the issue asks for, one JSON object each."""
     lines = []
-    tags = [d.name.removeprefix("single") for d in out.iterdir() if d.name.startswith("single-")]
+    # a run's tag (`-m16` of `fsdp-m16`) pairs it with the one-GPU runs of the same tag, never another's
+    one_gpu = [d.name for d in out.iterdir() if d.name.startswith(("single-", "single_1mb-"))]
+    tags = {"-" + name.split("-", 1)[1] for name in one_gpu}
     two_gpu = [d.name for d in sorted(out.iterdir()) if d.name.split("-")[0] in ("fsdp", "ep")]
     for name in two_gpu:
-        # against the one-GPU run of the same tag (`single-fp32` for `ep-fp32`), else plain `single`
-        tag = next((t for t in tags if name.endswith(t)), "")
-        base = "single" + tag
-        if not _records(out, name) or not _records(out, base):
+        tag = max((t for t in tags if name.endswith(t)), key=len, default="")
+        # `single`: the same samples a step (2 micro-batches), so the loss curves compare; `single_1mb`:
+        # exactly a rank's work a step, the weak-scaling baseline where it was run
+        same_batch, work = ("single" + tag, "single_1mb" + tag)
+        have = [run for run in (work, same_batch) if _records(out, run)]
+        if not _records(out, name) or not have:
             continue
-        single, s = summarize(out, base), summarize(out, name)
-        # tokens/s against one GPU doing a rank's exact work (`single_1mb`), where that run exists
-        work = next((w for w in ("single_1mb" + tag, "single_1mb") if _records(out, w)), base)
-        alone = summarize(out, work) if work != base else single
-        curve = {r["step"]: r["lm_loss"] for r in _records(out, base) if r["kind"] == "train"}
-        other = {r["step"]: r["lm_loss"] for r in _records(out, name) if r["kind"] == "train"}
-        diffs = [abs(other[k] - curve[k]) for k in curve if k in other]
-        lines.append({
-            "compare": f"{name} (2 GPUs) vs {base} (1 GPU)",
+        s, alone = summarize(out, name), summarize(out, have[0])
+        line = {
+            "compare": f"{name} (2 GPUs) vs {' and '.join(have)} (1 GPU)",
             "weak_scaling": s["tokens_per_s_per_gpu"] / alone["tokens_per_s_per_gpu"],
-            "weak_scaling_baseline": work,
-            "vs_single_two_micro_batches": s["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"],
-            "tokens_per_s_per_gpu": {run: summary["tokens_per_s_per_gpu"]
-                                     for run, summary in ((work, alone), (base, single), (name, s))},
-            "loss_curve_max_abs_diff": max(diffs) if diffs else None,
-            "loss_curve_mean_abs_diff": statistics.mean(diffs) if diffs else None,
-            "final_lm_loss": [single["final_loss"], s["final_loss"]],
-            "peak_gpu_mem_gb": [single["peak_gpu_mem_gb"], s["peak_gpu_mem_gb"]],
-            "estimate_gb": [single["estimate_gb"], s["estimate_gb"]],
-        })
+            "weak_scaling_baseline": have[0],
+            "tokens_per_s_per_gpu": {have[0]: alone["tokens_per_s_per_gpu"], name: s["tokens_per_s_per_gpu"]},
+            "final_lm_loss": {have[0]: alone["final_loss"], name: s["final_loss"]},
+            "peak_gpu_mem_gb": {have[0]: alone["peak_gpu_mem_gb"], name: s["peak_gpu_mem_gb"]},
+            "estimate_gb": {have[0]: alone["estimate_gb"], name: s["estimate_gb"]},
+            "ep_imbalance": s["ep_imbalance"],
+        }
+        if _records(out, same_batch):
+            single = summarize(out, same_batch)
+            curve = {r["step"]: r["lm_loss"] for r in _records(out, same_batch) if r["kind"] == "train"}
+            other = {r["step"]: r["lm_loss"] for r in _records(out, name) if r["kind"] == "train"}
+            diffs = [abs(other[k] - curve[k]) for k in curve if k in other]
+            line["vs_single_two_micro_batches"] = s["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"]
+            line["tokens_per_s_per_gpu"][same_batch] = single["tokens_per_s_per_gpu"]
+            line["loss_curve_max_abs_diff"] = max(diffs) if diffs else None
+            line["loss_curve_mean_abs_diff"] = statistics.mean(diffs) if diffs else None
+        lines.append(line)
     for gpus in ("1gpu", "2gpu"):
         sync, background = f"save-{gpus}-sync", f"save-{gpus}-async"
         if _records(out, sync) and _records(out, background):
