@@ -26,6 +26,7 @@ from dsv3.model.moe_ops import padded_expert_mm, padded_expert_mm_wgrad
 
 __all__ = ["fp8_expert_matmul"]
 
+
 def _grouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
              ends: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """Rows of a (M, K) sorted by group, each times its group's b (E, K, N): FP8 values with scales per
