@@ -58,29 +58,32 @@ def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(M, K), scale
 
 
-# How a product's operand is scaled, as (rows, cols) of the matrix one scale covers: a (M, K) and
-# b (K, N) of a · b. "tiles" = 1×128 along K (a row's tile; for b, a column's), "blocks" = 128×128.
-_A_TILE = {"tiles": (1, FP8_TILE), "blocks": (FP8_TILE, FP8_TILE)}
+# How the right-hand operand b (K, N) of a · b is scaled, as the (rows, cols) one scale covers:
+# "tiles" = 1×128 along K (a column's tile), "blocks" = 128×128. The left operand a (M, K) is always
+# in 1×128 tiles along K (activations and gradients, each row's own scales).
 _B_TILE = {"tiles": (FP8_TILE, 1), "blocks": (FP8_TILE, FP8_TILE)}
 
 
-def _cublas_scale(scale: torch.Tensor, kind: str, operand: str) -> torch.Tensor:
-    """A scale in `scaled_matmul`'s layout → the one cuBLAS's blockwise GEMM takes: column-major
-    ("outer dimension first"), tiles as (outer, K/128), blocks as (K/128 rounded up to 4, outer/128)."""
-    if kind == "tiles":  # a's (M, K/128) as it is; b's (K/128, N) as (N, K/128)
-        return scale.t().contiguous().t() if operand == "a" else scale.contiguous().t()
-    blocks = scale.t() if operand == "a" else scale  # (K/128, outer/128)
-    blocks = F.pad(blocks, (0, 0, 0, -blocks.shape[0] % 4))  # rows past K/128 are never read
-    return blocks.t().contiguous().t()
+def _cublas_scales(
+    a_scale: torch.Tensor, b_scale: torch.Tensor, b_kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales in `scaled_matmul`'s layout → the ones cuBLAS's blockwise GEMM takes, column-major
+    ("outer dimension first"): a's tiles (M, K/128); b's tiles as (N, K/128), its blocks as
+    (K/128 rounded up to 4, N/128)."""
+    a_cublas = a_scale.t().contiguous().t()
+    if b_kind == "tiles":
+        return a_cublas, b_scale.contiguous().t()
+    blocks = F.pad(b_scale, (0, 0, 0, -b_scale.shape[0] % 4))  # rows past K/128 are never read
+    return a_cublas, blocks.t().contiguous().t()
 
 
 def _scaled_mm(
-    a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_kind: str, b_scale: torch.Tensor, b_kind: str,
+    a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, b_kind: str,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:  # fmt: skip
-    """`F.scaled_mm` with the blockwise recipes named by `a_kind` / `b_kind`."""
-    recipe = {"tiles": F.ScalingType.BlockWise1x128, "blocks": F.ScalingType.BlockWise128x128}
-    return F.scaled_mm(a, b, a_scale, recipe[a_kind], b_scale, recipe[b_kind], output_dtype=out_dtype)
+    """`F.scaled_mm` with a in 1×128 tiles and b's blockwise recipe named by `b_kind`."""
+    b_recipe = F.ScalingType.BlockWise1x128 if b_kind == "tiles" else F.ScalingType.BlockWise128x128
+    return F.scaled_mm(a, b, a_scale, F.ScalingType.BlockWise1x128, b_scale, b_recipe, output_dtype=out_dtype)
 
 
 # An opaque op for torch.compile, which (torch 2.11) cannot trace F.scaled_mm's `_scaled_mm_v2` builtin
@@ -91,17 +94,17 @@ _blockwise_scaled_mm.register_fake(_scaled_mm)
 
 
 def scaled_matmul(
-    a: torch.Tensor, a_scale: torch.Tensor, a_kind: str, b: torch.Tensor, b_scale: torch.Tensor, b_kind: str,
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, b_kind: str,
     out_dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """a (M, K) · b (K, N) of FP8 values and their scales, accumulated in float32 → (M, N) out_dtype.
-    Scales laid out like the matrices they scale: a's "tiles" (M, K/128), "blocks" (M/128, K/128);
-    b's "tiles" (K/128, N), "blocks" (K/128, N/128)."""
+    Scales laid out like the matrices they scale: a's 1×128 tiles (M, K/128); b's "tiles"
+    (K/128, N) or "blocks" (K/128, N/128)."""
     if gpu_kernels(a):
-        a_cublas, b_cublas = _cublas_scale(a_scale, a_kind, "a"), _cublas_scale(b_scale, b_kind, "b")
-        return _blockwise_scaled_mm(a, b, a_cublas, a_kind, b_cublas, b_kind, out_dtype)
+        a_cublas, b_cublas = _cublas_scales(a_scale, b_scale, b_kind)
+        return _blockwise_scaled_mm(a, b, a_cublas, b_cublas, b_kind, out_dtype)
     (M, K), N = a.shape, b.shape[1]
-    a32 = a.float() * expand_scales(a_scale, M, K, _A_TILE[a_kind])
+    a32 = a.float() * expand_scales(a_scale, M, K, (1, FP8_TILE))
     b32 = b.float() * expand_scales(b_scale, K, N, _B_TILE[b_kind])
     return (a32 @ b32).to(out_dtype)
 
@@ -114,7 +117,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
         N = weight.shape[0]
         xq, xs = quantize_tiles(x)
         wq, ws = quantize_blocks(weight)  # (N', K): zero rows past N
-        y = scaled_matmul(xq, xs, "tiles", wq.t(), ws.t(), "blocks", out_dtype)
+        y = scaled_matmul(xq, xs, wq.t(), ws.t(), "blocks", out_dtype)
         ctx.save_for_backward(x, wq, ws)  # the FP8 weight: a byte a parameter, not quantized twice
         ctx.weight_rows, ctx.weight_dtype = N, weight.dtype
         return y[:, :N]
@@ -125,11 +128,11 @@ class _Fp8LinearFunction(torch.autograd.Function):
         dy = _pad_to_tile(dy, 1)  # (M, N'): contracted over the output features in dgrad
         dyq, dys = quantize_tiles(dy)
         # b = W (N', K) as a (K=N', N=K) operand, column-major as cuBLAS wants it
-        dx = scaled_matmul(dyq, dys, "tiles", wq.t().contiguous().t(), ws, "blocks", x.dtype)
+        dx = scaled_matmul(dyq, dys, wq.t().contiguous().t(), ws, "blocks", x.dtype)
         # dW = dyᵀ · x, contracted over the tokens: both quantized along them (padded to whole tiles)
         dyt_q, dyt_s = quantize_tiles(_pad_to_tile(dy.t(), 1))  # (N', M')
         xt_q, xt_s = quantize_tiles(_pad_to_tile(x.t(), 1))  # (K, M')
-        dw = scaled_matmul(dyt_q, dyt_s, "tiles", xt_q.t(), xt_s.t(), "tiles", torch.float32)
+        dw = scaled_matmul(dyt_q, dyt_s, xt_q.t(), xt_s.t(), "tiles", torch.float32)
         return dx, dw[: ctx.weight_rows].to(ctx.weight_dtype), None
 
 
