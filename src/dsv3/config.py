@@ -313,7 +313,7 @@ class TrainConfig(_Strict):
     )
     loss_chunk_tokens: int = Field(
         default=0, ge=0, description="> 0: compute the training losses this many positions at a time, "
-        "remaking each chunk's logits in the backward instead of keeping all of them (0 = off; no pipeline)",
+        "each chunk's gradients made with its logits, instead of keeping all logits (0 = off; no pipeline)",
     )
     seed: int = 1234
     eval_every: int = Field(default=200, gt=0)

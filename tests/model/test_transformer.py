@@ -113,35 +113,42 @@ def test_activation_checkpointing_gives_the_same_gradients(make_config):
 
 @pytest.mark.parametrize("chunk", [5, 16, 1000])  # ragged last chunk, even chunks, one chunk
 def test_chunked_loss_gives_the_same_losses_and_gradients(make_config, chunk):
-    """`loss_chunk_tokens` (logits made a chunk at a time, remade in the backward) against whole logits,
-    main and MTP losses, padding targets included."""
+    """`loss_chunk_tokens` (logits made a chunk at a time, their gradients with them) against whole
+    logits, main and MTP losses, padding targets included."""
     cfg = make_config()
     ids, labels = _batch(cfg)
     labels[0, -3:] = -100
     outs, grads = [], []
-    rows = []  # positions per call of the output head
+    rows = []  # positions per chunk of logits
     for tokens in (0, chunk):
         model = _model(cfg, seed=1)
         model.loss_chunk_tokens = tokens
         if tokens:
-            model.lm_head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[:-1].numel()))
+            def counted(logits, t, fn=model._chunk_loss):
+                rows.append(logits.shape[0])
+                return fn(logits, t)
+
+            model._chunk_loss = counted
+            model.lm_head.register_forward_hook(lambda *_: pytest.fail("the head made whole logits"))
         out = model.forward_with_losses(ids, labels, mtp_lambda=0.3, balance_alpha=0.01, return_logits=False)
         out.loss.backward()
         outs.append(out)
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert max(rows) == min(chunk, ids.numel())  # never the whole logits at once
-    assert len(rows) == 2 * (1 + cfg.num_nextn_predict_layers) * -(-ids.numel() // chunk)  # made, then remade
+    assert len(rows) == (1 + cfg.num_nextn_predict_layers) * -(-ids.numel() // chunk)  # made once, not remade
     plain, chunked = outs
     assert torch.allclose(plain.lm_loss, chunked.lm_loss, rtol=1e-6)
     assert torch.allclose(plain.mtp_losses, chunked.mtp_losses, rtol=1e-6)
-    for name, g in grads[0].items():
-        assert torch.allclose(g, grads[1][name], rtol=1e-5, atol=1e-7), name
+    for name, g in grads[0].items():  # float32 rounding: the softmax's gradient is computed another way
+        assert (g - grads[1][name]).abs().max() <= 1e-5 * g.abs().max(), name
     # logits wanted: the whole head, whatever the setting
+    model = _model(cfg, seed=1)
+    model.loss_chunk_tokens = chunk
     model.eval()
     with torch.no_grad():
         wanted = model.forward_with_losses(ids, labels, return_logits=True)
-    assert wanted.logits is not None and torch.allclose(wanted.lm_loss, model.forward_with_losses(
-        ids, labels, return_logits=False).lm_loss, rtol=1e-6)
+        assert wanted.logits is not None and torch.allclose(wanted.lm_loss, model.forward_with_losses(
+            ids, labels, return_logits=False).lm_loss, rtol=1e-6)
 
 
 def test_moe_block_compiles_without_graph_breaks(make_config):

@@ -51,6 +51,8 @@ LAYOUTS_2 = {
     # 2 micro-batches a rank, the gradients reduce-scattered once, after the second (ZeRO-2)
     "fsdp_sync_last": ("parallel.dp_shard=2", "parallel.grad_sync=last_micro_batch",
                        "parallel.reshard_after_forward=false"),
+    # the losses 7 positions at a time, their gradients made in the forward from the gathered head
+    "fsdp_chunked_loss": ("parallel.dp_shard=2", "parallel.ep=2", "train.loss_chunk_tokens=7"),
 }
 LAYOUTS_4 = {
     "ep_fsdp": ("parallel.dp_shard=4", "parallel.ep=2"),

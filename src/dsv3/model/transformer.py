@@ -39,6 +39,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LayerCache
 from dsv3.model.gemv import Linear
+from dsv3.model.linear_cross_entropy import IGNORE_INDEX, chunk_loss_and_grad, linear_cross_entropy
 from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 INIT_STD = 0.006  # DeepSeek-V3 §4.2: every learnable matrix ~ N(0, 0.006²)
-IGNORE_INDEX = -100
 
 
 class Block(nn.Module):
@@ -184,30 +184,6 @@ def _save_matmuls():
     return create_selective_checkpoint_contexts(policy)
 
 
-def _summed_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy of head(h) (M, d) against targets (M,) in float32: one chunk of a chunked loss."""
-    return F.cross_entropy(head(h).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def chunked_cross_entropy(
-    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-    chunk_loss=_summed_cross_entropy,
-) -> torch.Tensor:
-    """`cross_entropy(head(h), targets)` without holding the whole (B·T, vocab) logits: each chunk of
-    `chunk_tokens` positions makes its logits, reduces them to a summed loss and drops them; the backward
-    makes them again (activation checkpointing), one chunk at a time. Costs one more head GEMM forward;
-    saves the logits, their float32 copy and its gradient (several GB at a large vocabulary)."""
-    h, targets = h.flatten(0, 1), targets.flatten()
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, head, h[part], targets[part], use_reentrant=False)
-        else:  # evaluation: nothing to remake
-            total = total + chunk_loss(head, h[part], targets[part])
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-
 def shift_left(x: torch.Tensor, d: int, fill: int) -> torch.Tensor:
     """x[:, t + d] at position t, `fill` past the end (B, T)."""
     return F.pad(x[:, d:], (0, min(d, x.shape[1])), value=fill)
@@ -237,8 +213,8 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTP(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
         inv_freq, self.rope_attention_factor = rope_inv_freq(cfg)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
-        self.loss_chunk_tokens = 0  # > 0: training losses without the whole logits (chunked_cross_entropy)
-        self._chunk_loss = _summed_cross_entropy
+        self.loss_chunk_tokens = 0  # > 0: training losses without the whole logits (linear_cross_entropy)
+        self._chunk_loss = chunk_loss_and_grad
         self.init_weights(seed)
 
     # --- forward -------------------------------------------------------------------------------
@@ -307,7 +283,8 @@ class Transformer(nn.Module):
         """(logits or None, mean cross-entropy): chunked when `loss_chunk_tokens` is set and no logits
         are wanted."""
         if self.loss_chunk_tokens and not logits_wanted:
-            loss = chunked_cross_entropy(self.lm_head, h, targets, self.loss_chunk_tokens, self._chunk_loss)
+            chunk = self.loss_chunk_tokens
+            loss = linear_cross_entropy(h, self.lm_head.weight, targets, chunk, self._chunk_loss)
             return None, loss
         return self._head_loss(h, targets)
 
@@ -382,7 +359,7 @@ class Transformer(nn.Module):
         for block in self.blocks():
             block.compile(**kwargs)
         self._head_loss = torch.compile(self._head_loss, **kwargs)
-        self._chunk_loss = torch.compile(_summed_cross_entropy, **kwargs)
+        self._chunk_loss = torch.compile(chunk_loss_and_grad, **kwargs)
 
     def pack_for_inference(self) -> None:
         """Each pair of linears that reads the same input becomes one GEMM (MLA's q_a and kv_a, every

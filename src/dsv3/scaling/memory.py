@@ -266,7 +266,7 @@ def estimate_memory(
     """Peak bytes per GPU for one layout from a precomputed profile: the fast path of layout searches.
 
     `loss_chunk_tokens` > 0 (`train.loss_chunk_tokens`): no head keeps its logits; one chunk's logits
-    and their gradient exist at a time instead. `eager` (no `train.compile`): activations times
+    and their gradient exist at a time instead, and each head's weight gradient from its forward on. `eager` (no `train.compile`): activations times
     EAGER_ACTIVATION_FACTOR. `optimizer_bytes`: AdamW's moments a parameter (`optimizer_bytes_for`)."""
     dp_shard, tp, ep = layout.dp_shard, layout.tp, layout.ep
     copies = ep if layout.ep_dispatch == "all_gather" else 1  # routed rows kept per token of this rank
@@ -308,10 +308,13 @@ def estimate_memory(
         # backward as soon as their loss is computed, one micro-batch at a time.
         blocks, outputs = [u for u in units if u < prof.n_blocks], [u for u in units if u >= prof.n_blocks]
         head = prof.head_act.per_rank(tp, copies) if last else 0.0
-        # Chunked losses: the heads' logits are not kept (bytes a token), one chunk's exist at a time.
-        unkept = prof.logits * ((1 if last else 0) + len(outputs)) if loss_chunk_tokens else 0
+        # Chunked losses: the heads' logits are not kept (bytes a token), one chunk's exist at a time,
+        # and each head's loss holds its weight's float32 gradient from its forward to the backward.
+        heads = ((1 if last else 0) + len(outputs)) if loss_chunk_tokens else 0
+        unkept = prof.logits * heads
         chunk_rows = min(loss_chunk_tokens, tokens) if last else 0
-        chunk = 2 * prof.logits * chunk_rows  # one chunk's logits and their gradient (bytes)
+        # one chunk's logits and their gradient, and the heads' weight gradients (bytes)
+        chunk = 2 * prof.logits * chunk_rows + GRAD_BYTES * prof.head.local(tp) * heads
         full = held * sum(prof.acts[u].per_rank(tp, copies) for u in blocks)
         full += sum(prof.acts[u].per_rank(tp, copies) for u in outputs) + head - unkept
         # Recomputation keeps each block's input and rebuilds one block at a time during backward.
