@@ -266,8 +266,9 @@ def estimate_memory(
     """Peak bytes per GPU for one layout from a precomputed profile: the fast path of layout searches.
 
     `loss_chunk_tokens` > 0 (`train.loss_chunk_tokens`): no head keeps its logits; one chunk's logits
-    and their gradient exist at a time instead, and each head's weight gradient from its forward on. `eager` (no `train.compile`): activations times
-    EAGER_ACTIVATION_FACTOR. `optimizer_bytes`: AdamW's moments a parameter (`optimizer_bytes_for`)."""
+    and their gradient exist at a time instead, and each head's weight gradient from its forward on.
+    `eager` (no `train.compile`): activations times EAGER_ACTIVATION_FACTOR. `optimizer_bytes`: AdamW's
+    moments a parameter (`optimizer_bytes_for`)."""
     dp_shard, tp, ep = layout.dp_shard, layout.tp, layout.ep
     copies = ep if layout.ep_dispatch == "all_gather" else 1  # routed rows kept per token of this rank
     tokens = micro_batch * seq_len
