@@ -11,8 +11,10 @@ skip compute what the plain path computes; this checks the same on a GPU, where 
   0: rounding differs between eager and Inductor code, and where two experts' scores nearly tie a
   token's top-k choice can flip, which moves that router's gradient a lot (seen on CPU: the median
   stays small while a gate weight's worst entry moves by tens of per cent); in fp32 all agree to ~1e-6;
-- grouped_mm fed rows past its last group (expert parallelism's all-gather dispatch): the covered rows'
-  results and the weight gradient are those of the trimmed rows, bit for bit;
+- grouped_mm fed rows past its last group (expert parallelism's all-gather dispatch), NaN in the
+  input's and the output gradient's extra rows: the covered rows' results and the weight gradient are
+  those of the trimmed rows, bit for bit;
+- the all-gather dispatch's bounded row ops (Triton kernels) against their CPU references in bf16;
 - fused AdamW with the trainer's `found_inf` flag: a flagged step leaves parameters and step count
   exactly as they were; an unflagged one equals a step without the flag, bit for bit;
 - AdamW with bf16 moments (`train.optimizer_state_dtype`), its update compiled on the GPU: against the
@@ -45,6 +47,9 @@ def _parse() -> argparse.Namespace:
                    help="bf16: autocast as `dsv3 train` runs on a GPU; fp32: none (must agree to ~1e-6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=512, help="positions per chunk of the chunked loss")
+    p.add_argument("--only", default="", help="comma-separated kernel checks to run alone, skipping the "
+                   "model's: expert_rows_past_the_end, bounded_rows, fp8_gemms, fused_adamw_found_inf, "
+                   "adamw_bf16_moments")
     return p.parse_args()
 
 
@@ -115,7 +120,8 @@ def _bf16_moments(device: torch.device) -> dict:
 
 def _expert_rows_past_the_end(device: torch.device) -> dict:
     """grouped_mm fed more rows than its groups cover (the all-gather expert dispatch does): the covered
-    rows' outputs and the weight gradient equal those of the trimmed rows, whatever the extra rows hold."""
+    rows' outputs and the weight gradient equal those of the trimmed rows, whatever the extra rows of
+    its input and of its output's gradient hold (NaN here: the dispatch leaves them unwritten)."""
     from dsv3.model.moe_ops import expert_matmul
 
     torch.manual_seed(0)
@@ -125,7 +131,7 @@ def _expert_rows_past_the_end(device: torch.device) -> dict:
     x[covered:] = float("nan")
     w = torch.randn(experts, 1024, 1024, device=device, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(rows, 1024, device=device, dtype=torch.bfloat16)
-    g[covered:] = 0
+    g[covered:] = float("nan")
     x.requires_grad_()
     y = expert_matmul(x, w, ends)
     gx, gw = torch.autograd.grad(y, (x, w), g)
@@ -134,6 +140,45 @@ def _expert_rows_past_the_end(device: torch.device) -> dict:
     rgx, rgw = torch.autograd.grad(ry, (x_in, w), g[:covered])
     return {"outputs_equal": torch.equal(y[:covered], ry), "weight_grad_equal": torch.equal(gw, rgw),
             "input_grad_equal": torch.equal(gx[:covered], rgx)}
+
+
+def _bounded_rows(device: torch.device) -> dict:
+    """The all-gather dispatch's bounded row ops (Triton kernels on CUDA) against their reference
+    implementations on the CPU, in bf16 at `small`'s widths, rows past the bound holding NaN: the
+    largest difference below the bound relative to the reference's largest entry (bf16 output rounding
+    at most: ~4e-3), and whether any NaN got through."""
+    from dsv3.parallel import bounded_rows as br
+
+    g = torch.Generator().manual_seed(0)
+    P, T, k, d, inter, bound = 60_000, 16_384, 6, 1024, 512, 41_000
+    bf = torch.bfloat16
+    ys = torch.randn(P, d, generator=g).to(bf)
+    ys[bound:] = float("nan")
+    gate_up = torch.randn(P, 2 * inter, generator=g).to(bf)
+    gate_up[bound:] = float("nan")
+    src, other = torch.randn(T, d, generator=g).to(bf), torch.randn(T, d, generator=g).to(bf)
+    index, pos = torch.randint(0, T, (P,), generator=g), torch.randint(0, P, (T, k), generator=g)
+    scale, weight = torch.rand(P, generator=g), torch.rand(T, k, generator=g)
+    grad_h = torch.randn(P, inter, generator=g).to(bf)
+    b = torch.tensor(bound)
+    calls = {
+        "gather": ("bounded_gather", (src, index, b, scale), bound),
+        "reduce": ("bounded_reduce", (ys, pos, b, weight, torch.float32), None),
+        "reduce_bf16": ("bounded_reduce", (ys, pos, b, weight), None),
+        "dot": ("bounded_dot", (ys, other, pos, b), None),
+        "swiglu": ("bounded_swiglu", (gate_up, b), bound),
+        "swiglu_backward": ("bounded_swiglu_backward", (gate_up, grad_h, b), bound),
+    }
+    out = {}
+    for key, (name, args, rows) in calls.items():
+        op = getattr(br, name)
+        want = op(*args).float()
+        got = op(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]).float().cpu()
+        if rows is not None:
+            want, got = want[:rows], got[:rows]
+        out[key] = {"rel_diff": float((got - want).abs().max() / want.abs().max()),
+                    "nan": bool(got.isnan().any())}
+    return out
 
 
 def _fp8_gemms(device: torch.device) -> dict:
@@ -178,9 +223,19 @@ def _fp8_gemms(device: torch.device) -> dict:
     return out
 
 
+KERNEL_CHECKS = {
+    "fused_adamw_found_inf": _fused_adamw_flag, "adamw_bf16_moments": _bf16_moments,
+    "expert_rows_past_the_end": _expert_rows_past_the_end, "bounded_rows": _bounded_rows,
+    "fp8_gemms": _fp8_gemms,
+}
+
+
 def main() -> None:
     args = _parse()
     device = torch.device(args.device)
+    if args.only:
+        print(json.dumps({name: KERNEL_CHECKS[name](device) for name in args.only.split(",")}), flush=True)
+        return
     cfg = load_model_config(args.preset)
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
@@ -206,10 +261,7 @@ def main() -> None:
     check("compiled_and_checkpointed", True)
     check("compiled_and_selective", "selective")
     check("compiled_and_chunked_loss", chunk=args.chunk)
-    result["fused_adamw_found_inf"] = _fused_adamw_flag(device)
-    result["adamw_bf16_moments"] = _bf16_moments(device)
-    result["expert_rows_past_the_end"] = _expert_rows_past_the_end(device)
-    result["fp8_gemms"] = _fp8_gemms(device)
+    result |= {name: run(device) for name, run in KERNEL_CHECKS.items()}
     print(json.dumps(result), flush=True)
 
 

@@ -158,14 +158,21 @@ class Gate(nn.Module):
         return self
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[gate; up] (M, 2I) → silu(gate) · up (M, I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def expert_ffn(
     xs: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
     matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = expert_matmul,
+    activation: Callable[[torch.Tensor], torch.Tensor] = swiglu,
 ) -> torch.Tensor:
     """Rows sorted by expert (M, d), each expert's end offset (E,) → SwiGLU through its weights (M, d).
-    `matmul`: the grouped product (`Experts.matmul`: bf16, or FP8 after `convert_to_fp8`)."""
-    gate, up = matmul(xs, gate_up_proj, ends).chunk(2, dim=-1)  # (M, I) each
-    return matmul(F.silu(gate) * up, down_proj, ends)
+    `matmul`: the grouped product (`Experts.matmul`: bf16, or FP8 after `convert_to_fp8`);
+    `activation`: `swiglu`, or one that stops at the rows the GEMMs compute (expert parallelism)."""
+    return matmul(activation(matmul(xs, gate_up_proj, ends)), down_proj, ends)
 
 
 class ExpertDispatcher(Protocol):

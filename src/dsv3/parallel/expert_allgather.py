@@ -8,17 +8,19 @@ dispatcher has only fixed-size messages, so the host never waits:
   1. all-gathers the group's tokens (in the experts' dtype) and their routing (weights and expert ids);
   2. every rank sorts the group's (token, slot) pairs with its own experts first, grouped by expert,
      the others last, and runs them through its experts with grouped GEMMs whose offsets end at its
-     last pair: the rows past it are never computed (the kernels leave whatever was in memory there,
-     which is masked out of the result and out of the gradients);
-  3. sums each token's slots with their weights (0 for the other ranks' experts) into a partial sum and
-     reduce-scatters the partial sums: each rank gets its own tokens, summed over the group.
+     last pair; the ops between (the gather into expert order, SwiGLU's product) stop there too
+     (bounded_rows.py: the bound is read on the GPU), so the rows past it are never computed;
+  3. sums each token's slots on this rank's experts with their weights into a partial sum (reading
+     no row past the bound) and reduce-scatters the partial sums: each rank gets its own tokens,
+     summed over the group.
 
 The backward is the mirror image (reduce-scatter of the token gradients in float32, all-gather of the
 output gradients). The traffic per rank is the group's tokens, (ep − 1)/ep of them from others, which for
 ep = 2 is what the all-to-all sends anyway (with k = 6 of 64 experts, nearly every token has an expert on
-the other rank); it grows with ep, so this suits expert parallelism inside a node. It also gathers ep
-times the local path's (token, slot) rows before its GEMMs skip the others' ones: more copying and
-memory, the price of never stopping the host.
+the other rank); it grows with ep, so this suits expert parallelism inside a node. Its buffers are
+sized for the group's (token, slot) rows, ep times the local path's, since the host never learns how
+many are this rank's: more memory, the price of never stopping it (on CPU ranks the bounded ops run
+as torch code over every row, with the same results).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from torch.distributed.tensor import DTensor
 
 from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe import expert_ffn
-from dsv3.model.moe_ops import gather_rows, inverse_permutation, sort_by_expert, weighted_sum
+from dsv3.model.moe_ops import inverse_permutation, sort_by_expert
+from dsv3.parallel.bounded_rows import (
+    bounded_dot,
+    bounded_gather,
+    bounded_reduce,
+    bounded_swiglu,
+    bounded_swiglu_backward,
+)
 
 __all__ = ["AllGatherDispatcher"]
 
@@ -74,26 +83,66 @@ def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
 
 
 class _GatherDispatch(torch.autograd.Function):
-    """x (N, d) → the group's (token, slot) rows in expert order (R·N·k, d), in the experts' dtype.
+    """x (N, d) → the group's (token, slot) rows in expert order (R·N·k, d), in the experts' dtype; the
+    rows past `bound` (other ranks' pairs) are left unspecified.
 
-    Forward: x is cast to `dtype` (bf16 under autocast), all-gathered, and its rows read by `index`
-    (each token `fold` times). Backward: the gradients of rows past the last local pair (`valid` false:
-    whatever the GEMM kernels left there) are dropped, each token's `fold` copies are summed in float32
-    (by the inverse permutation, no atomics) and the sums reduce-scattered to the tokens' ranks.
+    Forward: x is cast to `dtype` (bf16 under autocast), all-gathered, and row p of the result is token
+    token[p]'s. Backward: each token's local slots' gradients (`position` (R·N, k): a slot's row) are
+    summed in float32, the rows past the bound never read, and the sums reduce-scattered to the
+    tokens' ranks.
     """
 
     @staticmethod
-    def forward(ctx, x, index, inverse, valid, fold, group, dtype) -> torch.Tensor:
-        ctx.save_for_backward(inverse, valid)
-        ctx.fold, ctx.group, ctx.x_dtype = fold, group, x.dtype
-        return _all_gather(x.to(dtype), group).index_select(0, index)
+    def forward(ctx, x, token, position, bound, group, dtype) -> torch.Tensor:
+        ctx.save_for_backward(position, bound)
+        ctx.group, ctx.x_dtype = group, x.dtype
+        return bounded_gather(_all_gather(x.to(dtype), group), token, bound)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        inverse, valid = ctx.saved_tensors
-        grad = torch.where(valid, grad, 0).index_select(0, inverse)
-        per_token = grad.view(-1, ctx.fold, grad.shape[-1]).sum(1, dtype=torch.float32)
-        return _reduce_scatter(per_token, ctx.group).to(ctx.x_dtype), None, None, None, None, None, None
+        position, bound = ctx.saved_tensors
+        per_token = bounded_reduce(grad, position, bound, None, torch.float32)
+        return _reduce_scatter(per_token, ctx.group).to(ctx.x_dtype), None, None, None, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) · up of the rows below `bound` (gate_up (P, 2I) → (P, I)); the rest unspecified."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up, bound)
+        return bounded_swiglu(gate_up, bound)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, bound = ctx.saved_tensors
+        return bounded_swiglu_backward(gate_up, grad, bound), None
+
+
+class _Combine(torch.autograd.Function):
+    """The experts' rows in expert order ys (P, d) → each group token's Σ over its local slots of
+    weight · row (R·N, d), summed in float32; rows past `bound` are never read.
+
+    Backward: row p's gradient is its pair's weight times its token's gradient (rows below the bound
+    only), a weight's gradient its row · its token's gradient (0 for the other ranks' slots).
+    """
+
+    @staticmethod
+    def forward(ctx, ys, weights, pair_order, position, bound) -> torch.Tensor:
+        ctx.save_for_backward(ys, weights, pair_order, position, bound)
+        return bounded_reduce(ys, position, bound, weights, ys.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ys, weights, pair_order, position, bound = ctx.saved_tensors
+        grad_ys = grad_w = None
+        if ctx.needs_input_grad[0]:
+            k = weights.shape[1]
+            pair_weight = weights.flatten().index_select(0, pair_order)
+            grad_ys = bounded_gather(grad.to(ys.dtype), pair_order // k, bound, pair_weight)
+        if ctx.needs_input_grad[1]:
+            grad_w = bounded_dot(ys, grad, position, bound).to(weights.dtype)
+        return grad_ys, grad_w, None, None, None
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
@@ -119,14 +168,13 @@ class AllGatherDispatcher:
         routing = _AllGather.apply(torch.cat([weights.float(), indices.float()], 1), self.group)
         expert = routing[:, k:].long() - self.rank * El  # (R·N, k) local expert ids, others out of range
         mine = (expert >= 0) & (expert < El)
-        # the (token, slot) pairs grouped by local expert, the others' slots (id El) last
+        # the (token, slot) pairs grouped by local expert, the others' slots (id El) last: only the
+        # first `bound` rows (this rank's pairs) are ever computed, by the GEMMs and by every op between
         pair_order, local_ends = sort_by_expert(torch.where(mine, expert, El), El)
-        inverse = inverse_permutation(pair_order)
-        valid = (torch.arange(pair_order.numel(), device=x.device) < local_ends[-1]).unsqueeze(1)
-        xs = _GatherDispatch.apply(x, pair_order // k, inverse, valid, k, self.group, compute_dtype(x))
+        position = inverse_permutation(pair_order).view(-1, k)  # each (token, slot)'s row
+        bound = local_ends[-1]
+        xs = _GatherDispatch.apply(x, pair_order // k, position, bound, self.group, compute_dtype(x))
         ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj),
-                        experts.matmul)
-        ys = torch.where(valid, ys, 0)  # the rows past the last local pair were never computed
-        ys = gather_rows(ys, inverse, pair_order, 1).view(-1, k, ys.shape[-1])  # (R·N, k, d)
-        partial = weighted_sum(torch.where(mine, routing[:, :k], 0).to(weights.dtype), ys)  # (R·N, d)
+                        experts.matmul, activation=lambda gate_up: _SwiGLU.apply(gate_up, bound))
+        partial = _Combine.apply(ys, routing[:, :k].to(weights.dtype), pair_order, position, bound)
         return _ReduceScatter.apply(partial, self.group)
