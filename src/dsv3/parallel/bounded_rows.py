@@ -176,7 +176,10 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
             tl.store(out + t * k + s, tl.sum(acc, axis=0))
 
     @triton.jit
-    def swiglu_kernel(gate_up, bound, out, inter: tl.constexpr, BLOCK: tl.constexpr):
+    def swiglu_kernel(gate_up, grad, bound, out, inter: tl.constexpr, BACKWARD: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """Forward: out (P, I) = silu(gate) · up. Backward: out (P, 2I) = the gradient with respect to
+        [gate; up], given the output's (grad (P, I))."""
         p = tl.program_id(0).to(tl.int64)
         live = p < tl.load(bound)
         for start in range(0, inter, BLOCK):
@@ -184,24 +187,14 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
             mask = (cols < inter) & live
             g = tl.load(gate_up + p * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(gate_up + p * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
-            h = g * tl.sigmoid(g) * u
-            tl.store(out + p * inter + cols, h.to(out.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def swiglu_backward_kernel(gate_up, grad, bound, out, inter: tl.constexpr, BLOCK: tl.constexpr):
-        p = tl.program_id(0).to(tl.int64)
-        live = p < tl.load(bound)
-        for start in range(0, inter, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = (cols < inter) & live
-            g = tl.load(gate_up + p * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(gate_up + p * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
-            dh = tl.load(grad + p * inter + cols, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(g)
-            d_gate = dh * u * sig * (1 + g * (1 - sig))
-            d_up = dh * g * sig
-            tl.store(out + p * 2 * inter + cols, d_gate.to(out.dtype.element_ty), mask=mask)
-            tl.store(out + p * 2 * inter + inter + cols, d_up.to(out.dtype.element_ty), mask=mask)
+            if BACKWARD:
+                dh = tl.load(grad + p * inter + cols, mask=mask, other=0.0).to(tl.float32)
+                d_gate, d_up = dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
+                tl.store(out + p * 2 * inter + cols, d_gate.to(out.dtype.element_ty), mask=mask)
+                tl.store(out + p * 2 * inter + inter + cols, d_up.to(out.dtype.element_ty), mask=mask)
+            else:
+                tl.store(out + p * inter + cols, (g * sig * u).to(out.dtype.element_ty), mask=mask)
 
     def block(width: int) -> int:
         return min(_BLOCK, triton.next_power_of_2(width))
@@ -236,15 +229,16 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
         inter = gate_up.shape[1] // 2
         out = gate_up.new_empty(gate_up.shape[0], inter)
         if out.numel():
-            swiglu_kernel[(gate_up.shape[0],)](gate_up, bound, out, inter, BLOCK=block(inter))
+            swiglu_kernel[(gate_up.shape[0],)](gate_up, gate_up, bound, out, inter, BACKWARD=False,
+                                               BLOCK=block(inter))
         return out
 
     def swiglu_backward(gate_up, grad, bound):
         gate_up, grad = gate_up.contiguous(), grad.contiguous()
         out = torch.empty_like(gate_up)
         if out.numel():
-            swiglu_backward_kernel[(gate_up.shape[0],)](gate_up, grad, bound, out, grad.shape[1],
-                                                       BLOCK=block(grad.shape[1]))
+            swiglu_kernel[(gate_up.shape[0],)](gate_up, grad, bound, out, grad.shape[1], BACKWARD=True,
+                                               BLOCK=block(grad.shape[1]))
         return out
 
     return {"bounded_gather": gather, "bounded_reduce": reduce, "bounded_dot": dot,
