@@ -5,15 +5,15 @@
 #                                      # kernels.dsv3.txt / kernels.hf.txt (the compiled step's GPU kernels)
 #
 # STEPS picks a subset (default: all, in this order):
-#     parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments
-#     train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32
+#     parity fast_paths train train_eager train_1b train_ac train_sac train_chunked cross_entropy
+#     train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32
 # CUDA_VISIBLE_DEVICES picks the GPU: two instances with different STEPS can share a 2-GPU machine.
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 900); one failing step does not stop the rest.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_sac train_chunked train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32}
+steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -40,9 +40,11 @@ step train_ac benchmarks/train_step.py --preset small --batch 8 --seq 2048 --ste
 # selective activation checkpointing: GEMM and attention outputs kept, the rest recomputed
 step train_sac benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     --activation-checkpointing selective --systems trainer
-# the losses a chunk of 2048 positions at a time (train.loss_chunk_tokens): memory and speed
+# the losses a chunk of 4096 positions at a time (train.loss_chunk_tokens): memory and speed
 step train_chunked benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
-    --loss-chunk 2048 --systems trainer
+    --loss-chunk 4096 --systems trainer
+# the output head alone: whole logits, dsv3's chunked loss, Liger's fused linear cross-entropy
+step cross_entropy benchmarks/cross_entropy.py
 # AdamW's moments in bf16 (train.optimizer_state_dtype, DeepSeek-V3's): memory and the optimizer's time
 step train_bf16_moments benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     --moments bfloat16 --systems trainer
