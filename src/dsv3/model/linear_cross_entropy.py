@@ -8,8 +8,8 @@ cross-entropy does. The backward only scales the kept gradients by the incoming 
 the total linearly, so its gradient is one scalar). It costs the three GEMMs of whole logits, where
 keeping only the inputs and remaking each chunk's logits in the backward (activation checkpointing)
 costs a fourth and ran at 0.55-0.68x whole logits' speed on an H200 (benchmarks/cross_entropy.py).
-What it holds from the forward to the backward is the hidden states' gradient and the weight's, in
-float32: the size of the weight, against the logits' tokens × vocab.
+What it holds from the forward to the backward is the hidden states' gradient (in the GEMMs' dtype)
+and the weight's (in float32): the size of the weight, against the logits' tokens × vocab.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from dsv3.model.gemv import compute_dtype
 
 __all__ = ["IGNORE_INDEX", "chunk_loss_and_grad", "linear_cross_entropy"]
 
@@ -39,12 +41,6 @@ def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
     return loss, grad.to(logits.dtype)
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The dtype the head's GEMMs run in: autocast's where it is on (as `nn.Linear` would), else h's."""
-    device = h.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-
-
 def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """total + a @ b in float32; a bf16 product accumulates into float32 inside the GEMM on CUDA."""
     if a.dtype == torch.float32:
@@ -61,7 +57,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_tokens: int, chunk_fn: ChunkFn):
-        dtype = _compute_dtype(h)
+        dtype = compute_dtype(h)  # autocast's, as the head's `nn.Linear` would run in
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
             x, w = h.to(dtype), weight.to(dtype)

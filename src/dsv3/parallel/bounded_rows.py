@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from dsv3.model.moe import swiglu
 
 __all__ = ["bounded_gather", "bounded_reduce", "bounded_dot", "bounded_swiglu", "bounded_swiglu_backward"]
 
@@ -77,8 +78,7 @@ def bounded_dot(
 @torch.library.custom_op("dsv3::bounded_swiglu", mutates_args=())
 def bounded_swiglu(gate_up: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """(P, 2I) → (P, I): silu(gate) · up for the rows below the bound."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return swiglu(gate_up)
 
 
 @torch.library.custom_op("dsv3::bounded_swiglu_backward", mutates_args=())
