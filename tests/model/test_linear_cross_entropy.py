@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv3.model.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from dsv3.model.linear_cross_entropy import IGNORE_INDEX, chunk_loss_and_grad, linear_cross_entropy
 
 
 def _inputs(M: int = 23, d: int = 16, V: int = 50, seed: int = 0):
@@ -86,3 +86,13 @@ def test_a_shape_mismatch_names_both_counts():
     h, w, t = _inputs()
     with pytest.raises(ValueError, match="23 hidden states for 22 targets"):
         linear_cross_entropy(h, w, t[:-1], 4)
+
+
+def test_the_compiled_chunk_function_gives_the_eager_results():
+    """`Transformer.compile_blocks` compiles `chunk_loss_and_grad` in one graph (fullgraph)."""
+    h, w, t = _inputs()
+    compiled = torch.compile(chunk_loss_and_grad, fullgraph=True)
+    ref = _grads(lambda *a: linear_cross_entropy(*a, 7), h, w, t)
+    got = _grads(lambda *a: linear_cross_entropy(*a, 7, compiled), h, w, t)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
