@@ -34,13 +34,10 @@ _BLOCK = 1024  # columns a program handles at a time
 # --- reference implementations (every device; CUDA takes the kernels below) ------------------------
 
 
-def _valid(pos: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    return pos < bound
-
-
-def _rows_at(src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """src[pos] with positions past src's end clamped (those rows are masked by the caller)."""
-    return src.index_select(0, pos.clamp(max=src.shape[0] - 1).flatten()).view(*pos.shape, src.shape[1])
+def _live_rows(src: torch.Tensor, pos: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """src[pos] (T, k, d) in float32, 0 where pos ≥ bound (those rows are unspecified, maybe NaN)."""
+    rows = src.index_select(0, pos.clamp(max=src.shape[0] - 1).flatten()).view(*pos.shape, src.shape[1])
+    return torch.where((pos < bound).unsqueeze(-1), rows.float(), 0.0)
 
 
 @torch.library.custom_op("dsv3::bounded_gather", mutates_args=())
@@ -59,10 +56,10 @@ def bounded_reduce(
 ) -> torch.Tensor:
     """(T, d): Σ over the slots s of pos (T, k) with pos < bound of weight[t, s] · src[pos[t, s]],
     summed in float32, in `out_dtype` (default src's)."""
-    rows = _rows_at(src, pos).float()
-    w = _valid(pos, bound).float() if weight is None else torch.where(_valid(pos, bound), weight.float(), 0.0)
-    rows = torch.where(_valid(pos, bound).unsqueeze(-1), rows, 0.0)  # unspecified rows may hold NaN
-    return (rows * w.unsqueeze(-1)).sum(1).to(out_dtype or src.dtype)
+    rows = _live_rows(src, pos, bound)
+    if weight is not None:
+        rows = rows * weight.float().unsqueeze(-1)
+    return rows.sum(1).to(out_dtype or src.dtype)
 
 
 @torch.library.custom_op("dsv3::bounded_dot", mutates_args=())
@@ -70,9 +67,7 @@ def bounded_dot(
     src: torch.Tensor, other: torch.Tensor, pos: torch.Tensor, bound: torch.Tensor
 ) -> torch.Tensor:
     """(T, k) float32: src[pos[t, s]] · other[t] where pos < bound, else 0."""
-    rows = _rows_at(src, pos).float()
-    dots = (rows * other.float().unsqueeze(1)).sum(-1)
-    return torch.where(_valid(pos, bound), dots, 0.0)
+    return (_live_rows(src, pos, bound) * other.float().unsqueeze(1)).sum(-1)
 
 
 @torch.library.custom_op("dsv3::bounded_swiglu", mutates_args=())
@@ -224,7 +219,7 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
                                         BLOCK=block(src.shape[1]))
         return out
 
-    def swiglu(gate_up, bound):
+    def swiglu_forward(gate_up, bound):
         gate_up = gate_up.contiguous()
         inter = gate_up.shape[1] // 2
         out = gate_up.new_empty(gate_up.shape[0], inter)
@@ -242,7 +237,7 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
         return out
 
     return {"bounded_gather": gather, "bounded_reduce": reduce, "bounded_dot": dot,
-            "bounded_swiglu": swiglu, "bounded_swiglu_backward": swiglu_backward}
+            "bounded_swiglu": swiglu_forward, "bounded_swiglu_backward": swiglu_backward}
 
 
 def _register_cuda_kernels() -> None:
