@@ -535,6 +535,10 @@ def test_old_schedule_name_and_experts_beyond_the_fsdp_ranks_are_one_line_errors
     with pytest.raises(ConfigError, match=r"ep \(4\) must divide dp_shard \(2\)"):
         load_run_config("small", ["parallel.gpus=4", "parallel.dp_replicate=2", "parallel.dp_shard=2",
                                   "parallel.ep=4"])
+    with pytest.raises(ConfigError, match=r"ep_chunks \(2\) splits the all_gather dispatch: .*ep_dispatch "
+                                          "all_to_all"):
+        load_run_config("small", ["parallel.gpus=2", "parallel.dp_shard=2", "parallel.ep=2",
+                                  "parallel.ep_chunks=2"])
 
 
 def test_bfloat16_moments_halve_the_optimizer_state_in_the_estimate():

@@ -40,6 +40,8 @@ LAYOUTS_2 = {
     "fsdp": ("parallel.dp_shard=2",),
     "ep": ("parallel.dp_shard=2", "parallel.ep=2"),
     "ep_all_gather": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather"),
+    "ep_all_gather_chunks": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather",
+                             "parallel.ep_chunks=2"),
     "pp_1f1b": ("parallel.pp=2",),
     "pp_dualpipev": ("parallel.pp=2", "parallel.pp_schedule=DualPipeV"),
     "tp": ("parallel.tp=2",),
@@ -232,7 +234,7 @@ def skip_job(out: str, shards: list[str], on_device: bool) -> dict:
                       if r["kind"] in ("train", "skip")], "weights": weights}
 
 
-def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = False) -> dict:
+def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = False, chunks: int = 1) -> dict:
     """Route random tokens (k = 6 of 16 experts) through an expert-parallel MoE and through the same
     experts in one process: the outputs and their gradients (to the tokens and to the combine weights),
     and how many rows the dispatch all-to-all moved. `bf16`: both under bf16 autocast (the rows travel
@@ -271,7 +273,7 @@ def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = Fa
         with autocast:
             expected = LocalDispatcher()(x, weights, indices, order, ends, _Full())
         expected_grads = torch.autograd.grad((expected * probe).sum(), [x, weights])
-        ep.apply_ep([moe], init_device_mesh("cpu", (dist.get_world_size(),)), dispatch)
+        ep.apply_ep([moe], init_device_mesh("cpu", (dist.get_world_size(),)), dispatch, chunks)
         moved, original = [], ep.dist.all_to_all_single
 
         def counting(out, inp, *args, **kwargs):  # rows of hidden states (the dispatch adds routing columns)
@@ -375,6 +377,8 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
                                 "overrides": [*SAMPLING, f"data.tokenizer={tokenizer}", *ep2]}),
         "dispatch": (dispatch_job, {}),
         "dispatch_all_gather": (dispatch_job, {"dispatch": "all_gather"}),
+        # 64 tokens in chunks of 22, 22 and 20
+        "dispatch_all_gather_chunks": (dispatch_job, {"dispatch": "all_gather", "chunks": 3}),
         "dispatch_bf16": (dispatch_job, {"bf16": True}),
         "skip_host": (skip_job, {"out": str(tmp / "skip_host"), "shards": s, "on_device": False}),
         "skip_device": (skip_job, {"out": str(tmp / "skip_device"), "shards": s, "on_device": True}),
@@ -479,10 +483,12 @@ def test_all_to_all_dispatch_in_bf16_equals_one_process(two_ranks):
     assert got["max_abs_diff"] < 1e-2 * got["scale"] and got["max_grad_diff"] < 1e-2
 
 
-def test_all_gather_dispatch_equals_one_process_without_all_to_all(two_ranks):
+@pytest.mark.parametrize("name", ["dispatch_all_gather", "dispatch_all_gather_chunks"])
+def test_all_gather_dispatch_equals_one_process_without_all_to_all(name, two_ranks):
     """Every rank gets the group's tokens and runs only its experts: outputs and gradients are the
-    one-process ones, and no variable-size all-to-all (which needs a host sync) is posted."""
-    got = two_ranks["dispatch_all_gather"]
+    one-process ones, and no variable-size all-to-all (which needs a host sync) is posted; so too
+    with the tokens dispatched in uneven chunks."""
+    got = two_ranks[name]
     assert got["max_abs_diff"] < 1e-5 and got["max_grad_diff"] < 1e-5
     assert got["rows_moved"] == []
 

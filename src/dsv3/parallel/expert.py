@@ -167,11 +167,14 @@ def _shard_experts(param: nn.Parameter, mesh: DeviceMesh) -> nn.Parameter:
 DISPATCHERS = {"all_to_all": AllToAllDispatcher, "all_gather": AllGatherDispatcher}
 
 
-def apply_ep(moe_layers: list[MoE], mesh: DeviceMesh, dispatch: str = "all_to_all") -> None:
+def apply_ep(moe_layers: list[MoE], mesh: DeviceMesh, dispatch: str = "all_to_all", chunks: int = 1) -> None:
     """Split every MoE layer's routed experts over the expert-parallel `mesh`; tokens reach them by
-    `dispatch` (a key of DISPATCHERS)."""
+    `dispatch` (a key of DISPATCHERS), the all-gather one in `chunks` pieces."""
+    options = {"chunks": chunks} if dispatch == "all_gather" else {}
+    if chunks > 1 and not options:
+        raise ValueError(f"{chunks} dispatch chunks need the all_gather dispatch, not {dispatch}")
     for moe in moe_layers:
         experts = moe.experts
         experts.gate_up_proj = _shard_experts(experts.gate_up_proj, mesh)
         experts.down_proj = _shard_experts(experts.down_proj, mesh)
-        experts.dispatcher = DISPATCHERS[dispatch](mesh.get_group(), moe.n_experts)
+        experts.dispatcher = DISPATCHERS[dispatch](mesh.get_group(), moe.n_experts, **options)

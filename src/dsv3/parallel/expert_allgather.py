@@ -21,6 +21,13 @@ the other rank); it grows with ep, so this suits expert parallelism inside a nod
 sized for the group's (token, slot) rows, ep times the local path's, since the host never learns how
 many are this rank's: more memory, the price of never stopping it (on CPU ranks the bounded ops run
 as torch code over every row, with the same results).
+
+Nothing in one dispatch can run while its exchanges do: each step needs the one before. With
+`chunks` > 1 the tokens go through in slices, one dispatch after another; the slices are independent,
+so a compiler that reorders collectives (Inductor's overlap scheduler, which `parallel.ep_chunks`
+turns on for compiled GPU blocks) can start one slice's all-gather before another slice's experts and
+wait for a reduce-scatter after them, DeepSeek-V3's overlap of communication with computation within
+a layer. The results are the unchunked ones up to the order of float32 sums.
 """
 
 from __future__ import annotations
@@ -151,18 +158,29 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
 
 
 class AllGatherDispatcher:
-    """The experts of this rank's slice, fed the whole group's tokens (see the module docstring)."""
+    """The experts of this rank's slice, fed the whole group's tokens (see the module docstring),
+    `chunks` slices of the tokens at a time."""
 
-    def __init__(self, group: dist.ProcessGroup, n_experts: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, n_experts: int, chunks: int = 1) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.local = n_experts // dist.get_world_size(group)  # experts per rank
+        self.chunks = chunks
 
     def __call__(
         self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
         ends: torch.Tensor, experts: nn.Module,
     ) -> torch.Tensor:
-        """x (N, d), combine weights and expert ids (N, k) → Σ_k weight·expert(x) (N, d)."""
+        """x (N, d), combine weights and expert ids (N, k) → Σ_k weight·expert(x) (N, d). Every rank
+        holds the same N, so the chunks line up across the group."""
+        if self.chunks == 1:
+            return self._dispatch(x, weights, indices, experts)
+        pieces = zip(x.chunk(self.chunks), weights.chunk(self.chunks), indices.chunk(self.chunks), strict=True)
+        return torch.cat([self._dispatch(*piece, experts) for piece in pieces])
+
+    def _dispatch(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.Module
+    ) -> torch.Tensor:
         El, k = self.local, indices.shape[1]
         # weights and ids in one message (ids < 2^24 are exact in float32); the ids get no gradient
         routing = _AllGather.apply(torch.cat([weights.float(), indices.float()], 1), self.group)

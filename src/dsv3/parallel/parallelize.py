@@ -59,12 +59,16 @@ def apply_ac(roots: list[nn.Module], mode: bool | str = True) -> None:
         set_activation_checkpointing(root, mode)
 
 
-def apply_compile(blocks: list[nn.Module], fullgraph: bool) -> None:
+def apply_compile(blocks: list[nn.Module], fullgraph: bool, overlap_collectives: bool = False) -> None:
     """torch.compile each block in place (parameter names unchanged). `fullgraph=False` lets a block
     break where it must: at the all-to-all dispatch's host-read split sizes, at the hooks of an expert
-    FSDP unit (experts held by several ranks), at tensor parallelism's gradient hook."""
+    FSDP unit (experts held by several ranks), at tensor parallelism's gradient hook.
+    `overlap_collectives`: Inductor's overlap scheduler may start a block's collectives (the chunked
+    all-gather dispatch's) earlier and wait for them later, behind compute that does not need them
+    (CUDA only: it estimates times from the GPU)."""
+    options = {"aten_distributed_optimizations.enable_overlap_scheduling": True} if overlap_collectives else None
     for block in blocks:
-        block.compile(fullgraph=fullgraph)
+        block.compile(fullgraph=fullgraph, options=options)
 
 
 @torch.no_grad()
@@ -110,7 +114,7 @@ def parallelize(
     if p.tp > 1:
         apply_tp(blocks, meshes.tp)
     if p.ep > 1:
-        apply_ep([m for m in parts.modules() if isinstance(m, MoE)], meshes.ep, p.ep_dispatch)
+        apply_ep([m for m in parts.modules() if isinstance(m, MoE)], meshes.ep, p.ep_dispatch, p.ep_chunks)
     if tc.fp8:
         convert_to_fp8(parts)
     if tc.activation_checkpointing:
@@ -118,7 +122,8 @@ def parallelize(
     if tc.compile:
         # the all-gather dispatch's fixed-size collectives trace: no break unless experts have an FSDP unit
         whole = p.ep == 1 or (experts_outside_fsdp(p) and p.ep_dispatch == "all_gather")
-        apply_compile(blocks, fullgraph=whole and p.tp == 1)
+        chunked = whole and p.ep_chunks > 1 and device.type == "cuda"  # slices to overlap in one graph
+        apply_compile(blocks, fullgraph=whole and p.tp == 1, overlap_collectives=chunked)
     if p.dp > 1:
         main_blocks = len(model.model.layers) if p.pp == 1 else len(blocks)  # no grouping in a pipeline
         apply_fsdp(roots, fsdp_units(blocks, main_blocks, p.fsdp_unit_blocks), meshes, p, param_dtype)
