@@ -45,8 +45,9 @@ def overlap_report(trace: dict, steps: int = 1) -> dict:
     kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and e.get("dur")]
     if not kernels:
         raise ValueError("no GPU kernels in the trace (a CPU run, or no profiled window)")
-    nccl = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if e["name"].lower().startswith("nccl")])
-    compute = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if not e["name"].lower().startswith("nccl")])
+    is_nccl = lambda e: e["name"].lower().startswith("nccl")  # noqa: E731
+    nccl = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if is_nccl(e)])
+    compute = union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if not is_nccl(e)])
     busy = lambda spans: sum(end - start for start, end in spans)  # noqa: E731
     window = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
     hidden = covered(nccl, compute)

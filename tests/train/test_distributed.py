@@ -380,6 +380,7 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
         # 64 tokens in chunks of 22, 22 and 20
         "dispatch_all_gather_chunks": (dispatch_job, {"dispatch": "all_gather", "chunks": 3}),
         "dispatch_bf16": (dispatch_job, {"bf16": True}),
+        "dispatch_all_gather_bf16": (dispatch_job, {"dispatch": "all_gather", "bf16": True, "chunks": 2}),
         "skip_host": (skip_job, {"out": str(tmp / "skip_host"), "shards": s, "on_device": False}),
         "skip_device": (skip_job, {"out": str(tmp / "skip_device"), "shards": s, "on_device": True}),
         "bf16_moments": (train_job, {"out": str(tmp / "bf16_moments"), "shards": s,
@@ -476,10 +477,12 @@ def test_sharded_steps_skip_non_finite_steps_on_the_device_like_on_the_host(two_
     assert device["steps"] == host["steps"] and device["weights"] == host["weights"]
 
 
-def test_all_to_all_dispatch_in_bf16_equals_one_process(two_ranks):
-    """Under autocast the rows travel in bf16 with their routing packed into the same message: the
-    result and its gradients are one process's up to bf16 rounding of the partial sums."""
-    got = two_ranks["dispatch_bf16"]
+@pytest.mark.parametrize("name", ["dispatch_bf16", "dispatch_all_gather_bf16"])
+def test_dispatch_in_bf16_equals_one_process(name, two_ranks):
+    """Under autocast the rows travel in bf16 (all-to-all: with their routing packed into the same
+    message; all-gather: the token gradients too, in two chunks): the result and its gradients are
+    one process's up to bf16 rounding of the partial sums."""
+    got = two_ranks[name]
     assert got["max_abs_diff"] < 1e-2 * got["scale"] and got["max_grad_diff"] < 1e-2
 
 

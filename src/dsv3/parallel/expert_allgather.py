@@ -14,20 +14,24 @@ dispatcher has only fixed-size messages, so the host never waits:
      no row past the bound) and reduce-scatters the partial sums: each rank gets its own tokens,
      summed over the group.
 
-The backward is the mirror image (reduce-scatter of the token gradients in float32, all-gather of the
-output gradients). The traffic per rank is the group's tokens, (ep − 1)/ep of them from others, which for
-ep = 2 is what the all-to-all sends anyway (with k = 6 of 64 experts, nearly every token has an expert on
-the other rank); it grows with ep, so this suits expert parallelism inside a node. Its buffers are
-sized for the group's (token, slot) rows, ep times the local path's, since the host never learns how
-many are this rank's: more memory, the price of never stopping it (on CPU ranks the bounded ops run
-as torch code over every row, with the same results).
+The backward is the mirror image (reduce-scatter of the token gradients, all-gather of the output
+gradients), in the experts' dtype like the forward: each rank's partial token gradients are summed in
+float32 and rounded once to bf16 to travel (under autocast). That halves the largest exchange, for
+one bf16 rounding of a sum of bf16 GEMM outputs (the all-to-all dispatcher sends them in float32).
+The traffic per rank is the group's tokens, (ep − 1)/ep of them from others, which for ep = 2 is
+what the all-to-all sends anyway (with k = 6 of 64 experts, nearly every token has an expert on the
+other rank); it grows with ep, so this suits expert parallelism inside a node. Its buffers are sized
+for the group's (token, slot) rows, ep times the local path's, since the host never learns how many
+are this rank's: more memory, the price of never stopping it (on CPU ranks the bounded ops run as
+torch code over every row, with the same results).
 
 Nothing in one dispatch can run while its exchanges do: each step needs the one before. With
 `chunks` > 1 the tokens go through in slices, one dispatch after another; the slices are independent,
-so a compiler that reorders collectives (Inductor's overlap scheduler, which `parallel.ep_chunks`
-turns on for compiled GPU blocks) can start one slice's all-gather before another slice's experts and
-wait for a reduce-scatter after them, DeepSeek-V3's overlap of communication with computation within
-a layer. The results are the unchunked ones up to the order of float32 sums.
+so a compiler that reorders collectives (Inductor's compute-communication reordering, which
+`parallel.ep_chunks` turns on for compiled GPU blocks) can start one slice's all-gather before
+another slice's experts and wait for a reduce-scatter after them: DeepSeek-V3's overlap of
+communication with computation, within a layer. The results are the unchunked ones up to the order
+of float32 sums.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ class _GatherDispatch(torch.autograd.Function):
     Forward: x is cast to `dtype` (bf16 under autocast), all-gathered, and row p of the result is token
     token[p]'s. Backward: each token's local slots' gradients (`position` (R·N, k): a slot's row) are
     summed in float32, the rows past the bound never read, and the sums reduce-scattered to the
-    tokens' ranks.
+    tokens' ranks in `dtype`.
     """
 
     @staticmethod
@@ -108,7 +112,7 @@ class _GatherDispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         position, bound = ctx.saved_tensors
-        per_token = bounded_reduce(grad, position, bound, None, torch.float32)
+        per_token = bounded_reduce(grad, position, bound, None, grad.dtype)
         return _reduce_scatter(per_token, ctx.group).to(ctx.x_dtype), None, None, None, None, None
 
 
@@ -175,7 +179,8 @@ class AllGatherDispatcher:
         holds the same N, so the chunks line up across the group."""
         if self.chunks == 1:
             return self._dispatch(x, weights, indices, experts)
-        pieces = zip(x.chunk(self.chunks), weights.chunk(self.chunks), indices.chunk(self.chunks), strict=True)
+        n = self.chunks
+        pieces = zip(x.chunk(n), weights.chunk(n), indices.chunk(n), strict=True)
         return torch.cat([self._dispatch(*piece, experts) for piece in pieces])
 
     def _dispatch(
