@@ -539,6 +539,9 @@ def test_old_schedule_name_and_experts_beyond_the_fsdp_ranks_are_one_line_errors
                                           "all_to_all"):
         load_run_config("small", ["parallel.gpus=2", "parallel.dp_shard=2", "parallel.ep=2",
                                   "parallel.ep_chunks=2"])
+    ep2 = ["parallel.gpus=2", "parallel.dp_shard=2", "parallel.ep=2"]
+    assert load_run_config("small", [*ep2, "parallel.ep_dispatch=all_gather"]).parallel.expert_chunks == 2
+    assert load_run_config("small", ep2).parallel.expert_chunks == 1  # all-to-all: one piece
 
 
 def test_bfloat16_moments_halve_the_optimizer_state_in_the_estimate():

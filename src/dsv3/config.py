@@ -395,11 +395,11 @@ class ParallelConfig(_Strict):
         "all_gather gives every rank all of its group's tokens (fixed sizes, no host sync; traffic grows "
         "with ep, so for ep within a node)",
     )
-    ep_chunks: int = Field(
-        default=1, gt=0, description="all_gather dispatch: each MoE layer's tokens in this many chunks, "
-        "dispatched one after another, so that compiled on a GPU (Inductor's overlap scheduler) one chunk's "
-        "exchanges run behind another chunk's experts; more chunks hide more of the exchanges and run "
-        "smaller GEMMs",
+    ep_chunks: int | None = Field(
+        default=None, gt=0, description="all_gather dispatch: each MoE layer's tokens in this many chunks, "
+        "dispatched one after another, so that compiled on a GPU one chunk's exchanges run behind another "
+        "chunk's experts (Inductor's reordering passes); more chunks hide more of the exchanges and run "
+        "smaller GEMMs. Default: 2 with the all_gather dispatch (measured fastest on 2 H200s), else 1",
     )
     pp_schedule: Literal["1F1B", "interleaved1F1B", "ZBVZeroBubble", "DualPipeV"] = "1F1B"
     reshard_after_forward: bool | None = Field(
@@ -445,10 +445,17 @@ class ParallelConfig(_Strict):
                 f"ep ({self.ep}) must divide dp_shard ({self.dp_shard}): experts are split over ep of the "
                 "FSDP ranks and sharded over the rest"
             )
-        if self.ep_chunks > 1 and (self.ep == 1 or self.ep_dispatch != "all_gather"):
+        if (self.ep_chunks or 1) > 1 and (self.ep == 1 or self.ep_dispatch != "all_gather"):
             raise ValueError(f"ep_chunks ({self.ep_chunks}) splits the all_gather dispatch: it needs ep > 1 "
                              f"and ep_dispatch all_gather (got ep {self.ep}, ep_dispatch {self.ep_dispatch})")
         return self
+
+    @property
+    def expert_chunks(self) -> int:
+        """`ep_chunks`, or its default: 2 for the all_gather dispatch under expert parallelism, else 1."""
+        if self.ep_chunks is not None:
+            return self.ep_chunks
+        return 2 if self.ep > 1 and self.ep_dispatch == "all_gather" else 1
 
     @property
     def dp(self) -> int:

@@ -40,8 +40,9 @@ LAYOUTS_2 = {
     "fsdp": ("parallel.dp_shard=2",),
     "ep": ("parallel.dp_shard=2", "parallel.ep=2"),
     "ep_all_gather": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather"),
-    "ep_all_gather_chunks": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather",
-                             "parallel.ep_chunks=2"),
+    # the default is 2 chunks: the tokens in one piece too
+    "ep_all_gather_one_chunk": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather",
+                                "parallel.ep_chunks=1"),
     "pp_1f1b": ("parallel.pp=2",),
     "pp_dualpipev": ("parallel.pp=2", "parallel.pp_schedule=DualPipeV"),
     "tp": ("parallel.tp=2",),

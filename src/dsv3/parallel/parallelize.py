@@ -127,7 +127,8 @@ def parallelize(
     if p.tp > 1:
         apply_tp(blocks, meshes.tp)
     if p.ep > 1:
-        apply_ep([m for m in parts.modules() if isinstance(m, MoE)], meshes.ep, p.ep_dispatch, p.ep_chunks)
+        moes = [m for m in parts.modules() if isinstance(m, MoE)]
+        apply_ep(moes, meshes.ep, p.ep_dispatch, p.expert_chunks)
     if tc.fp8:
         convert_to_fp8(parts)
     if tc.activation_checkpointing:
@@ -135,7 +136,7 @@ def parallelize(
     if tc.compile:
         # the all-gather dispatch's fixed-size collectives trace: no break unless experts have an FSDP unit
         whole = p.ep == 1 or (experts_outside_fsdp(p) and p.ep_dispatch == "all_gather")
-        chunked = whole and p.ep_chunks > 1 and device.type == "cuda"  # slices to overlap in one graph
+        chunked = whole and p.expert_chunks > 1 and device.type == "cuda"  # slices to overlap in one graph
         apply_compile(blocks, fullgraph=whole and p.tp == 1, overlap_collectives=chunked)
     if p.dp > 1:
         main_blocks = len(model.model.layers) if p.pp == 1 else len(blocks)  # no grouping in a pipeline
