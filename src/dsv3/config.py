@@ -399,7 +399,7 @@ class ParallelConfig(_Strict):
         default=None, gt=0, description="all_gather dispatch: each MoE layer's tokens in this many chunks, "
         "dispatched one after another, so that compiled on a GPU one chunk's exchanges run behind another "
         "chunk's experts (Inductor's reordering passes); more chunks hide more of the exchanges and run "
-        "smaller GEMMs. Default: 2 with the all_gather dispatch (measured fastest on 2 H200s), else 1",
+        "smaller GEMMs. Default: 2 with the all_gather dispatch (faster than 1 on 2 H200s), else 1",
     )
     pp_schedule: Literal["1F1B", "interleaved1F1B", "ZBVZeroBubble", "DualPipeV"] = "1F1B"
     reshard_after_forward: bool | None = Field(

@@ -170,9 +170,9 @@ DISPATCHERS = {"all_to_all": AllToAllDispatcher, "all_gather": AllGatherDispatch
 def apply_ep(moe_layers: list[MoE], mesh: DeviceMesh, dispatch: str = "all_to_all", chunks: int = 1) -> None:
     """Split every MoE layer's routed experts over the expert-parallel `mesh`; tokens reach them by
     `dispatch` (a key of DISPATCHERS), the all-gather one in `chunks` pieces."""
-    options = {"chunks": chunks} if dispatch == "all_gather" else {}
-    if chunks > 1 and not options:
+    if chunks > 1 and dispatch != "all_gather":
         raise ValueError(f"{chunks} dispatch chunks need the all_gather dispatch, not {dispatch}")
+    options = {"chunks": chunks} if dispatch == "all_gather" else {}
     for moe in moe_layers:
         experts = moe.experts
         experts.gate_up_proj = _shard_experts(experts.gate_up_proj, mesh)
