@@ -20,6 +20,9 @@ rank's work a step (one micro-batch and one optimizer step; `single` steps AdamW
                                                        # `report` holds it to OUT/single_1mb-zero2 and
                                                        # OUT/single-zero2, whichever were run
     python benchmarks/distributed.py report OUT        # JSON lines: curves, scaling, memory, stalls
+    python benchmarks/distributed.py gradients OUT ep-allgather --compile --set train.dtype=float32
+                                # one step's gradients of a 2-GPU layout against one process's
+                                # (`dsv3.train.gradient_check`, as the CPU tests check every layout)
 
 Each `run` takes a few minutes on H200s (well under 10) and prints one JSON line; `report` reads the
 runs' metrics.jsonl files and prints one JSON line per comparison. `--toy` runs the same commands at
@@ -131,26 +134,50 @@ def run(
     tag: str = "",
 ) -> dict:
     """One training run through the CLI; its summary line."""
-    n, overrides = run_config(out, name, toy, tag)
+    config = write_config(out, name, toy, compile_, extra, tag)
+    _launch(config, ["-m", "dsv3", "train", "--config", str(config)], quiet=toy)
     name = _dir(name, tag)
-    if compile_:
-        overrides.append("train.compile=true")
-    overrides += extra or []
-    cfg = load_run_config("small", overrides)
-    shutil.rmtree(out / name, ignore_errors=True)  # a rerun starts over
-    (out / name).mkdir(parents=True)
-    config = out / name / "run.yaml"
-    config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)] if n > 1 else [
-        sys.executable]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"}
-    subprocess.run([*launcher, "-m", "dsv3", "train", "--config", str(config)], check=True, env=env,
-                   stdout=subprocess.DEVNULL if toy else None)
     summary = summarize(out, name)
     if not keep:  # the small preset's checkpoints are 15 GB each (weights and AdamW state in fp32)
         for step in (out / name).glob("step_*"):
             shutil.rmtree(step)
     return summary
+
+
+def write_config(
+    out: Path, name: str, toy: bool, compile_: bool, extra: list[str] | None = None, tag: str = ""
+) -> Path:
+    """OUT/NAME[-TAG]/run.yaml for one run (the directory emptied first: a rerun starts over)."""
+    _, overrides = run_config(out, name, toy, tag)
+    if compile_:
+        overrides.append("train.compile=true")
+    cfg = load_run_config("small", [*overrides, *(extra or [])])
+    directory = out / _dir(name, tag)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    config = directory / "run.yaml"
+    config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    return config
+
+
+def _launch(config: Path, command: list[str], quiet: bool) -> None:
+    """`python COMMAND` on the run's processes (torchrun for more than one); `quiet`: no stdout."""
+    n = load_run_config(config).parallel.gpus
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)] if n > 1 else [
+        sys.executable]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run([*launcher, *command], check=True, env=env, stdout=subprocess.DEVNULL if quiet else None)
+
+
+def gradients(out: Path, name: str, toy: bool, compile_: bool, extra: list[str] | None = None,
+              tag: str = "") -> None:
+    """One step's gradients of run NAME's layout against one process's (`dsv3.train.gradient_check`),
+    on its processes; rank 0 prints the JSON line."""
+    if RUNS[name][0] < 2:
+        raise SystemExit(f"gradients: {name} runs in one process; name a run of 2 GPUs")
+    config = write_config(out, name, toy, compile_, extra, f"{tag}-grad" if tag else "grad")
+    worker = ROOT / "benchmarks" / "parallel_gradients.py"
+    _launch(config, [str(worker), "--config", str(config)], quiet=False)
 
 
 def _records(out: Path, name: str) -> list[dict]:
@@ -234,7 +261,7 @@ def report(out: Path) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["data", "run", "report", "all"])
+    p.add_argument("what", choices=["data", "run", "gradients", "report", "all"])
     p.add_argument("out", type=Path)
     p.add_argument("name", nargs="?", choices=list(RUNS), help="run: which one")
     p.add_argument("--toy", action="store_true", help="toy size on CPU ranks (gloo): checks the script")
@@ -247,9 +274,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "data":
         print(json.dumps({"data": str(make_data(args.out, args.toy))}))
-    elif args.what == "run":
+    elif args.what in ("run", "gradients"):
         if args.name is None:
-            p.error("run: name one of " + ", ".join(RUNS))
+            p.error(f"{args.what}: name one of " + ", ".join(RUNS))
+        if args.what == "gradients":
+            gradients(args.out, args.name, args.toy, args.compile, args.set, args.tag)
+            return
         summary = run(args.out, args.name, args.toy, args.compile, args.keep_checkpoints, args.set, args.tag)
         print(json.dumps(summary), flush=True)
     else:

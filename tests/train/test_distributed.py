@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from dsv3.model import Transformer
 from dsv3.parallel.fsdp import fsdp_units
-from dsv3.train.loader import build_data
+from dsv3.train.gradient_check import full_gradient, gradient_errors
 from dsv3.train.optim import build_optimizer
 from dsv3.train.trainer import Trainer, train
 from tests.conftest import micro_run, poison_loss
@@ -104,47 +104,6 @@ class _StopAfterSave(Trainer):
 
 
 # --- jobs: run on every rank of a spawned group ------------------------------------------------
-
-
-def _full(name: str, grad):
-    """A gradient as one whole tensor on every rank (a sharded one gathered)."""
-    if not isinstance(grad, DTensor):
-        return grad
-    try:
-        return grad.full_tensor()
-    except RuntimeError as e:
-        raise RuntimeError(f"{name}: gathering its gradient {grad.placements} of {tuple(grad.shape)} "
-                           f"(local {tuple(grad.to_local().shape)}): {e}") from e
-
-
-def gradient_errors(trainer: Trainer) -> dict[str, float]:
-    """One step's gradient of every parameter (this layout, all ranks) against the unsharded model's in
-    one process, as max |difference| / max |reference|; the trainer's data and state are left as found."""
-    cfg, tc = trainer.cfg, trainer.tc
-    position = trainer.data.sampler.state_dict()
-    share = trainer.data.next_share(tc.global_batch_size, trainer.steps.meshes.dp_rank, cfg.parallel.dp)
-    trainer.steps.forward_backward(list(share.split(tc.micro_batch_size)))
-    mine = {n: _full(n, p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.data.sampler.load_state_dict(position)
-
-    reference = Transformer(cfg.model, seed=tc.seed)  # the independent check: no mesh, no dispatcher
-    data = build_data(cfg.data, tc.seq_len, tc.seed)
-    n_micro = tc.global_batch_size // tc.micro_batch_size
-    for _ in range(n_micro):
-        batch = data.next_batch(tc.micro_batch_size)
-        out_ = reference.forward_with_losses(batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda,
-                                             balance_alpha=tc.balance_alpha)
-        (out_.loss / n_micro).backward()
-    full = dict(reference.named_parameters())
-    errors = {n: ((g - full[n].grad).abs().max() / full[n].grad.abs().max()).item() for n, g in mine.items()}
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, errors)  # pipeline stages hold different parameters
-    merged: dict[str, float] = {}
-    for part in everyone:
-        for n, e in part.items():
-            merged[n] = max(e, merged.get(n, 0.0))
-    return merged
 
 
 def train_job(out: str, shards: list[str], overrides: list[str], resume: str | None = None,
@@ -234,7 +193,7 @@ def skip_job(out: str, shards: list[str], on_device: bool) -> dict:
     trainer.skip_on_device = trainer.read_late = on_device
     poison_loss(trainer, {3, 4})
     trainer.fit()
-    weights = {n: _full(n, p.detach()).double().square().sum().item()
+    weights = {n: full_gradient(n, p.detach()).double().square().sum().item()
                for n, p in trainer.model.named_parameters()}
     dist.destroy_process_group()
     return {"steps": [(r["kind"], r["step"], r["loss"], r["grad_norm"]) for r in records
