@@ -200,7 +200,8 @@ def skip_job(out: str, shards: list[str], on_device: bool) -> dict:
                       if r["kind"] in ("train", "skip")], "weights": weights}
 
 
-def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = False, chunks: int = 1) -> dict:
+def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = False, chunks: int = 1,
+                 compiled: bool = False) -> dict:
     """Route random tokens (k = 6 of 16 experts) through an expert-parallel MoE and through the same
     experts in one process: the outputs and their gradients (to the tokens and to the combine weights),
     and how many rows the dispatch all-to-all moved. `bf16`: both under bf16 autocast (the rows travel
@@ -223,7 +224,8 @@ def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = Fa
         moe = MoE(cfg)
         for p in moe.parameters():
             torch.nn.init.normal_(p, std=0.1)
-        full = [p.detach().clone() for p in (moe.experts.gate_up_proj, moe.experts.down_proj)]
+        full = [p.detach().clone().requires_grad_()
+                for p in (moe.experts.gate_up_proj, moe.experts.down_proj)]
         torch.manual_seed(1 + dist.get_rank())  # each rank its own tokens
         x = torch.randn(tokens, cfg.hidden_size, requires_grad=True)
         weights = torch.rand(tokens, 6, requires_grad=True)
@@ -238,8 +240,9 @@ def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = Fa
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
             expected = LocalDispatcher()(x, weights, indices, order, ends, _Full())
-        expected_grads = torch.autograd.grad((expected * probe).sum(), [x, weights])
+        expected_grads = torch.autograd.grad((expected * probe).sum(), [x, weights, *full])
         ep.apply_ep([moe], init_device_mesh("cpu", (dist.get_world_size(),)), dispatch, chunks)
+        experts = torch.compile(moe.experts, fullgraph=True) if compiled else moe.experts
         moved, original = [], ep.dist.all_to_all_single
 
         def counting(out, inp, *args, **kwargs):  # rows of hidden states (the dispatch adds routing columns)
@@ -248,15 +251,27 @@ def dispatch_job(tokens: int = 64, dispatch: str = "all_to_all", bf16: bool = Fa
             return original(out, inp, *args, **kwargs)
 
         ep.dist.all_to_all_single = counting
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiled before this job
         try:
             with autocast:
-                got = moe.experts(x, weights, indices, order, ends)
+                got = experts(x, weights, indices, order, ends)
         finally:
             ep.dist.all_to_all_single = original
-        grads = torch.autograd.grad((got * probe).sum(), [x, weights])
+        mine = [moe.experts.gate_up_proj, moe.experts.down_proj]
+        grads = torch.autograd.grad((got * probe).sum(), [x, weights, *mine])
+        # an expert's gradient sums every rank's tokens: the one-process gradients summed over the ranks,
+        # this rank's experts' rows of them
+        local = 16 // dist.get_world_size()
+        rows = slice(dist.get_rank() * local, (dist.get_rank() + 1) * local)
+        expert_grads = []
+        for g, e in zip(grads[2:], expected_grads[2:], strict=True):
+            dist.all_reduce(e)
+            expert_grads.append(((g.to_local() - e[rows]).abs().max() / e[rows].abs().max()).item())
         return {"max_abs_diff": (got - expected).abs().max().item(), "scale": expected.abs().max().item(),
-                "max_grad_diff": max((g - e).abs().max().item() for g, e in zip(grads, expected_grads,
+                "max_grad_diff": max((g - e).abs().max().item() for g, e in zip(grads[:2], expected_grads[:2],
                                                                                 strict=True)),
+                "max_expert_grad_error": max(expert_grads),  # relative to the largest entry
+                "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
                 "rows_moved": moved,
                 "token_rank_pairs": sum(len(set((row // 8).tolist())) for row in indices),
                 "token_expert_pairs": tokens * 6}
@@ -347,6 +362,9 @@ def two_ranks(tmp_path_factory, shards, four_ranks, tokenizer, reference) -> dic
         "dispatch_all_gather_chunks": (dispatch_job, {"dispatch": "all_gather", "chunks": 3}),
         "dispatch_bf16": (dispatch_job, {"bf16": True}),
         "dispatch_all_gather_bf16": (dispatch_job, {"dispatch": "all_gather", "bf16": True, "chunks": 2}),
+        # the GPU's path: bf16 grouped GEMMs, the dispatch's collectives traced into one compiled graph
+        "dispatch_all_gather_bf16_compiled": (
+            dispatch_job, {"dispatch": "all_gather", "bf16": True, "chunks": 2, "compiled": True}),
         "skip_host": (skip_job, {"out": str(tmp / "skip_host"), "shards": s, "on_device": False}),
         "skip_device": (skip_job, {"out": str(tmp / "skip_device"), "shards": s, "on_device": True}),
         "bf16_moments": (train_job, {"out": str(tmp / "bf16_moments"), "shards": s,
@@ -424,7 +442,7 @@ def test_expert_parallel_sends_each_token_once_per_rank(two_ranks):
     """k = 6 experts on 2 ranks: a token's rows travel once to each rank holding one of its experts
     (at most 2), not once per expert (6), and the result is the one-process one."""
     got = two_ranks["dispatch"]
-    assert got["max_abs_diff"] < 1e-5 and got["max_grad_diff"] < 1e-5
+    assert got["max_abs_diff"] < 1e-5 and got["max_grad_diff"] < 1e-5 and got["max_expert_grad_error"] < 1e-5
     dispatched, combined = got["rows_moved"]  # rank 0's rows out, and the partial sums it sends back
     assert dispatched == got["token_rank_pairs"] and combined <= 2 * 64
     assert got["token_rank_pairs"] <= 2 * 64 < got["token_expert_pairs"]
@@ -443,13 +461,17 @@ def test_sharded_steps_skip_non_finite_steps_on_the_device_like_on_the_host(two_
     assert device["steps"] == host["steps"] and device["weights"] == host["weights"]
 
 
-@pytest.mark.parametrize("name", ["dispatch_bf16", "dispatch_all_gather_bf16"])
+@pytest.mark.parametrize(
+    "name", ["dispatch_bf16", "dispatch_all_gather_bf16", "dispatch_all_gather_bf16_compiled"])
 def test_dispatch_in_bf16_equals_one_process(name, two_ranks):
     """Under autocast the rows travel in bf16 (all-to-all: with their routing packed into the same
-    message; all-gather: the token gradients too, in two chunks): the result and its gradients are
-    one process's up to bf16 rounding of the partial sums."""
+    message; all-gather: the token gradients too, in two chunks, eager and compiled into one graph
+    with its collectives, the GPU's path): the result and its gradients, the experts' included, are
+    one process's up to bf16 rounding."""
     got = two_ranks[name]
     assert got["max_abs_diff"] < 1e-2 * got["scale"] and got["max_grad_diff"] < 1e-2
+    assert got["max_expert_grad_error"] < 1e-2
+    assert got["graphs"] == (1 if name.endswith("compiled") else 0)
 
 
 @pytest.mark.parametrize("name", ["dispatch_all_gather", "dispatch_all_gather_chunks"])
@@ -458,7 +480,7 @@ def test_all_gather_dispatch_equals_one_process_without_all_to_all(name, two_ran
     one-process ones, and no variable-size all-to-all (which needs a host sync) is posted; so too
     with the tokens dispatched in uneven chunks."""
     got = two_ranks[name]
-    assert got["max_abs_diff"] < 1e-5 and got["max_grad_diff"] < 1e-5
+    assert got["max_abs_diff"] < 1e-5 and got["max_grad_diff"] < 1e-5 and got["max_expert_grad_error"] < 1e-5
     assert got["rows_moved"] == []
 
 
