@@ -20,21 +20,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
 from dsv3.config import load_run_config
 from dsv3.parallel import build_meshes, init_distributed, parallelize
-
-
-def weight_shapes(model: torch.nn.Module) -> set[tuple[int, ...]]:
-    """Every parameter's global and local shape, and their transposes (GEMMs save `.mT`)."""
-    shapes: set[tuple[int, ...]] = set()
-    for p in model.parameters():
-        for s in {tuple(p.shape), tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)}:
-            shapes |= {s, (*s[:-2], s[-1], s[-2])} if len(s) >= 2 else {s}
-    return shapes
+from saved_activations import saved_storages, weight_shapes  # this directory's
 
 
 def main() -> None:
@@ -54,20 +47,12 @@ def main() -> None:
     cuda = device.type == "cuda"
 
     def step(count: bool) -> tuple[dict[int, tuple[int, tuple[int, ...], str]], int]:
-        saved: dict[int, tuple[int, tuple[int, ...], str]] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if tuple(t.shape) not in weights and t.layout == torch.strided:
-                storage = t.untyped_storage()
-                saved.setdefault(storage.data_ptr(), (storage.nbytes(), tuple(t.shape), str(t.dtype)))
-            return t
-
         ids = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         before = torch.cuda.memory_allocated() if cuda else 0
-        with torch.autocast(device.type, torch.bfloat16), hooks if count else torch.enable_grad():
+        with torch.autocast(device.type, torch.bfloat16), (
+                saved_storages(weights) if count else nullcontext({})) as saved:
             out = model.forward_with_losses(ids[:, :-1], ids[:, 1:], mtp_lambda=cfg.train.mtp_lambda,
-                                               balance_alpha=0.0, return_logits=False)
+                                            balance_alpha=0.0, return_logits=False)
         held = (torch.cuda.memory_allocated() - before) if cuda else 0
         out.loss.backward()
         model.zero_grad(set_to_none=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -25,23 +27,38 @@ from dsv3.model import Transformer
 from dsv3.scaling.memory import memory_profile
 
 
-def saved_bytes(model: Transformer, ids: torch.Tensor, device: torch.device) -> int:
-    """Bytes of the distinct storages autograd saves for one training forward of `ids` (1, T + 1)."""
-    weights = {tuple(p.shape) for p in model.parameters()}
-    # ... and their transposes (`.mT`), which GEMMs save for the backward
-    weights |= {(*p.shape[:-2], p.shape[-1], p.shape[-2]) for p in model.parameters() if p.dim() >= 2}
-    storages: dict[int, int] = {}
+def weight_shapes(model: torch.nn.Module) -> set[tuple[int, ...]]:
+    """Every parameter's shape (a sharded one's global and local shape) and its transpose (`.mT`, which
+    GEMMs save for the backward): saved tensors of these shapes are weights, not activations."""
+    shapes: set[tuple[int, ...]] = set()
+    for p in model.parameters():
+        for s in {tuple(p.shape), tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)}:
+            shapes |= {s, (*s[:-2], s[-1], s[-2])} if len(s) >= 2 else {s}
+    return shapes
+
+
+@contextmanager
+def saved_storages(weights: set[tuple[int, ...]]) -> Iterator[dict[int, tuple[int, tuple[int, ...], str]]]:
+    """Inside the block, every distinct storage autograd saves that is not a weight's: its address →
+    (bytes, the shape and dtype it was first saved under)."""
+    storages: dict[int, tuple[int, tuple[int, ...], str]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if tuple(t.shape) not in weights and t.layout == torch.strided:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            storage = t.untyped_storage()
+            storages.setdefault(storage.data_ptr(), (storage.nbytes(), tuple(t.shape), str(t.dtype)))
         return t
 
-    saving = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with torch.autocast(device.type, torch.bfloat16), saving:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
+
+
+def saved_bytes(model: Transformer, ids: torch.Tensor, device: torch.device) -> int:
+    """Bytes of the distinct storages autograd saves for one training forward of `ids` (1, T + 1)."""
+    with torch.autocast(device.type, torch.bfloat16), saved_storages(weight_shapes(model)) as storages:
         model.forward_with_losses(ids[:, :-1], ids[:, 1:], mtp_lambda=0.3, balance_alpha=1e-4,
                                   return_logits=False)
-    return sum(storages.values())
+    return sum(nbytes for nbytes, _, _ in storages.values())
 
 
 def main() -> None:
