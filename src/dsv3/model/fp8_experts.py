@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv3.model.autograd_output import fresh_output
 from dsv3.model.fp8 import gpu_kernels, quantize_rows
 from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe_ops import padded_expert_mm, padded_expert_mm_wgrad
@@ -62,7 +63,7 @@ class _Fp8ExpertMatmul(torch.autograd.Function):
         xq, xs = quantize_rows(x)
         wq, ws = quantize_rows(w)  # per (expert, output row): (E, out, in), (E, out)
         ctx.save_for_backward(x, w, ends)
-        return _grouped(xq, xs, wq.transpose(-2, -1), ws, ends, x.dtype)
+        return fresh_output(_grouped(xq, xs, wq.transpose(-2, -1), ws, ends, x.dtype))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

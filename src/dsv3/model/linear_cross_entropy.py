@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dsv3.model.autograd_output import fresh_output
 from dsv3.model.gemv import compute_dtype
 
 __all__ = ["IGNORE_INDEX", "chunk_loss_and_grad", "linear_cross_entropy"]
@@ -74,7 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w = _accumulate(grad_w, grad.t(), x[rows])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = h.dtype, weight.dtype
-        return total
+        return fresh_output(total)
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):

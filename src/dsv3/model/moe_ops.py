@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv3.model.autograd_output import fresh_output
 from dsv3.model.gemv import compute_dtype, linear, one_compiled_row
 
 __all__ = [
@@ -187,7 +188,7 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w, y)
-        return (w.unsqueeze(-1).float() * y.float()).sum(1).to(y.dtype)
+        return fresh_output((w.unsqueeze(-1).float() * y.float()).sum(1).to(y.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -245,7 +246,7 @@ class _PairWeightedSum(torch.autograd.Function):
         out = torch.zeros(M, y.shape[1], dtype=torch.float32, device=y.device)
         for j in range(k):
             out += w[:, j : j + 1].float() * padded.index_select(0, slot_pair[:, j]).float()
-        return out.to(y.dtype)
+        return fresh_output(out.to(y.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

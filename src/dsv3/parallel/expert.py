@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from dsv3.model.autograd_output import fresh_output
 from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe import MoE, expert_ffn
 from dsv3.model.moe_ops import pair_weighted_sum
@@ -50,7 +51,7 @@ class _AllToAll(torch.autograd.Function):
         ctx.sizes, ctx.group = (out_sizes, in_sizes), group
         out = x.new_empty(sum(out_sizes), *x.shape[1:])
         dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
-        return out
+        return fresh_output(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -90,7 +91,7 @@ class _Dispatch(torch.autograd.Function):
         ctx.sizes, ctx.group, ctx.x_shape = (out_sizes, in_sizes), group, x.shape
         ctx.dtypes = x.dtype, slot_weight.dtype
         ctx.mark_non_differentiable(pair_slot)
-        return rows.index_select(0, row), w_in.to(slot_weight.dtype).contiguous(), pair_slot
+        return rows.index_select(0, row), fresh_output(w_in.to(slot_weight.dtype).contiguous()), pair_slot
 
     @staticmethod
     def backward(ctx, grad_xs: torch.Tensor, grad_w: torch.Tensor, _):

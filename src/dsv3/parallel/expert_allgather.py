@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dsv3.model.autograd_output import fresh_output
 from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe import expert_ffn
 from dsv3.model.moe_ops import inverse_permutation, sort_by_expert
@@ -61,7 +62,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        return _all_gather(x, group)
+        return fresh_output(_all_gather(x, group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -74,7 +75,7 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        return _reduce_scatter(x, group)
+        return fresh_output(_reduce_scatter(x, group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
