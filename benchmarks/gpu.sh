@@ -5,7 +5,7 @@
 #                                      # kernels.dsv3.txt / kernels.hf.txt (the compiled step's GPU kernels)
 #
 # STEPS picks a subset (default: all, in this order):
-#     parity fast_paths train train_eager train_1b train_ac train_sac train_chunked cross_entropy
+#     parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy
 #     train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32
 # CUDA_VISIBLE_DEVICES picks the GPU: two instances with different STEPS can share a 2-GPU machine.
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 900); one failing step does not stop the rest.
@@ -13,7 +13,7 @@ set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity fast_paths train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32}
+steps=${STEPS:-parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -29,6 +29,9 @@ step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.json
 step parity benchmarks/gpu_parity.py --preset small --batch 2 --seq 512
 # compiled blocks, activation checkpointing and fused AdamW's skip flag against the plain path, bf16
 step fast_paths benchmarks/gpu_fast_paths.py --preset small --batch 2 --seq 1024
+# the same in float32, where compiled and eager gradients must agree to ~1e-6: catches what bf16's
+# rounding hides (torch 2.11's Dynamo zeroed the gradients behind a no-op cast: distributed.md, call 16)
+step fast_paths_fp32 benchmarks/gpu_fast_paths.py --preset small --batch 1 --seq 512 --dtype fp32
 # the trainer's own loop, the bare model step, compiled and eager transformers (the issue's headline)
 step train benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     ${PROFILE:+--profile "$out/kernels"}
