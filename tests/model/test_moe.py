@@ -303,7 +303,7 @@ def test_few_tokens_compiled_without_gradients_index_the_expert_weights_for_the_
         assert torch.searchsorted in traced_ops(moe, torch.randn(1, 3, 32).to(dtype))  # 6 pairs: grouped
         torch._dynamo.reset()
         gathered, _ = torch.compile(moe)(x)
-    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # float32: sums in another order (2.1e-6 seen)
     torch.testing.assert_close(gathered, grouped.detach(), rtol=tol, atol=tol)
     assert torch.equal(moe.tokens_per_expert, grouped_counts)
 
