@@ -35,7 +35,7 @@ from dsv3.scaling import (
     training_flops_per_token,
     training_hours,
 )
-from dsv3.scaling.memory import EAGER_ACTIVATION_FACTOR, estimate_memory, memory_profile
+from dsv3.scaling.memory import EAGER_ACTIVATION_FACTOR, EP_BUSIEST_RANK_ROUTED, estimate_memory, memory_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,11 +242,18 @@ def test_selective_recomputation_keeps_between_full_recomputation_and_none():
 
 
 def test_all_gather_expert_dispatch_keeps_the_routed_rows_of_every_ep_rank():
+    """The all-gather dispatch keeps ep ranks' routed rows (fixed buffers); the all-to-all keeps the rows
+    its experts received, budgeted at the busiest rank's share (EP_BUSIEST_RANK_ROUTED)."""
     batch = {"micro_batch_size": 4, "global_batch_size": 8, "seq_len": 1024, "compile": True}
     cfg, a2a = _mem("small", batch, gpus=2, dp_shard=2, ep=2)
     _, gathered = _mem("small", batch, gpus=2, dp_shard=2, ep=2, ep_dispatch="all_gather")
+    _, dense_only = _mem("small", batch, gpus=2, dp_shard=2)  # FSDP: every expert's rows are local
     routed = sum(a.routed for a in memory_profile(cfg).acts)  # bytes a token, every MoE block and MTP
-    assert routed > 0 and gathered.activations - a2a.activations == pytest.approx(routed * 4 * 1024, rel=1e-6)
+    tokens = 4 * 1024
+    assert routed > 0 and gathered.activations - a2a.activations == pytest.approx(
+        (2 - EP_BUSIEST_RANK_ROUTED) * routed * tokens, rel=1e-6)
+    assert a2a.activations - dense_only.activations == pytest.approx(
+        (EP_BUSIEST_RANK_ROUTED - 1) * routed * tokens, rel=1e-6)
 
 
 def test_chunked_losses_drop_every_heads_logits_but_one_chunk_and_hold_the_heads_gradients():
