@@ -35,7 +35,12 @@ from dsv3.scaling import (
     training_flops_per_token,
     training_hours,
 )
-from dsv3.scaling.memory import EAGER_ACTIVATION_FACTOR, EP_BUSIEST_RANK_ROUTED, estimate_memory, memory_profile
+from dsv3.scaling.memory import (
+    EAGER_ACTIVATION_FACTOR,
+    EP_BUSIEST_RANK_ROUTED,
+    estimate_memory,
+    memory_profile,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
