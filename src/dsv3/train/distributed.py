@@ -67,9 +67,11 @@ class DistributedSteps:
         for _, stage in self.par.stages:
             stage.loads.clear()
         self.par.loss_parts.parts.clear()
-        inputs = (batch[:, :-1],) if self.holds_first else ()
+        # contiguous: torch 2.11's schedules check each micro-batch's strides against the stages'
+        # (a (B, T) slice of the (B, T + 1) windows has row stride T + 1 and was refused)
+        inputs = (batch[:, :-1].contiguous(),) if self.holds_first else ()
         with self.autocast:
-            self.par.schedule.step(*inputs, target=batch[:, 1:])
+            self.par.schedule.step(*inputs, target=batch[:, 1:].contiguous())
         # The last n entries: a first step may begin with torch's shape-inference run (pipeline.py).
         recorded = self.par.loss_parts.parts[-n:]
         parts = torch.stack(recorded).mean(0) if recorded else torch.zeros(4, device=self.device)
