@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from dsv3.model import Transformer
 from dsv3.train.loader import build_data
+from dsv3.train.step import micro_batch
 from dsv3.train.trainer import Trainer
 
 __all__ = ["full_gradient", "gradient_errors"]
@@ -46,12 +47,9 @@ def gradient_errors(trainer: Trainer) -> dict[str, float]:
     reference = Transformer(cfg.model, seed=tc.seed).to(trainer.device)
     data = build_data(cfg.data, tc.seq_len, tc.seed)
     n_micro = tc.global_batch_size // tc.micro_batch_size
-    for _ in range(n_micro):
-        batch = data.next_batch(tc.micro_batch_size).to(trainer.device)
-        with trainer.autocast:
-            out = reference.forward_with_losses(batch[:, :-1], batch[:, 1:], mtp_lambda=tc.mtp_lambda,
-                                                balance_alpha=tc.balance_alpha)
-        (out.loss / n_micro).backward()
+    for _ in range(n_micro):  # the single-process trainer's own micro-batch step
+        micro_batch(reference, data.next_batch(tc.micro_batch_size).to(trainer.device), tc, n_micro,
+                    trainer.autocast)
     full = dict(reference.named_parameters())
     errors = {n: ((g - full[n].grad).abs().max() / full[n].grad.abs().max()).item() for n, g in mine.items()}
     everyone: list = [None] * dist.get_world_size()
