@@ -31,6 +31,9 @@ lines, one per measurement:
 
 bf16 on CUDA, fp32 on CPU. Each engine measurement runs its workload once untimed first, so the CUDA
 graphs of the shapes it needs are captured before timing (capture time is reported separately).
+With --profile, every profile runs after every timing of the process: torch's profiler leaves CUPTI
+attached to the process, which slows each later launch (on the H200 a speculative step timed after
+the plain engine's profile took 1.79 ms, 1.21 ms in a process never profiled).
 """
 
 from __future__ import annotations
@@ -86,11 +89,13 @@ def _parse() -> argparse.Namespace:
                    help="the engine captures its step functions without torch.compile (EngineConfig.compile)")
     p.add_argument("--checkpoint", help="speculative part: a trained checkpoint with MTP and its tokenizer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", metavar="PATH",
-                   help="step part: after timing, the kernels of 20 decode steps at each C to PATH.cC.txt "
-                        "and the host's Python of serving C more requests to PATH.cC.host.txt; prefix "
-                        "part: the kernels and host table of cold and warm requests, PATH.prefix-*.txt; "
-                        "speculative part: one request's, PATH.speculative-{plain,mtp}*.txt")
+    p.add_argument(
+        "--profile", metavar="PATH",
+        help="after every part's timings: step part: the kernels of 20 decode steps at each C to "
+             "PATH.cC.txt and the host's Python of serving C more requests to PATH.cC.host.txt; prefix "
+             "part: the kernels and host table of cold and warm requests, PATH.prefix-*.txt; "
+             "speculative part: one request's, PATH.speculative-{plain,mtp}*.txt",
+    )  # fmt: skip
     args = p.parse_args()
     args.parts = args.parts.split(",")
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -198,6 +203,24 @@ def _drive_each(engine: LLMEngine, prompts: list[list[int]], params: SamplingPar
         _drive(engine, [prompt], 1, params)
 
 
+def _profile_prefix(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, path: str) -> None:
+    """The kernels of all but the last of these requests, one after the other, and the host's Python
+    of the last."""
+    write_kernel_table(f"{path}.txt", partial(_drive_each, engine, prompts[:-1], params), n_steps=1)
+    write_host_table(f"{path}.host.txt", partial(_drive_each, engine, prompts[-1:], params))
+
+
+def _profile_request(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, path: str,
+                     new_tokens: int, line: dict) -> None:  # fmt: skip
+    """One request's kernels (and on a GPU its Chrome trace, summarised per output token as `line`
+    plus the summary), then another request's host Python."""
+    trace = f"{path}.json" if torch.cuda.is_available() else None
+    write_kernel_table(f"{path}.txt", partial(_drive, engine, prompts[:1], 1, params), n_steps=1, trace=trace)
+    write_host_table(f"{path}.host.txt", partial(_drive, engine, prompts[1:2], 1, params))
+    if trace:  # per output token: where the host and the GPU spend a request
+        _emit({**line, "per": "output token", **summarize(Path(trace), new_tokens)})
+
+
 # --- parts ---------------------------------------------------------------------------------------------
 
 
@@ -222,8 +245,7 @@ def prefix_part(args) -> None:
         if args.profile:  # 5 more requests of this kind: their kernels, and the host's Python
             more = [system + s for s in _prompts(6, args.suffix_len, vocab, args.seed + 3)]
             path = f"{args.profile}.prefix-{name}"
-            write_kernel_table(f"{path}.txt", partial(_drive_each, engine, more[:5], params), n_steps=1)
-            write_host_table(f"{path}.host.txt", partial(_drive_each, engine, more[5:], params))
+            args.profiles.append(partial(_profile_prefix, engine, more, params, path))
         del engine
     _emit(
         {
@@ -276,12 +298,9 @@ def speculative_part(args) -> None:
         rows[spec]["acceptance"] = engine.stats.acceptance_rate
         if args.profile:  # one request's kernels and host Python, plain and speculative side by side
             path = f"{args.profile}.speculative-{'mtp' if spec else 'plain'}"
-            write_kernel_table(f"{path}.txt", partial(_drive, engine, prompts[:1], 1, params), n_steps=1,
-                               trace=f"{path}.json" if torch.cuda.is_available() else None)
-            write_host_table(f"{path}.host.txt", partial(_drive, engine, prompts[1:2], 1, params))
-            if torch.cuda.is_available():  # per output token: where the host and the GPU spend a request
-                _emit({"bench": "speculative_trace", "mtp": bool(spec), "per": "output token",
-                       **summarize(Path(f"{path}.json"), args.new_tokens)})
+            line = {"bench": "speculative_trace", "mtp": bool(spec)}
+            job = partial(_profile_request, engine, prompts, params, path, args.new_tokens, line)
+            args.profiles.append(job)
         del engine
     same = sum(
         a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -348,6 +367,14 @@ def _first_differences(model, prompts: list[list[int]], plain: list, spec: list)
     return out
 
 
+def _profile_step(engine: LLMEngine, step: Callable, prompts: list[list[int]], c: int, params: SamplingParams,
+                  path: str) -> None:  # fmt: skip
+    """20 replays of a decode step function's kernels, and the host's Python of serving `prompts`."""
+    with torch.no_grad():
+        write_kernel_table(f"{path}.txt", step, n_steps=20)
+    write_host_table(f"{path}.host.txt", partial(_drive, engine, prompts, c, params))
+
+
 def step_part(args) -> None:
     """The device time of the engine's decode step alone: its step function (a CUDA graph on a GPU)
     replayed back to back, against the engine's time per output token at the same batch size, which
@@ -373,10 +400,9 @@ def step_part(args) -> None:
             _sync(runner.device)
         replay = (time.perf_counter() - t0) / (args.repeats * 20)
         if args.profile:
-            with torch.no_grad():
-                write_kernel_table(f"{args.profile}.c{c}.txt", step, n_steps=20)
             prompts = _prompts(c, args.prompt_len, vocab, args.seed + c + 1)
-            write_host_table(f"{args.profile}.c{c}.host.txt", partial(_drive, engine, prompts, c, params))
+            path = f"{args.profile}.c{c}"
+            args.profiles.append(partial(_profile_step, engine, step, prompts, c, params, path))
         _emit(
             {
                 "bench": "decode_step",
@@ -533,10 +559,13 @@ def main() -> None:
         }
     )
     parts = {"prefix": prefix_part, "speculative": speculative_part, "load": load_part, "step": step_part}
+    args.profiles = []  # --profile: run after every part's timings (see the module docstring)
     for name in args.parts:
         start = time.perf_counter()
         parts[name](args)
         _emit({"bench": "part_done", "part": name, "seconds": round(time.perf_counter() - start, 1)})
+    for profile in args.profiles:
+        profile()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ inside its kernel for a slower rank. This reads the Chrome trace `train.profile_
   - host_sync_ms: host time in calls that wait for the GPU (stream/device/event synchronize, blocking
     copies to the host), and the top operators by device time;
   - host_api_ms: the host's time in each CUDA runtime and driver call (graph launches, kernel
-    launches, copies), largest first: what a host-bound loop spends launching.
+    launches, copies), largest first: what a host-bound loop spends launching;
+  - idle_by_launcher_ms: the idle time before each kernel, summed by the host operator that launched
+    that kernel (the outermost one enclosing its launch on that thread, e.g. the optimizer's step or
+    a compiled region): which part of the host's loop the GPU waited for;
+  - host_ops_ms: the host's time in its outermost operators, by name, largest first.
 
     python benchmarks/trace_summary.py runs/x/profile/rank0.json [rank1.json ...] [--steps 3]
 """
@@ -21,10 +25,12 @@ inside its kernel for a slower rank. This reads the Chrome trace `train.profile_
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 from collections import defaultdict
 from pathlib import Path
 
+HOST_OPS = ("cpu_op", "user_annotation", "python_function")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
 
 
@@ -61,6 +67,44 @@ def _minus(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[t
     return out
 
 
+def _top_level(events: list[dict]) -> dict[int, tuple[list[float], list[tuple[float, str]]]]:
+    """Per host thread, its outermost operators: (start times, (end, name)), sorted by start."""
+    host = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in HOST_OPS),
+                  key=lambda e: (e["tid"], e["ts"], -e["dur"]))  # fmt: skip
+    out: dict[int, tuple[list[float], list[tuple[float, str]]]] = {}
+    for e in host:
+        starts, spans = out.setdefault(e["tid"], ([], []))
+        if spans and e["ts"] < spans[-1][0]:
+            continue  # inside the operator before it
+        starts.append(e["ts"])
+        spans.append((e["ts"] + e["dur"], e["name"]))
+    return out
+
+
+def _idle_by_launcher(events: list[dict], kernels: list[dict], busy: list[tuple[float, float]]) -> dict:
+    """Idle time (µs) before each busy stretch, by the outermost host operator that launched its first
+    kernel (matched through the launch's correlation id)."""
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")
+                and "correlation" in e.get("args", {})}  # fmt: skip
+    first = {}  # a busy stretch's start → the kernel that starts it
+    for e in kernels:
+        first.setdefault(e["ts"], e)
+    threads = _top_level(events)
+    idle: dict[str, float] = defaultdict(float)
+    for before, (start, _) in zip(busy, busy[1:], strict=False):
+        kernel = first.get(start)
+        launch = launches.get(kernel.get("args", {}).get("correlation")) if kernel else None
+        name = "(unknown)"
+        if launch is not None and launch["tid"] in threads:
+            starts, spans = threads[launch["tid"]]
+            i = bisect.bisect_right(starts, launch["ts"]) - 1
+            if i >= 0 and spans[i][0] >= launch["ts"]:
+                name = spans[i][1]
+        idle[name[:80]] += start - before[1]
+    return idle
+
+
 def summarize(path: Path, steps: int) -> dict:
     events = json.loads(path.read_text())["traceEvents"]
     gpu = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -82,6 +126,12 @@ def summarize(path: Path, steps: int) -> dict:
         if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
             by_api[e["name"]] += e["dur"]
     per = 1e3 * steps  # µs in the window → ms a step
+    idle = sorted(_idle_by_launcher(events, kernels, busy).items(), key=lambda kv: -kv[1])[:8]
+    by_op: dict[str, float] = defaultdict(float)
+    for starts, spans in _top_level(events).values():
+        for begin, (finish, name) in zip(starts, spans, strict=True):
+            by_op[name[:80]] += finish - begin
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
     api = sorted(by_api.items(), key=lambda kv: -kv[1])[:8]
     return {
@@ -96,6 +146,8 @@ def summarize(path: Path, steps: int) -> dict:
         "host_sync_ms": round(host_sync / per, 2),
         "top_kernels_ms": {name: round(us / per, 2) for name, us in top},
         "host_api_ms": {name: round(us / per, 3) for name, us in api},
+        "idle_by_launcher_ms": {name: round(us / per, 3) for name, us in idle},
+        "host_ops_ms": {name: round(us / per, 3) for name, us in ops},
     }
 
 

@@ -39,6 +39,7 @@ from dsv3.model import Transformer, attention
 from dsv3.model.fp8_linear import convert_to_fp8
 from dsv3.scaling import DEFAULT_PEAK_TFLOPS, training_flops_per_token
 from kernel_table import write_kernel_table
+from trace_summary import summarize
 
 SYSTEMS = ("trainer", "dsv3", "hf", "hf-eager")
 
@@ -85,7 +86,13 @@ def _parse() -> argparse.Namespace:
         default="auto",
         help="allow only this fused attention kernel (both systems); auto: torch's own choice",
     )
-    p.add_argument("--profile", metavar="PATH", help="after timing, profile 3 steps; kernel table to PATH")
+    p.add_argument(
+        "--profile", metavar="PATH",
+        help="after timing each system, profile 3 steps: kernel table to PATH.SYSTEM.txt and, on a GPU, "
+             "its trace to PATH.SYSTEM.json, summarised as a `trace` line (where the GPU idles, by the "
+             "host operator it waited for). The profiler leaves CUPTI attached, which slows later "
+             "launches: time the systems after the first in a run without it",
+    )  # fmt: skip
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(SYSTEMS))
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -200,8 +207,7 @@ def _model_step(system: str, cfg: ModelConfig, args, device: torch.device) -> di
             timer.mark()
     seconds = timer.step_seconds()
     if args.profile:
-        write_kernel_table(f"{args.profile}.{system}.txt",
-                           lambda: _step(loss_fn, ids, labels, optimizer, autocast))
+        _profile(f"{args.profile}.{system}", lambda: _step(loss_fn, ids, labels, optimizer, autocast), device)
     tokens_per_s = args.batch * args.seq * len(seconds) / sum(seconds)
     result = {
         "dtype": args.dtype,
@@ -281,7 +287,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
         with contextlib.suppress(_Enough):
             trainer.fit()
         if args.profile:
-            write_kernel_table(f"{args.profile}.trainer.txt", trainer.train_step)
+            _profile(f"{args.profile}.trainer", trainer.train_step, device)
     timed = records[args.warmup:]
     rates = [r["tokens_per_s"] for r in timed]
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
@@ -317,6 +323,14 @@ def _yarn(cfg: ModelConfig, seq: int) -> RopeScaling:
 def _flops_per_token(system: str, cfg: ModelConfig, args) -> float:
     flops = training_flops_per_token(cfg, args.seq)
     return flops.total if (system in ("dsv3", "trainer") and args.mtp) else flops.without_mtp
+
+
+def _profile(path: str, step: Callable[[], object], device: torch.device) -> None:
+    """3 steps' kernel table to PATH.txt; on a GPU their trace to PATH.json and its summary printed."""
+    trace = f"{path}.json" if device.type == "cuda" else None
+    write_kernel_table(f"{path}.txt", step, trace=trace)
+    if trace:
+        print(json.dumps({"trace": path, **summarize(Path(trace), 3)}), flush=True)
 
 
 def _reset_memory(device: torch.device) -> None:
