@@ -305,3 +305,20 @@ def test_packed_input_projections_compute_the_same_and_store_nothing_twice(make_
     assert storage(gate_up[0].weight) == storage(gate_up[1].weight) == storage(shared.packed_gate_up)
     model(ids).sum().backward()  # recording gradients: the linears one by one, which still train
     assert first.weight.grad is not None and gate_up[1].weight.grad is not None
+
+
+def test_packing_again_keeps_the_packed_weights_that_still_hold_the_linears(make_config):
+    """A second engine over the same model packs it again: the first packing must survive (CUDA graphs
+    captured by the first engine read it; packing anew freed it, seen as an illegal memory access on
+    the H200), and only weights moved off it since are packed anew."""
+    model = Transformer(make_config(), seed=0).eval()
+    model.pack_for_inference()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    first = (attn.packed_inputs, mlp.packed_gate_up)
+    model.pack_for_inference()
+    assert attn.packed_inputs is first[0] and mlp.packed_gate_up is first[1]
+    model.to(torch.float64)  # new parameter tensors: the old packing no longer holds them
+    model.pack_for_inference()
+    assert attn.packed_inputs is not first[0] and attn.packed_inputs.dtype == torch.float64
+    storage = attn.kv_a_proj_with_mqa.weight.untyped_storage()
+    assert storage.data_ptr() == attn.packed_inputs.untyped_storage().data_ptr()

@@ -108,7 +108,8 @@ class MLA(nn.Module):
 
     def pack_inputs(self) -> None:
         """Inference: the query's first projection and kv_a as one GEMM (dsv3.model.packing)."""
-        self.packed_inputs = pack_linears(self._query_in(), self.kv_a_proj_with_mqa)
+        inputs = self._query_in(), self.kv_a_proj_with_mqa
+        self.packed_inputs = pack_linears(*inputs, packed=self.packed_inputs)
 
     def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x → (q_a(x) or q(x), kv_a(x)): one GEMM when packed (and no gradient is recorded)."""

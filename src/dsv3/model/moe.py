@@ -59,7 +59,7 @@ class MLP(nn.Module):
 
     def pack_inputs(self) -> None:
         """Inference: gate and up as one GEMM (dsv3.model.packing)."""
-        self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
+        self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj, packed=self.packed_gate_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = packed_weight(self.packed_gate_up)

@@ -19,10 +19,16 @@ __all__ = ["pack_linears", "packed_weight"]
 
 
 @torch.no_grad()
-def pack_linears(*linears: nn.Linear) -> torch.Tensor:
-    """One (Σ out, in) weight holding each linear's rows in order; each linear's weight becomes a view."""
+def pack_linears(*linears: nn.Linear, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """One (Σ out, in) weight holding each linear's rows in order; each linear's weight becomes a view.
+
+    `packed`: the linears' earlier packing, returned as it is while their weights are still its
+    slices. Packing anew would free it, and a CUDA graph captured earlier (another engine's over the
+    same model) would go on reading the freed memory."""
     if any(lin.bias is not None for lin in linears):
         raise ValueError("pack_linears: linears with a bias are not packed")
+    if packed is not None and _backs(packed, linears):
+        return packed
     packed = torch.cat([lin.weight.detach() for lin in linears])
     start = 0
     for lin in linears:
@@ -35,3 +41,17 @@ def pack_linears(*linears: nn.Linear) -> torch.Tensor:
 def packed_weight(packed: torch.Tensor | None) -> torch.Tensor | None:
     """The packed weight where a forward may use it: packed, and no gradient being recorded."""
     return None if packed is None or torch.is_grad_enabled() else packed
+
+
+def _backs(packed: torch.Tensor, linears: tuple[nn.Linear, ...]) -> bool:
+    """Whether each linear's weight is, in order, the next rows of `packed`."""
+    start = 0
+    for lin in linears:
+        w, rows = lin.weight, lin.weight.shape[0]
+        part = packed[start : start + rows]
+        if w.device != packed.device or w.dtype != packed.dtype or w.shape != part.shape:
+            return False
+        if w.data_ptr() != part.data_ptr() or w.stride() != part.stride():
+            return False
+        start += rows
+    return start == packed.shape[0]

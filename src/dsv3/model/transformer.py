@@ -364,7 +364,8 @@ class Transformer(nn.Module):
     def pack_for_inference(self) -> None:
         """Each pair of linears that reads the same input becomes one GEMM (MLA's q_a and kv_a, every
         SwiGLU's gate and up; dsv3.model.packing): fewer kernels a decode step. Call once the model is
-        on its final device and dtype; parameters keep their names and values."""
+        on its final device and dtype; parameters keep their names and values. Calling it again keeps
+        the packing that still holds the weights (an earlier engine's CUDA graphs read it)."""
         for module in self.modules():
             if isinstance(module, (MLA, MLP)):
                 module.pack_inputs()
