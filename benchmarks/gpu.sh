@@ -7,13 +7,16 @@
 # STEPS picks a subset (default: all, in this order):
 #     parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy
 #     train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32
+#     moe_layer
+# PROFILE=1 adds the `train` step's kernel tables and traces; the profiler stays attached to the process
+# and slows later launches, so that step's later systems are then timed slow: headline figures without it.
 # CUDA_VISIBLE_DEVICES picks the GPU: two instances with different STEPS can share a 2-GPU machine.
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 900); one failing step does not stop the rest.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32}
+steps=${STEPS:-parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32 moe_layer}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -69,4 +72,6 @@ step decode_fp8 benchmarks/decode.py --preset small --batch 1,32 --prompt-len 12
 # fp32: greedy tokens of eager, CUDA-graph and transformers must agree exactly (same_tokens_as = 1.0)
 step decode_fp32 benchmarks/decode.py --preset small --dtype fp32 --batch 1,4 --prompt-len 64 --new-tokens 48 \
     --repeats 1 --warmup 1
+# one MoE layer at 1 and 2 tokens (a decode step, a speculative verification): why MTP's step costs 1.4x
+step moe_layer benchmarks/moe_layer.py --preset small --tokens 1,2,4
 exit 0
