@@ -43,7 +43,9 @@ LAYOUTS_2 = {
     # the default is 2 chunks: the tokens in one piece too
     "ep_all_gather_one_chunk": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather",
                                 "parallel.ep_chunks=1"),
-    # compiled blocks (the dispatch's collectives traced into the graphs), experts outside FSDP
+    # compiled blocks (the dispatch's collectives traced into the graphs), experts outside FSDP; the
+    # all-to-all's split sizes come from the host, so its blocks recompile as they change
+    "ep_compiled": ("parallel.dp_shard=2", "parallel.ep=2", "train.compile=true"),
     "ep_all_gather_compiled": ("parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_dispatch=all_gather",
                                "train.compile=true"),
     "pp_1f1b": ("parallel.pp=2",),
