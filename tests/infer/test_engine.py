@@ -514,12 +514,14 @@ def _counting_fused_steps(engine: LLMEngine) -> list[list[str]]:
         SamplingParams(max_tokens=N_NEW, temperature=0, logprobs=1),
         SamplingParams(max_tokens=N_NEW, temperature=0, min_tokens=N_NEW, stop_token_ids=[5]),
         SamplingParams(max_tokens=N_NEW, temperature=0, repetition_penalty=1.3),
+        SamplingParams(max_tokens=N_NEW, temperature=0, logit_bias={7: 4.0, 9: -100}),
     ],
-    ids=["sampled", "logprobs", "min_tokens", "penalty"],
+    ids=["sampled", "logprobs", "min_tokens", "penalty", "logit_bias"],
 )
 def test_fused_speculative_steps_only_take_plain_greedy_rows(mtp_model, params):
     """A decode group with a row that is sampled, wants logprobs, still bans tokens before
-    min_tokens or is penalised never runs as the fused greedy step (whose pick is an argmax); the
+    min_tokens, is penalised or biases logits never runs as the fused greedy step (whose pick is the
+    model's argmax); the
     output is the speculative engine's general path's, which equals decoding without drafts."""
     prompts = _prompts()[:4]
     special = {3: params}  # arrives third: the others decode without it first
@@ -535,8 +537,8 @@ def test_fused_speculative_steps_only_take_plain_greedy_rows(mtp_model, params):
 def test_overlapped_steps_give_the_same_outputs_as_read_back_steps(references):
     """With async scheduling the engine launches a step's decode rows again before reading it back;
     every output (greedy, seeded sampling with top-p/top-k, min_tokens, stop token ids, max_tokens,
-    logprobs; penalties, which fall back to read-back steps) is what the engine gives when it reads
-    every step back first, under staggered arrivals and a preempting cache."""
+    logprobs, logit_bias; penalties, which fall back to read-back steps) is what the engine gives
+    when it reads every step back first, under staggered arrivals and a preempting cache."""
     model, prompts, refs = references
     stop = refs[1][4]
     special = {
@@ -545,6 +547,7 @@ def test_overlapped_steps_give_the_same_outputs_as_read_back_steps(references):
         3: SamplingParams(max_tokens=N_NEW, temperature=0.7, seed=6, min_tokens=10,
                           stop_token_ids=[refs[3][2]]),
         4: SamplingParams(max_tokens=5, temperature=0),
+        5: SamplingParams(max_tokens=N_NEW, temperature=0, logit_bias={refs[5][0]: -100, refs[5][3]: 2.0}),
         6: SamplingParams(max_tokens=N_NEW, temperature=0.9, seed=9, repetition_penalty=1.3),
     }
     for options in ({}, {"block_size": 4, "num_blocks": 12, "max_model_len": 44, "max_num_seqs": 8}):
@@ -573,6 +576,8 @@ def test_overlapped_steps_give_the_same_outputs_as_read_back_steps(references):
         assert runs[1][1][:3] == (refs[1][: refs[1].index(stop) + 1], "stop", stop)
         assert len(runs[1][4][0]) == 5
         assert runs[1][0][0] == refs[0]
+        biased = runs[1][5][0]  # the greedy reference's first token banned: another continuation
+        assert refs[5][0] not in biased and biased != refs[5]
 
 
 def test_a_prompt_admitted_into_an_overlapped_step_is_prefilled_once(references):

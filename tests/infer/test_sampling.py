@@ -90,6 +90,37 @@ def test_penalties_follow_vllms_formulas():
     ).tokens == [0]
 
 
+def test_logit_bias_is_added_to_the_raw_logits_before_penalties_and_sampling():
+    """OpenAI's logit_bias: −100 bans a token, +100 forces it, a small bias reweights by e^bias; added
+    before the penalties (vLLM's order); logprobs stay the model's own."""
+    params = SamplingParams(logit_bias={"0": -100, 3: 1.5})  # JSON keys are strings: both accepted
+    assert params.logit_bias == ((0, -100.0), (3, 1.5))
+    biased = LOGITS.clone()
+    biased[0] -= 100
+    biased[3] += 1.5
+    torch.testing.assert_close(_freq(params), biased.softmax(-1), atol=0.015, rtol=0)
+    greedy = SamplingParams(temperature=0, logit_bias={4: 100}, logprobs=1)
+    out = sample(LOGITS.expand(2, -1).clone(), _rows(greedy, n=2))
+    assert out.tokens == [4, 4]  # the least likely token, forced
+    assert out.logprobs[0] == pytest.approx(float(LOGITS.log_softmax(-1)[4]))  # raw, not biased
+    # before the repetition penalty: token 1's 1.5 + 2 = 3.5 halves to 1.75 < 2.0 (after it would be
+    # 0.75 + 2 = 2.75 and win)
+    logits = torch.tensor([[2.0, 1.5, 0.0]])
+    penalized = SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={1: 2.0})
+    row = SamplingRow(penalized, 0, 0, [1], [])
+    assert sample(logits.clone(), [row]).tokens == [0]
+    plain = SamplingRow(SamplingParams(temperature=0), 0, 0, [1], [])
+    both = sample(logits.expand(2, -1).clone(), [plain, row])
+    assert both.tokens == [0, 0]  # each row its own bias: unbiased token 0 wins; biased after the penalty too
+    forced = SamplingRow(SamplingParams(temperature=0, logit_bias={2: 3.0}), 0, 0, [1], [])
+    assert sample(logits.expand(2, -1).clone(), [plain, forced]).tokens == [0, 2]
+    for bad in ({"x": 1.0}, {5: 101.0}, {5: float("nan")}, {-1: 1.0}, {5: "big"}):
+        with pytest.raises(ValidationError) as err:
+            SamplingParams(logit_bias=bad)
+        assert params_error(err.value)[0].startswith("logit_bias"), bad
+    assert hash(params) == hash(SamplingParams(logit_bias={3: 1.5, 0: -100}))  # order-free, hashable
+
+
 def test_banned_tokens_are_never_drawn():
     freq = _freq(SamplingParams(), banned=(0, 1))
     assert freq[0] == 0 and freq[1] == 0 and freq[2] > 0.3

@@ -58,6 +58,24 @@ def test_completion_equals_the_offline_engine_and_generate(server, offline):
     assert body["object"] == "text_completion" and body["model"] == "tiny"
 
 
+def test_logit_bias_steers_the_completion_like_the_offline_engine(server, offline):
+    """OpenAI's logit_bias (token ids as JSON's string keys): the greedy completion's first token banned
+    gives the offline engine's biased completion, which no longer holds that token."""
+    client, _ = server
+    plain = offline.generate("The river", SamplingParams(max_tokens=6, temperature=0))[0].outputs[0]
+    banned = plain.token_ids[0]
+    params = SamplingParams(max_tokens=6, temperature=0, logit_bias={banned: -100})
+    want = offline.generate("The river", params)[0].outputs[0]
+    assert banned not in want.token_ids and want.text != plain.text
+    r = client.post("/v1/completions", json={"prompt": "The river", "max_tokens": 6, "temperature": 0,
+                                             "logit_bias": {str(banned): -100}})  # fmt: skip
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.text
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    first = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    r = client.post("/v1/chat/completions", json={**chat, "logit_bias": {"65": 100}})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] != first
+
+
 def test_several_prompts_and_n_are_indexed_choices(server):
     client, _ = server
     request = {"prompt": ["The river", "The baker"], "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": 3}
@@ -158,7 +176,9 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
         ({"prompt": "x", "frequency_penalty": 9}, "frequency_penalty"),
         ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),
         ({"prompt": "x", "temprature": 0.5}, "temprature"),
-        ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {str(10**6): 1.0}}, "logit_bias"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": [10**6]}, "prompt"),
         ({"prompt": []}, "prompt"),

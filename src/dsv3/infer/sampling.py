@@ -1,9 +1,10 @@
 """Sampling parameters of a request, and the batched sampler the engine runs on each step's logits.
 
 `SamplingParams` holds what vLLM and the OpenAI API call them (temperature, top_p, top_k, min_p,
-repetition/presence/frequency penalties, stop strings and token ids, n, seed, logprobs,
+repetition/presence/frequency penalties, logit_bias, stop strings and token ids, n, seed, logprobs,
 max_tokens). The sampler applies them to a batch of rows, each with its own values, in vLLM's
-order: penalties on the raw logits → temperature → min_p → top_k → top_p → one draw.
+order: logit_bias added to the raw logits → penalties → temperature → min_p → top_k → top_p → one
+draw (greedy rows: the argmax after the bias and penalties).
 
 Reproducibility: a row's draw is the inverse CDF at one uniform number that depends only on the
 request's seed, the index of the token in its output and a stream number (`uniform`), so a seeded
@@ -72,6 +73,9 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top logprobs per token")
     skip_special_tokens: bool = True
+    # added to a token's logit before anything else (OpenAI's ±100 range); a dict {token id: bias} in
+    # (JSON object keys may be strings of ids), held as sorted (id, bias) pairs so params stay hashable
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -97,6 +101,30 @@ class SamplingParams(BaseModel):
     def _token_ids(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if any(t < 0 for t in v):
             raise ValueError("token ids must be ≥ 0")
+        return v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_pairs(cls, v):
+        if v is None:
+            return ()
+        if isinstance(v, dict):
+            try:
+                return tuple(sorted((int(k), v[k]) for k in v))
+            except (TypeError, ValueError):
+                raise ValueError("keys must be token ids (integers)") from None
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        for token, bias in v:
+            if token < 0:
+                raise ValueError(f"token id {token} must be ≥ 0")
+            if not -100.0 <= bias <= 100.0:  # also refuses NaN
+                raise ValueError(f"bias {bias} of token {token} must be within [-100, 100]")
+        if len({t for t, _ in v}) != len(v):
+            raise ValueError("a token id appears twice")
         return v
 
     @model_validator(mode="after")
@@ -184,6 +212,17 @@ def device_index(positions: Sequence[int], device: torch.device) -> slice | torc
     if step > 0 and first >= 0 and all(p == first + k * step for k, p in enumerate(positions)):
         return slice(first, first + step * (n - 1) + 1, step)
     return to_device(positions, device, torch.long)
+
+
+def _bias(raw: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The raw logits plus each row's logit_bias (a new tensor), or `raw` itself when no row has one."""
+    entries = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias]
+    if not entries:
+        return raw
+    rows_i, tokens, biases = zip(*entries, strict=True)
+    device = raw.device
+    index = (to_device(rows_i, device, torch.long), to_device(tokens, device, torch.long))
+    return raw.index_put(index, to_device(biases, device, raw.dtype), accumulate=True)
 
 
 def _penalize(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -296,7 +335,10 @@ def sample_async(
     device = logits.device
     raw = logits.float()
     want = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
-    logits = _penalize(raw.clone() if any(r.params.penalized for r in rows) else raw, rows)
+    logits = _bias(raw, rows)
+    if logits is raw and any(r.params.penalized for r in rows):
+        logits = raw.clone()
+    logits = _penalize(logits, rows)
     banned = [(i, t) for i, r in enumerate(rows) for t in r.banned]
     if banned:
         logits = logits.clone() if logits is raw else logits

@@ -178,6 +178,8 @@ class LLMEngine:
             )
         if any(t >= vocab for t in params.stop_token_ids):
             raise RequestError("stop_token_ids", f"ids must be below the vocabulary size {vocab}")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise RequestError("logit_bias", f"token ids must be below the vocabulary size {vocab}")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop", "stop strings need a tokenizer")
 

@@ -418,15 +418,15 @@ class ModelRunner:
 
     def _fusable(self, items: list[Scheduled]) -> bool:
         """Whether a decode group runs as one greedy speculative step (`_speculate`): every row
-        verifies a draft and its pick is a plain argmax (greedy, no penalties, no logprobs, no
-        tokens banned before min_tokens), and the padded shape is a step function's."""
+        verifies a draft and its pick is a plain argmax (greedy, no penalties or logit bias, no
+        logprobs, no tokens banned before min_tokens), and the padded shape is a step function's."""
         if not self.speculative or self._bucket(len(items)) * 2 > GRAPH_TOKENS:
             return False
         for s in items:
             p = s.seq.params
-            if not (s.drafting and s.samples and s.num_tokens == 1) or p.penalized or p.logprobs is not None:
+            if not (s.drafting and s.samples and s.num_tokens == 1) or p.penalized or p.logit_bias:
                 return False
-            if not p.greedy or s.seq.num_output + s.pending < p.min_tokens:
+            if p.logprobs is not None or not p.greedy or s.seq.num_output + s.pending < p.min_tokens:
                 return False
         return True
 

@@ -2,7 +2,7 @@
 
 Requests are pydantic models that reject unknown fields, so a misspelt parameter is a 400 naming
 it rather than silently ignored. Fields of the OpenAI API that would change the output and that
-dsv3 does not implement (logit_bias, tools, echo, suffix, best_of ≠ n, a JSON response_format)
+dsv3 does not implement (tools, echo, suffix, best_of ≠ n, a JSON response_format)
 are a 400 naming the field too; fields that only label a request (user, metadata) are accepted.
 """
 
@@ -63,13 +63,9 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's object keys) → bias
     user: str | None = None
     metadata: dict[str, Any] | None = None
-
-    def _unsupported(self) -> None:
-        if self.logit_bias:
-            raise Unsupported("logit_bias", "is not supported")
 
 
 class CompletionRequest(_Sampling):
@@ -82,7 +78,6 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         """RequestError for a field set to something dsv3 does not implement."""
-        self._unsupported()
         if self.echo:
             raise Unsupported("echo", "is not supported")
         if self.suffix:
@@ -134,7 +129,6 @@ class ChatRequest(_Sampling):
 
     def check(self) -> None:
         """RequestError for a field set to something dsv3 does not implement."""
-        self._unsupported()
         if self.tools:
             raise Unsupported("tools", "tool calling is not supported")
         if self.tool_choice not in (None, "none"):
@@ -153,7 +147,7 @@ class ChatRequest(_Sampling):
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "seed",
-    "skip_special_tokens", "include_stop_str_in_output",
+    "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
 )  # fmt: skip
 
 
