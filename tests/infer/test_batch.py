@@ -15,6 +15,7 @@ LINES = [
     {"id": 7, "prompt": [5, 6, 7, 8]},
     {"messages": [{"role": "user", "content": "Where does the river go?"}], "max_tokens": 3},
     {"id": "sampled", "prompt": "The baker", "temperature": 1.0, "seed": 11, "n": 2, "logprobs": 1},
+    {"id": "biased", "prompt": "The river", "logit_bias": {"65": 100}},
 ]
 
 
@@ -28,9 +29,9 @@ def test_a_prompt_file_is_answered_line_by_line(served_checkpoint, tmp_path, cap
     argv = ["generate", "--checkpoint", str(served_checkpoint), "--input", src, "--output", str(dst),
             "--temperature", "0", "--max-new-tokens", "6", "--max-model-len", "64"]  # fmt: skip
     assert main(argv) == 0
-    assert "4 prompts" in capsys.readouterr().out
+    assert "5 prompts" in capsys.readouterr().out
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", 7, None, "sampled"]
+    assert [r["id"] for r in rows] == ["a", 7, None, "sampled", "biased"]
     llm = LLM(served_checkpoint, max_model_len=64)
     tok = llm.engine.tokenizer
     greedy = SamplingParams(max_tokens=6, temperature=0)
@@ -40,6 +41,7 @@ def test_a_prompt_file_is_answered_line_by_line(served_checkpoint, tmp_path, cap
         llm.generate(tok.encode_chat(LINES[2]["messages"]), greedy.model_copy(update={"max_tokens": 3}))[0],
         llm.generate("The baker", SamplingParams(max_tokens=6, temperature=1.0, top_p=0.95, seed=11, n=2,
                                                  logprobs=1))[0],  # --top-p's default, the line's others
+        llm.generate("The river", greedy.model_copy(update={"logit_bias": ((65, 100.0),)}))[0],
     ]
     for row, out in zip(rows, want, strict=True):
         assert [o["text"] for o in row["outputs"]] == [c.text for c in out.outputs]
@@ -47,6 +49,7 @@ def test_a_prompt_file_is_answered_line_by_line(served_checkpoint, tmp_path, cap
         assert row["prompt_tokens"] == len(out.prompt_token_ids)
     assert len(rows[3]["outputs"]) == 2 and len(rows[3]["outputs"][0]["logprobs"]) == 6
     assert "logprobs" not in rows[0]["outputs"][0]
+    assert rows[4]["outputs"][0]["token_ids"] == [65] * 6  # forced by its bias
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,8 @@ def test_a_prompt_file_is_answered_line_by_line(served_checkpoint, tmp_path, cap
         ([["x"]], "prompts.jsonl:1: expected a JSON object"),
         ([{"prompt": "x"}, {"prompt": [5] * 100}], "prompts.jsonl:2: prompt: 100 tokens leave no room"),
         ([{"prompt": "x", "max_tokens": 200}], "prompts.jsonl:1: max_tokens: 200 with a prompt"),
+        ([{"prompt": "x", "logit_bias": {"5": 300}}], "prompts.jsonl:1: logit_bias: Value error, bias 300.0"),
+        ([{"prompt": "x", "logit_bias": {"100000": 1}}], "prompts.jsonl:1: logit_bias: token ids must be"),
     ],
 )
 def test_a_bad_prompt_file_is_one_line_naming_the_line(served_checkpoint, tmp_path, capsys, lines, message):
