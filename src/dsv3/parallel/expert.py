@@ -81,7 +81,10 @@ class _Dispatch(torch.autograd.Function):
         send = torch.cat([x.to(dtype).index_select(0, token), routing.view(dtype)], 1)
         received = send.new_empty(sum(out_sizes), send.shape[1])
         dist.all_to_all_single(received, send, out_sizes, in_sizes, group=group)
-        rows, routing = received.split([d, received.shape[1] - d], 1)
+        # slices, not `split`: torch 2.11's Dynamo keeps the split's symbolic row count as an output
+        # of this Function's traced forward and then fails an assertion matching the outputs, once
+        # the block recompiles for new split sizes (seen on CPU ranks; 2.13 traces either)
+        rows, routing = received[:, :d], received[:, d:]
         routing = routing.contiguous().view(torch.float32)
         w_in, e_in = routing[:, :k], routing[:, k:].contiguous().view(torch.int32)
         key = torch.where(e_in >= 0, e_in, El).view(-1)  # (M·k,) the others' slots sort last
