@@ -180,6 +180,22 @@ def test_rows_past_the_last_expert_touch_no_result_or_weight_gradient(dtype):
     assert torch.equal(y[:20], ry) and torch.equal(gw, rgw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the padded fallback, grouped_mm
+def test_no_rows_give_an_empty_product_and_zero_weight_gradients_compiled(dtype):
+    """An expert-parallel rank none of whose experts got a token has no rows: compiled, grouped_mm's
+    weight gradient got an empty operand with strides it refuses ("Invalid strides/sizes", seen
+    training a collapsed router on 2 CPU ranks in bf16); every rank still needs its experts' gradient."""
+    w = torch.randn(3, 16, 32).to(dtype).requires_grad_()
+    x = torch.randn(0, 32).to(dtype).requires_grad_()
+    ends = torch.zeros(3, dtype=torch.long)
+
+    def step(x, w):
+        return expert_matmul(x, w, ends).float().sum()
+
+    torch.compile(step, dynamic=False)(x, w).backward()
+    assert w.grad is not None and not w.grad.any() and x.grad.shape == (0, 32)
+
+
 def test_moe_output_equals_per_token_reference(make_config):
     cfg = make_config(hidden_size=24, moe_intermediate_size=12)  # odd widths: the fallback path
     moe = MoE(cfg)

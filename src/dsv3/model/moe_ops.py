@@ -140,6 +140,10 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch
     if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's lists
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
+    if x.shape[0] == 0:  # no rows: an expert-parallel rank none of whose experts got a token
+        # (compiled, grouped_mm's weight gradient then gets an empty operand whose strides it
+        # refuses); the empty product still gives w a (zero) gradient, as every rank's must be
+        return F.linear(x, w[0])
     if grouped_mm_supported(x, w):
         return F.grouped_mm(x, w.transpose(-2, -1), offs=ends.to(torch.int32))
     return padded_expert_mm(x, w, ends)
