@@ -81,16 +81,17 @@ def _top_level(events: list[dict]) -> dict[int, tuple[list[float], list[tuple[fl
     return out
 
 
-def _idle_by_launcher(events: list[dict], kernels: list[dict], busy: list[tuple[float, float]]) -> dict:
-    """Idle time (µs) before each busy stretch, by the outermost host operator that launched its first
-    kernel (matched through the launch's correlation id)."""
+def _idle_by_launcher(
+    events: list[dict], kernels: list[dict], busy: list[tuple[float, float]], threads: dict
+) -> dict[str, float]:
+    """Idle time (µs) before each busy stretch, by the outermost host operator (`threads`:
+    `_top_level`) that launched its first kernel (matched through the launch's correlation id)."""
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")
                 and "correlation" in e.get("args", {})}  # fmt: skip
     first = {}  # a busy stretch's start → the kernel that starts it
     for e in kernels:
         first.setdefault(e["ts"], e)
-    threads = _top_level(events)
     idle: dict[str, float] = defaultdict(float)
     for before, (start, _) in zip(busy, busy[1:], strict=False):
         kernel = first.get(start)
@@ -126,9 +127,10 @@ def summarize(path: Path, steps: int) -> dict:
         if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
             by_api[e["name"]] += e["dur"]
     per = 1e3 * steps  # µs in the window → ms a step
-    idle = sorted(_idle_by_launcher(events, kernels, busy).items(), key=lambda kv: -kv[1])[:8]
+    threads = _top_level(events)
+    idle = sorted(_idle_by_launcher(events, kernels, busy, threads).items(), key=lambda kv: -kv[1])[:8]
     by_op: dict[str, float] = defaultdict(float)
-    for starts, spans in _top_level(events).values():
+    for starts, spans in threads.values():
         for begin, (finish, name) in zip(starts, spans, strict=True):
             by_op[name[:80]] += finish - begin
     ops = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
