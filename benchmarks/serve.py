@@ -13,7 +13,8 @@ lines, one per measurement:
   line gives each differing prompt's first parting token and the two tokens' logit gap under the
   same weights in float32 (near-ties: rounding; see `_first_differences`).
 - `step`: for each concurrency C, the engine's decode step function (its CUDA graph on a GPU)
-  replayed back to back: the device time of a step, against the engine's TPOT at C.
+  replayed back to back: the device time of a step, against the engine's TPOT at C; at C = 1 also
+  the speculative engine's fused step (two tokens verified, the next drafted).
 - `load`: for each offered concurrency C, C clients each sending a request as soon as their last
   one finished (closed loop, --requests-per-client each): output tokens/s, TTFT and TPOT
   percentiles. Systems: `dsv3-engine` (continuous batching, paged cache, CUDA graphs per shape),
@@ -378,17 +379,22 @@ def _profile_step(engine: LLMEngine, step: Callable, prompts: list[list[int]], c
 def step_part(args) -> None:
     """The device time of the engine's decode step alone: its step function (a CUDA graph on a GPU)
     replayed back to back, against the engine's time per output token at the same batch size, which
-    adds the head, the sampler and the host's work around each step."""
-    model = _model(args, mtp=False)
-    vocab = model.config.vocab_size
+    adds the head, the sampler and the host's work around each step. At concurrency 1 also the
+    speculative engine's fused greedy step (verify two tokens, draft the next; random weights accept
+    no draft, so every step does that work): what one draft can gain is (1 + acceptance) divided by
+    its time over the plain step's."""
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    for c in args.levels:
-        engine, _ = _engine(model, args, c, args.prompt_len + args.new_tokens + 1)
+    runs = [(c, 0) for c in args.levels] + ([(1, 1)] if 1 in args.levels else [])
+    for c, spec in runs:
+        model = _model(args, mtp=bool(spec))
+        vocab = model.config.vocab_size
+        engine, _ = _engine(model, args, c, args.prompt_len + args.new_tokens + 1, speculative_tokens=spec)
         r = _drive(engine, _prompts(c, args.prompt_len, vocab, args.seed + c), c, params)
         runner = engine.runner
         B = next(b for b in runner.buckets if b >= c)
-        main_steps = [k for k in runner._steps if k[0] == "main" and k[1] == B and k[3] == 1]
-        key = max(main_steps, key=lambda k: k[2])
+        kind, tokens = ("speculate", 2) if spec else ("main", 1)
+        steps = [k for k in runner._steps if k[0] == kind and k[1] == B and k[3] == tokens]
+        key = max(steps, key=lambda k: k[2])
         step = runner._steps[key]
         with torch.no_grad():
             for _ in range(10):
@@ -401,13 +407,14 @@ def step_part(args) -> None:
         replay = (time.perf_counter() - t0) / (args.repeats * 20)
         if args.profile:
             prompts = _prompts(c, args.prompt_len, vocab, args.seed + c + 1)
-            path = f"{args.profile}.c{c}"
+            path = f"{args.profile}.c{c}{'.mtp' if spec else ''}"
             args.profiles.append(partial(_profile_step, engine, step, prompts, c, params, path))
         _emit(
             {
                 "bench": "decode_step",
                 "concurrency": c,
-                "step": {"rows": key[1], "table_width": key[2], "tokens": key[3]},
+                "speculative": bool(spec),
+                "step": {"kind": kind, "rows": key[1], "table_width": key[2], "tokens": key[3]},
                 "step_ms": round(replay * 1e3, 4),
                 "engine_tpot_ms": _percentiles(r["tpot"]),
             }
