@@ -204,22 +204,17 @@ def _drive_each(engine: LLMEngine, prompts: list[list[int]], params: SamplingPar
         _drive(engine, [prompt], 1, params)
 
 
-def _profile_prefix(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, path: str) -> None:
-    """The kernels of all but the last of these requests, one after the other, and the host's Python
-    of the last."""
-    write_kernel_table(f"{path}.txt", partial(_drive_each, engine, prompts[:-1], params), n_steps=1)
-    write_host_table(f"{path}.host.txt", partial(_drive_each, engine, prompts[-1:], params))
-
-
-def _profile_request(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, path: str,
-                     new_tokens: int, line: dict) -> None:  # fmt: skip
-    """One request's kernels (and on a GPU its Chrome trace, summarised per output token as `line`
-    plus the summary), then another request's host Python."""
-    trace = f"{path}.json" if torch.cuda.is_available() else None
-    write_kernel_table(f"{path}.txt", partial(_drive, engine, prompts[:1], 1, params), n_steps=1, trace=trace)
-    write_host_table(f"{path}.host.txt", partial(_drive, engine, prompts[1:2], 1, params))
+def _profile(path: str, kernels: Callable, host: Callable, n_steps: int = 1, summary: dict | None = None,
+             new_tokens: int = 1) -> None:  # fmt: skip
+    """`n_steps` calls of `kernels` profiled to PATH.txt and one of `host` to PATH.host.txt. With
+    `summary` (a JSON line's first fields), on a GPU also the Chrome trace, summarised per output
+    token of the profiled call (`new_tokens`) as that line."""
+    trace = f"{path}.json" if summary is not None and torch.cuda.is_available() else None
+    with torch.no_grad():
+        write_kernel_table(f"{path}.txt", kernels, n_steps=n_steps, trace=trace)
+    write_host_table(f"{path}.host.txt", host)
     if trace:  # per output token: where the host and the GPU spend a request
-        _emit({**line, "per": "output token", **summarize(Path(trace), new_tokens)})
+        _emit({**summary, "per": "output token", **summarize(Path(trace), new_tokens)})
 
 
 # --- parts ---------------------------------------------------------------------------------------------
@@ -246,7 +241,8 @@ def prefix_part(args) -> None:
         if args.profile:  # 5 more requests of this kind: their kernels, and the host's Python
             more = [system + s for s in _prompts(6, args.suffix_len, vocab, args.seed + 3)]
             path = f"{args.profile}.prefix-{name}"
-            args.profiles.append(partial(_profile_prefix, engine, more, params, path))
+            args.profiles.append(partial(_profile, path, partial(_drive_each, engine, more[:5], params),
+                                         partial(_drive_each, engine, more[5:], params)))
         del engine
     _emit(
         {
@@ -299,9 +295,11 @@ def speculative_part(args) -> None:
         rows[spec]["acceptance"] = engine.stats.acceptance_rate
         if args.profile:  # one request's kernels and host Python, plain and speculative side by side
             path = f"{args.profile}.speculative-{'mtp' if spec else 'plain'}"
-            line = {"bench": "speculative_trace", "mtp": bool(spec)}
-            job = partial(_profile_request, engine, prompts, params, path, args.new_tokens, line)
-            args.profiles.append(job)
+            args.profiles.append(partial(
+                _profile, path, partial(_drive, engine, prompts[:1], 1, params),
+                partial(_drive, engine, prompts[1:2], 1, params),
+                summary={"bench": "speculative_trace", "mtp": bool(spec)}, new_tokens=args.new_tokens,
+            ))  # fmt: skip
         del engine
     same = sum(
         a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -368,14 +366,6 @@ def _first_differences(model, prompts: list[list[int]], plain: list, spec: list)
     return out
 
 
-def _profile_step(engine: LLMEngine, step: Callable, prompts: list[list[int]], c: int, params: SamplingParams,
-                  path: str) -> None:  # fmt: skip
-    """20 replays of a decode step function's kernels, and the host's Python of serving `prompts`."""
-    with torch.no_grad():
-        write_kernel_table(f"{path}.txt", step, n_steps=20)
-    write_host_table(f"{path}.host.txt", partial(_drive, engine, prompts, c, params))
-
-
 def step_part(args) -> None:
     """The device time of the engine's decode step alone: its step function (a CUDA graph on a GPU)
     replayed back to back, against the engine's time per output token at the same batch size, which
@@ -408,7 +398,8 @@ def step_part(args) -> None:
         if args.profile:
             prompts = _prompts(c, args.prompt_len, vocab, args.seed + c + 1)
             path = f"{args.profile}.c{c}{'.mtp' if spec else ''}"
-            args.profiles.append(partial(_profile_step, engine, step, prompts, c, params, path))
+            args.profiles.append(partial(_profile, path, step, partial(_drive, engine, prompts, c, params),
+                                         n_steps=20))
         _emit(
             {
                 "bench": "decode_step",
