@@ -49,7 +49,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=512, help="positions per chunk of the chunked loss")
     p.add_argument("--only", default="", help="comma-separated kernel checks to run alone, skipping the "
                    "model's: expert_rows_past_the_end, bounded_rows, fp8_gemms, fused_adamw_found_inf, "
-                   "adamw_bf16_moments")
+                   "adamw_bf16_moments, master_weights")
     return p.parse_args()
 
 
@@ -94,28 +94,50 @@ def _fused_adamw_flag(device: torch.device) -> dict:
     return {"flagged_step_changes_nothing": unchanged and steps_unchanged, "unflagged_equals_plain": same}
 
 
-def _bf16_moments(device: torch.device) -> dict:
-    """AdamWBF16 (compiled update on a GPU) against its update run eagerly; a flagged step changes nothing."""
-    from dsv3.train import adamw_bf16
+def _mixed_adamw(device: torch.device, masters: bool) -> dict:
+    """MixedAdamW with bf16 moments (compiled update on a GPU) against its update run eagerly, and with
+    `masters` on bf16 weights with float32 masters (train.param_dtype), whose weights must be their
+    masters' rounding; a flagged step changes nothing."""
+    from dsv3.train import adamw_mixed
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(1024, 257, device=device)) for _ in range(3)]
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt, eager = adamw_bf16.AdamWBF16(params, lr=1e-3), adamw_bf16.AdamWBF16(twins, lr=1e-3)
-    eager._update = adamw_bf16.adamw_update  # not compiled
+    dtype = torch.bfloat16 if masters else torch.float32
+    start = [torch.randn(1024, 257, device=device) for _ in range(3)]
+    params = [torch.nn.Parameter(p.to(dtype)) for p in start]
+    twins = [torch.nn.Parameter(p.to(dtype)) for p in start]
+    kept = {p: s.clone() for p, s in zip(params, start, strict=True)} if masters else None
+    kept_twins = {p: s.clone() for p, s in zip(twins, start, strict=True)} if masters else None
+    opt = adamw_mixed.MixedAdamW(params, lr=1e-3, masters=kept)
+    eager = adamw_mixed.MixedAdamW(twins, lr=1e-3, masters=kept_twins)
+    eager._update = adamw_mixed.adamw_update  # not compiled
     for step in range(5):
         for p, t in zip(params, twins, strict=True):
-            p.grad = torch.randn(p.shape, device=device, generator=torch.Generator(device).manual_seed(step))
+            gen = torch.Generator(device).manual_seed(step)
+            p.grad = torch.randn(p.shape, device=device, generator=gen).to(dtype)
             t.grad = p.grad.clone()
         opt.step()
         eager.step()
-    diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(params, twins, strict=True))
-    before = [p.detach().clone() for p in params]
+    fp32 = list(kept.values()) if masters else params
+    fp32_twins = list(kept_twins.values()) if masters else twins
+    diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fp32, fp32_twins, strict=True))
+    before = [p.detach().clone() for p in [*params, *fp32]]
     opt.found_inf = torch.ones((), device=device)
     opt.step()
-    unchanged = all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
-    return {"compiled_vs_eager_max_rel": diff, "flagged_step_changes_nothing": unchanged,
-            "moments_dtype": str(opt.state[params[0]]["exp_avg"].dtype)}
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, [*params, *fp32], strict=True))
+    out = {"compiled_vs_eager_max_rel": diff, "flagged_step_changes_nothing": unchanged,
+           "moments_dtype": str(opt.state[params[0]]["exp_avg"].dtype)}
+    if masters:
+        out["weights_are_their_masters_rounded"] = all(
+            torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(params, fp32, strict=True))
+    return out
+
+
+def _bf16_moments(device: torch.device) -> dict:
+    return _mixed_adamw(device, masters=False)
+
+
+def _master_weights(device: torch.device) -> dict:
+    return _mixed_adamw(device, masters=True)
 
 
 def _expert_rows_past_the_end(device: torch.device) -> dict:
@@ -225,6 +247,7 @@ def _fp8_gemms(device: torch.device) -> dict:
 
 KERNEL_CHECKS = {
     "fused_adamw_found_inf": _fused_adamw_flag, "adamw_bf16_moments": _bf16_moments,
+    "master_weights": _master_weights,
     "expert_rows_past_the_end": _expert_rows_past_the_end, "bounded_rows": _bounded_rows,
     "fp8_gemms": _fp8_gemms,
 }

@@ -72,6 +72,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--mtp", action="store_true", help="dsv3 also trains its MTP depth(s), λ=0.3")
     p.add_argument("--moments", choices=["float32", "bfloat16"], default="float32",
                    help="the trainer's AdamW moments (train.optimizer_state_dtype)")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the trainer's weights (train.param_dtype): bfloat16 = bf16 weights, float32 masters "
+                        "in the optimizer")
     p.add_argument("--fp8", action="store_true",
                    help="dsv3 (trainer and bare step): FP8 linears, blockwise-scaled (train.fp8)")
     p.add_argument(
@@ -246,6 +249,13 @@ def _write_random_shards(directory: Path, vocab_size: int, windows: int, seq: in
     return directory
 
 
+def _trainer_precision(param_dtype: str, device: torch.device) -> str:
+    if param_dtype == "bfloat16":
+        autocast = " + bf16 autocast" if device.type == "cuda" else ""
+        return "bf16 weights, fp32 masters in the optimizer" + autocast
+    return "fp32 master + bf16 autocast" if device.type == "cuda" else "fp32"
+
+
 def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
     """Time `dsv3 train`'s own loop: the Trainer's fit() on the preset's run config with `cfg` (the model
     every system runs), stopped after the timed steps. Its records (one per step) give the tokens/s and
@@ -266,7 +276,8 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
             f"train.compile={(args.compile_scope if args.compile else 'false')}",
             f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
             f"train.loss_chunk_tokens={args.loss_chunk}", f"train.seed={args.seed}",
-            f"train.optimizer_state_dtype={args.moments}", f"train.fp8={str(args.fp8).lower()}",
+            f"train.optimizer_state_dtype={args.moments}", f"train.param_dtype={args.param_dtype}",
+            f"train.fp8={str(args.fp8).lower()}",
             # one GPU, whatever layout the preset plans for
             "parallel.gpus=1", "parallel.dp_replicate=1", "parallel.dp_shard=1", "parallel.ep=1",
             "parallel.tp=1", "parallel.pp=1",
@@ -292,7 +303,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
     rates = [r["tokens_per_s"] for r in timed]
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
     return {
-        "dtype": "fp32 master + bf16 autocast" if device.type == "cuda" else "fp32",
+        "dtype": _trainer_precision(args.param_dtype, device),
         "compiled": args.compile and args.compile_scope,
         "steps": len(timed),
         "micro_batch": run.train.micro_batch_size,
@@ -309,6 +320,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
         "activation_checkpointing": args.activation_checkpointing,
         "loss_chunk_tokens": args.loss_chunk,
         "optimizer_moments": args.moments,
+        "param_dtype": args.param_dtype,
         "fp8": args.fp8,
     }
 

@@ -341,6 +341,10 @@ def test_layout_problems_name_the_keys():
     tp_fp8 = layout_problems(run.model, fp8, ParallelConfig(gpus=2, tp=2))
     assert "train.fp8 with parallel.tp=2" in " ".join(tp_fp8)
     assert layout_problems(run.model, fp8, ParallelConfig(gpus=2, dp_shard=2, ep=2)) == []
+    bf16 = run.train.model_copy(update={"param_dtype": "bfloat16"})
+    fsdp_bf16 = layout_problems(run.model, bf16, ParallelConfig(gpus=2, dp_shard=2))
+    assert "train.param_dtype=bfloat16" in " ".join(fsdp_bf16)
+    assert layout_problems(run.model, bf16, ParallelConfig(gpus=1)) == []
     assert problems(gpus=2, dp_shard=2, ep=2) == ""
 
 

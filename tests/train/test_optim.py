@@ -118,8 +118,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int =
 
 def test_the_update_with_float32_moments_is_torch_adamw():
     """The one update function, fed float32 moments, computes torch's AdamW (decoupled decay, bias
-    corrections) to float rounding: only the storage of the moments differs in AdamWBF16."""
-    from dsv3.train.adamw_bf16 import adamw_update
+    corrections) to float rounding: only the storage of the moments differs in MixedAdamW."""
+    from dsv3.train.adamw_mixed import adamw_update
 
     torch.manual_seed(0)
     start = [torch.randn(5, 7), torch.randn(3)]
@@ -183,7 +183,7 @@ def test_bfloat16_moments_resume_from_a_state_dict_exactly():
 
 def test_a_failing_compile_of_the_bf16_update_warns_once_and_updates_eagerly(monkeypatch, caplog):
     from dsv3.compiling import compiled_or_eager
-    from dsv3.train import adamw_bf16
+    from dsv3.train import adamw_mixed
 
     def broken_compile(fn, **_):
         def run(*args):
@@ -191,8 +191,8 @@ def test_a_failing_compile_of_the_bf16_update_warns_once_and_updates_eagerly(mon
 
         return run
 
-    monkeypatch.setattr(adamw_bf16.torch, "compile", broken_compile)
-    update = compiled_or_eager(adamw_bf16.adamw_update, "AdamWBF16's update")
+    monkeypatch.setattr(adamw_mixed.torch, "compile", broken_compile)
+    update = compiled_or_eager(adamw_mixed.adamw_update, "MixedAdamW's update")
     p, ref = torch.ones(4), torch.ones(4)
     states = [[torch.zeros(4, dtype=torch.bfloat16) for _ in range(2)] for _ in range(2)]
     steps = [torch.zeros(()), torch.zeros(())]
@@ -200,6 +200,54 @@ def test_a_failing_compile_of_the_bf16_update_warns_once_and_updates_eagerly(mon
     with caplog.at_level("WARNING"):
         for _ in range(2):
             update([p], [torch.ones(4)], [states[0][0]], [states[0][1]], [steps[0]], *args)
-            adamw_bf16.adamw_update([ref], [torch.ones(4)], [states[1][0]], [states[1][1]], [steps[1]], *args)
+            adamw_mixed.adamw_update([ref], [torch.ones(4)], [states[1][0]], [states[1][1]], [steps[1]],
+                                     *args)
     assert torch.equal(p, ref) and not torch.equal(p, torch.ones(4))
     assert sum("torch.compile failed: backend failed" in r.message for r in caplog.records) == 1
+
+
+# --- bf16 weights with float32 masters (train.param_dtype) -----------------------------------------
+
+
+def test_masters_take_float32_adamw_steps_and_the_weights_are_their_rounding():
+    """With float32 `masters` of bf16 weights, MixedAdamW steps the masters exactly as torch's AdamW
+    steps float32 weights fed the same gradients, and each weight is its master rounded to bf16."""
+    from dsv3.train.master_weights import keep_master_weights
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+    reference = copy.deepcopy(model)
+    masters = keep_master_weights(model)
+    cfg = _cfg(lr=1e-2, warmup_steps=1, beta2=0.95)
+    opt = build_optimizer(model, cfg, fused=False, masters=masters)
+    ref_opt = build_optimizer(reference, cfg, fused=False)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, r.grad = g.bfloat16(), g.bfloat16().float()  # the gradient a bf16 backward gives
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.dtype == torch.bfloat16 and masters[p].dtype == torch.float32
+        torch.testing.assert_close(masters[p], r.detach(), rtol=0, atol=1e-6)
+        assert torch.equal(p, masters[p].bfloat16())
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32  # optimizer_state_dtype's default
+
+
+def test_a_model_with_masters_gives_them_as_its_state_dict():
+    """What checkpoints save: the float32 masters, never their bf16 rounding; buffers keep their dtype,
+    and keep_vars still hands out the live parameters."""
+    from dsv3.train.master_weights import keep_master_weights
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masters = keep_master_weights(model)
+    assert model[0].weight.dtype == torch.bfloat16 and model[1].running_mean.dtype == torch.float32
+    state = model.state_dict()
+    assert all(torch.equal(state[k], before[k]) and state[k].dtype == before[k].dtype for k in before)
+    with torch.no_grad():
+        masters[model[0].weight].add_(1.0)
+    assert torch.equal(model.state_dict()["0.weight"], before["0.weight"] + 1.0)
+    assert model.state_dict(keep_vars=True)["0.weight"] is model[0].weight

@@ -31,12 +31,15 @@ def _records(path, kinds=("train", "eval")):
     return [(r["kind"], r["step"], {k: r.get(k) for k in EXACT_KEYS}) for r in rows if r["kind"] in kinds]
 
 
-@pytest.mark.parametrize(("background", "moments"),
-                         [(False, "float32"), (True, "float32"), (False, "bfloat16")],
-                         ids=["sync", "async", "bf16-moments"])
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, corpus_shards, background, moments):
+@pytest.mark.parametrize(("background", "moments", "weights"),
+                         [(False, "float32", "float32"), (True, "float32", "float32"),
+                          (False, "bfloat16", "float32"), (True, "bfloat16", "bfloat16")],
+                         ids=["sync", "async", "bf16-moments", "bf16-weights"])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, corpus_shards, background, moments, weights):
+    """bf16 weights too: the checkpoint holds their float32 masters, which the resumed run starts from."""
     train_dir, valid_dir = corpus_shards
-    mode = (f"train.async_checkpoint={background}", f"train.optimizer_state_dtype={moments}")
+    mode = (f"train.async_checkpoint={background}", f"train.optimizer_state_dtype={moments}",
+            f"train.param_dtype={weights}")
     full = train(micro_run(tmp_path / "full", train_dir, valid_dir, *mode))
 
     def interrupt(record):  # after the step-6 checkpoint, mid-way to the next one
@@ -171,7 +174,7 @@ def test_a_step_skipped_on_the_device_and_read_a_step_late_gives_the_same_run(tm
 
 
 def test_clipping_folded_into_the_bf16_moment_update_gives_the_same_run(tmp_path, corpus_shards):
-    """AdamWBF16 scales the gradients by the clipping factor as it reads them (no in-place rewrite):
+    """MixedAdamW scales the gradients by the clipping factor as it reads them (no in-place rewrite):
     the same records and weights as clipping in place first, with clipping active every step."""
     runs = {}
     for fold in (False, True):
@@ -262,6 +265,40 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, corpus_shards):
     for ac in (True, "selective"):
         assert losses[ac] == pytest.approx(losses[False], rel=1e-6)
         torch.testing.assert_close(grads[ac], grads[False])
+
+
+def test_bf16_weights_with_float32_masters_train_like_float32_weights(tmp_path, corpus_shards):
+    """train.param_dtype=bfloat16: the model computes with bf16 weights (buffers such as the routing
+    bias stay float32), each the rounding of its float32 master, which the checkpoint holds; the
+    losses follow float32 weights' to bf16's precision and the run learns."""
+    from safetensors.torch import load_file
+
+    from dsv3.model.hf import hf_tensor_table
+
+    runs = {}
+    for weights in ("float32", "bfloat16"):
+        records = []
+        cfg = micro_run(tmp_path / weights, *corpus_shards, f"train.param_dtype={weights}", "train.steps=30",
+                        "train.eval_every=30", "train.save_every=30")
+        trainer = Trainer(cfg, on_record=records.append)
+        result = trainer.fit()
+        runs[weights] = [r["lm_loss"] for r in records if r["kind"] == "train"]
+    model = trainer.model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(m.gate.e_score_correction_bias.dtype == torch.float32 for m in model.moe_layers())
+    for p in model.parameters():
+        master = trainer.masters[p]
+        assert master.dtype == torch.float32 and torch.equal(p, master.to(torch.bfloat16))
+    saved = load_file(str(result.last_checkpoint / "model.safetensors"))
+    state, table = model.state_dict(), hf_tensor_table(model)
+    name, spec = next((n, s) for n, s in table.items() if n.endswith("mlp.experts.0.gate_proj.weight"))
+    assert saved[name].dtype == torch.float32
+    assert torch.equal(saved[name], state[spec.key][spec.index])  # the master, not the bf16 weight
+    assert not torch.equal(saved[name], saved[name].bfloat16().float())
+    bf16, fp32 = runs["bfloat16"], runs["float32"]
+    assert bf16[0] == pytest.approx(fp32[0], rel=1e-2)
+    assert np.mean(bf16[-10:]) == pytest.approx(np.mean(fp32[-10:]), rel=0.03)
+    assert np.mean(bf16[-5:]) < bf16[0] - 1.5  # it learns
 
 
 @pytest.mark.slow

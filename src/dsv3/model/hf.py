@@ -323,8 +323,8 @@ def save_hf(
     overwrite: bool = False,
 ) -> None:
     """Write `model` as a HF DeepSeek-V3 checkpoint directory that transformers' from_pretrained reads."""
-    dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
-    state = model.state_dict()
+    state = model.state_dict()  # a bf16-trained model's holds its float32 masters (train.master_weights)
+    dtype = parse_dtype(dtype) or state.get("lm_head.weight", model.lm_head.weight).dtype
     table = hf_tensor_table(model)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:

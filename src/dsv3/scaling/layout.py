@@ -133,6 +133,10 @@ def layout_problems(
     if train.compile == "model" and p.gpus > 1:
         problems.append("train.compile=model compiles one process's whole forward: with parallel.gpus="
                         f"{p.gpus} use train.compile=true (each block compiled, hooks and exchanges between)")
+    if train.param_dtype == "bfloat16" and p.gpus > 1:
+        problems.append(f"train.param_dtype=bfloat16 keeps master weights for one process: with "
+                        f"parallel.gpus={p.gpus} leave it float32 (FSDP computes in bf16 from float32 "
+                        "shards already)")
     if p.fsdp_unit_blocks > 1 and p.pp > 1:
         problems.append(f"parallel.fsdp_unit_blocks={p.fsdp_unit_blocks} with pp={p.pp}: a pipeline shards "
                         "each block alone (set fsdp_unit_blocks=1)")

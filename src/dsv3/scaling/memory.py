@@ -266,14 +266,16 @@ def _in_flight(parallel: ParallelConfig, rank: int, n_micro: int) -> float:
 def estimate_memory(
     prof: MemoryProfile, layout: ParallelConfig, *, seq_len: int, micro_batch: int, n_micro: int,
     recompute: bool | Literal["selective"], loss_chunk_tokens: int = 0, eager: bool = False,
-    optimizer_bytes: int = OPTIM_BYTES,
+    optimizer_bytes: int = OPTIM_BYTES, grad_bytes: int = GRAD_BYTES,
 ) -> MemoryEstimate:
     """Peak bytes per GPU for one layout from a precomputed profile: the fast path of layout searches.
 
     `loss_chunk_tokens` > 0 (`train.loss_chunk_tokens`): no head keeps its logits; one chunk's logits
     and their gradient exist at a time instead, and each head's weight gradient from its forward on.
     `eager` (no `train.compile`): activations times EAGER_ACTIVATION_FACTOR. `optimizer_bytes`: AdamW's
-    moments a parameter (`optimizer_bytes_for`)."""
+    moments a parameter (`optimizer_bytes_for`); `grad_bytes`: a gradient's, one replica (2 for bf16
+    weights with float32 masters, `train.param_dtype`: the weights then take bf16 + master, the
+    same 6 bytes as a float32 weight and its autocast copy)."""
     dp_shard, tp, ep = layout.dp_shard, layout.tp, layout.ep
     # routed rows kept per token of this rank: the group's under the all-gather dispatch (fixed
     # buffers), else its experts' share, the busiest rank's under expert parallelism
@@ -310,7 +312,7 @@ def estimate_memory(
             weights = MASTER_BYTES * on_gpu + COMPUTE_BYTES * kept
             grads = GRAD_BYTES * (on_gpu + unsharded_grads)
         else:  # one replica: autocast keeps a bf16 copy of every weight used in the forward
-            weights, grads = (MASTER_BYTES + COMPUTE_BYTES) * local, GRAD_BYTES * local
+            weights, grads = (MASTER_BYTES + COMPUTE_BYTES) * local, grad_bytes * local
         held = _in_flight(layout, rank, n_micro)
         # The warm-up forwards pile up in the blocks; the last stage's outputs (head, MTP) go into
         # backward as soon as their loss is computed, one micro-batch at a time.
@@ -368,6 +370,7 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
         n_micro=n_micro,
         recompute=train.activation_checkpointing, loss_chunk_tokens=train.loss_chunk_tokens,
         eager=not train.compile, optimizer_bytes=optimizer_bytes_for(train),
+        grad_bytes=COMPUTE_BYTES if train.param_dtype == "bfloat16" else GRAD_BYTES,
     )
 
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dsv3.config import TrainConfig
-from dsv3.train.adamw_bf16 import AdamWBF16
+from dsv3.train.adamw_mixed import MixedAdamW
 
 __all__ = [
     "GAMMA_PER_LR", "param_groups", "build_optimizer", "skips_on_device", "folds_clipping",
-    "clip_coefficient", "lr_at", "set_lr", "bias_update_speed", "describe_bias_update_speed",
+    "clip_coefficient", "total_grad_norm", "lr_at", "set_lr", "bias_update_speed",
+    "describe_bias_update_speed",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,16 +47,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`: with `optimizer_state_dtype: bfloat16` moments (AdamWBF16), else
-    torch's, the fused kernel on CUDA (or where `fused`), the multi-tensor one elsewhere (the CPU runs
-    and their reference curve are kept on it)."""
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, fused: bool | None = None,
+    masters: Mapping[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. MixedAdamW where torch's kernels cannot serve: bf16 moments
+    (`optimizer_state_dtype`) or float32 `masters` of bf16 weights (`param_dtype`, from
+    `keep_master_weights`); else torch's, the fused kernel on CUDA (or where `fused`), the multi-tensor
+    one elsewhere (the CPU runs and their reference curve are kept on it)."""
     fused = next(model.parameters()).is_cuda if fused is None else fused
     groups = param_groups(model, cfg.weight_decay)
     log.debug("AdamW: parameters per group (weight decay): %s",
               [(sum(p.numel() for p in g["params"]), g["weight_decay"]) for g in groups])
-    if cfg.optimizer_state_dtype == "bfloat16":
-        return AdamWBF16(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer_state_dtype == "bfloat16" or masters:
+        state_dtype = torch.bfloat16 if cfg.optimizer_state_dtype == "bfloat16" else torch.float32
+        return MixedAdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                          state_dtype=state_dtype, masters=masters)
     return torch.optim.AdamW(
         groups,
         lr=lr_at(0, cfg),
@@ -67,14 +75,25 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = Non
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer.found_inf` (set before `step()`) skips a step on the device: fused AdamW's
-    flag, as GradScaler sets it, and AdamWBF16's."""
-    return isinstance(optimizer, AdamWBF16) or bool(optimizer.defaults.get("fused"))
+    flag, as GradScaler sets it, and MixedAdamW's."""
+    return isinstance(optimizer, MixedAdamW) or bool(optimizer.defaults.get("fused"))
 
 
 def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer takes the clipping coefficient as `grad_scale` and scales the gradients as
-    it reads them (AdamWBF16), instead of the gradients being rewritten first."""
-    return isinstance(optimizer, AdamWBF16)
+    it reads them (MixedAdamW), instead of the gradients being rewritten first."""
+    return isinstance(optimizer, MixedAdamW)
+
+
+def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all `grads` as a float32 scalar, whatever their dtype (`get_total_norm` returns bf16
+    for bf16 gradients, three significant digits: too coarse for the logged norm)."""
+    if not grads:
+        return torch.zeros(())
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads)
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -41,6 +41,7 @@ from dsv3.train import checkpoint as ckpt
 from dsv3.train.distributed import DistributedSteps
 from dsv3.train.evaluate import router_entropy, unigram_loss, validation_loss
 from dsv3.train.loader import build_data
+from dsv3.train.master_weights import keep_master_weights
 from dsv3.train.metrics import CollapseMonitor, expert_load_stats, peak_memory
 from dsv3.train.optim import (
     bias_update_speed,
@@ -51,6 +52,7 @@ from dsv3.train.optim import (
     lr_at,
     set_lr,
     skips_on_device,
+    total_grad_norm,
 )
 from dsv3.train.plots import plot_run
 from dsv3.train.profiler import StepProfiler
@@ -155,14 +157,15 @@ class Trainer:
                 )
         torch.manual_seed(self.tc.seed)
         self.steps: DistributedSteps | None = None
+        self.masters: dict[torch.nn.Parameter, torch.Tensor] | None = None  # train.param_dtype bfloat16
         if self.distributed:
             par = parallelize(cfg, meshes, self.device, torch.bfloat16 if use_bf16 else None, self.n_micro)
             self.model = par.parts
             self.steps = DistributedSteps(cfg, par, self.device, self.autocast)
         else:
             self.model = self._build_model()
-        self.optimizer = build_optimizer(self.model, self.tc)
-        # No host sync inside a step: fused AdamW (and AdamWBF16) skips a non-finite step on the device,
+        self.optimizer = build_optimizer(self.model, self.tc, masters=self.masters)
+        # No host sync inside a step: fused AdamW (and MixedAdamW) skips a non-finite step on the device,
         # and a step's numbers are read back while the next one runs (`fit`). Every rank computes the
         # same flag (the loss parts are all-reduced, the norm is global). DTensor refuses a mix of plain
         # and DTensor parameters in one fused call (tensor parallelism alone leaves norms and router
@@ -217,6 +220,8 @@ class Trainer:
             model = Transformer(self.cfg.model, seed=self.tc.seed).to(self.device)
         model.activation_checkpointing = self.tc.activation_checkpointing
         model.loss_chunk_tokens = self.tc.loss_chunk_tokens
+        if self.tc.param_dtype == "bfloat16":
+            self.masters = keep_master_weights(model)
         if self.tc.fp8:
             convert_to_fp8(model)
         if self.tc.compile == "model":
@@ -308,7 +313,7 @@ class Trainer:
         else:
             parts, load = self._forward_backward()
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)
+            grad_norm = total_grad_norm(grads)
             if not fold:
                 torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, grad_norm)
         if fold:
