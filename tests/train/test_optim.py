@@ -251,3 +251,41 @@ def test_a_model_with_masters_gives_them_as_its_state_dict():
         masters[model[0].weight].add_(1.0)
     assert torch.equal(model.state_dict()["0.weight"], before["0.weight"] + 1.0)
     assert model.state_dict(keep_vars=True)["0.weight"] is model[0].weight
+
+
+def test_micro_batch_gradients_of_bf16_weights_add_up_in_float32():
+    """Float32GradAccumulation takes each micro-batch's bf16 gradient as the backward makes it and sums
+    in float32 (`.grad` stays free); MixedAdamW steps on those sums: the masters move as torch's float32
+    AdamW fed the same sums."""
+    from dsv3.train.master_weights import Float32GradAccumulation, keep_master_weights
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    reference = copy.deepcopy(model)
+    masters = keep_master_weights(model)
+    sums = Float32GradAccumulation(list(masters))
+    cfg = _cfg(lr=1e-2, warmup_steps=1)
+    opt = build_optimizer(model, cfg, fused=False, masters=masters)
+    opt.grads = sums.grads
+    ref_opt = build_optimizer(reference, cfg, fused=False)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        expected = {p: torch.zeros(p.shape) for p in model.parameters()}
+        for _ in range(4):  # micro-batches
+            x = torch.randn(8, 16, generator=gen).bfloat16()
+            model(x).square().mean().backward()
+            assert all(p.grad is None for p in model.parameters())
+            # the bf16 gradient of this micro-batch alone, as the hook received it
+            probe = copy.deepcopy(model)
+            probe(x).square().mean().backward()
+            for p, q in zip(model.parameters(), probe.parameters(), strict=True):
+                expected[p] += q.grad.float()
+        for p in model.parameters():
+            assert sums.grads[p].dtype == torch.float32 and torch.equal(sums.grads[p], expected[p])
+        for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+            r.grad = sums.grads[p].clone()
+        opt.step()
+        ref_opt.step()
+        sums.reset()
+    for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(masters[p], r.detach(), rtol=0, atol=1e-6)

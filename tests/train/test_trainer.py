@@ -269,8 +269,9 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, corpus_shards):
 
 def test_bf16_weights_with_float32_masters_train_like_float32_weights(tmp_path, corpus_shards):
     """train.param_dtype=bfloat16: the model computes with bf16 weights (buffers such as the routing
-    bias stay float32), each the rounding of its float32 master, which the checkpoint holds; the
-    losses follow float32 weights' to bf16's precision and the run learns."""
+    bias stay float32), each the rounding of its float32 master, which the checkpoint holds; its two
+    micro-batches' gradients add up in float32; the losses follow float32 weights' to bf16's
+    precision and the run learns."""
     from safetensors.torch import load_file
 
     from dsv3.model.hf import hf_tensor_table
@@ -284,6 +285,7 @@ def test_bf16_weights_with_float32_masters_train_like_float32_weights(tmp_path, 
         result = trainer.fit()
         runs[weights] = [r["lm_loss"] for r in records if r["kind"] == "train"]
     model = trainer.model
+    assert trainer.n_micro == 2 and trainer.fp32_grads is not None  # micro-batches sum in float32
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(m.gate.e_score_correction_bias.dtype == torch.float32 for m in model.moe_layers())
     for p in model.parameters():

@@ -67,7 +67,8 @@ class MixedAdamW(torch.optim.Optimizer):
     """AdamW with moments stored in `state_dtype` and, for each parameter in `masters`, the update made
     on that float32 master and copied into the parameter (see the module docstring). Set `found_inf` (a
     0-dim float tensor on the parameters' device, 1 = skip) before `step()` to skip a step on the
-    device, and `grad_scale` (0-dim) to scale the gradients it reads (a clipping coefficient)."""
+    device, `grad_scale` (0-dim) to scale the gradients it reads (a clipping coefficient), and `grads` to
+    read each parameter's gradient there instead of from `.grad`."""
 
     def __init__(
         self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -79,6 +80,8 @@ class MixedAdamW(torch.optim.Optimizer):
         self.masters = dict(masters or {})
         self.found_inf: torch.Tensor | None = None
         self.grad_scale: torch.Tensor | None = None
+        # gradients kept apart from `.grad` (float32 sums of a bf16 model's, `Float32GradAccumulation`)
+        self.grads: Mapping[torch.Tensor, torch.Tensor] | None = None
         self._update = None  # adamw_update, compiled on the first step on a GPU
 
     def _state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,8 +101,9 @@ class MixedAdamW(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer's
         if closure is not None:
             raise ValueError("MixedAdamW: closures are not supported")
+        grad_of = (lambda p: p.grad) if self.grads is None else self.grads.get
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if grad_of(p) is not None]
             if not params:
                 continue
             device = _local(params[0]).device
@@ -116,7 +120,7 @@ class MixedAdamW(torch.optim.Optimizer):
             weights = [_local(self.masters.get(p, p)) for p in params]
             copies = [_local(p) for p in params] if self.masters else None
             self._update(
-                weights, [_local(p.grad) for p in params], [s[1] for s in states], [s[2] for s in states],
+                weights, [_local(grad_of(p)) for p in params], [s[1] for s in states], [s[2] for s in states],
                 [s[0] for s in states], lr, skip, scale, beta1, beta2, group["eps"], group["weight_decay"],
                 copies,
             )

@@ -10,7 +10,9 @@ transformers.
 
 The model's `state_dict()` (what checkpoints save) returns the float32 masters in place of the bf16
 weights, so a checkpoint is the same whichever way it was trained, and a resumed run starts its
-masters from exact float32 values.
+masters from exact float32 values. Over several micro-batches the gradients add up in float32
+(`Float32GradAccumulation`, Megatron's `main_grad`): summed in bf16, each addition would round to 8
+bits of mantissa.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["keep_master_weights"]
+__all__ = ["Float32GradAccumulation", "keep_master_weights"]
 
 
 def keep_master_weights(
@@ -43,3 +45,26 @@ def keep_master_weights(
 
     model.register_state_dict_post_hook(masters_in_state_dict)
     return masters
+
+
+class Float32GradAccumulation:
+    """Sums each parameter's gradients over a step's micro-batches in float32: a hook takes every bf16
+    gradient as the backward makes it, adds it to `grads[p]` and frees it (`p.grad` stays None; a bf16
+    parameter cannot hold a float32 `.grad`). The optimizer and the gradient norm read `grads`;
+    `reset()` after the optimizer step starts the next sum."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.grads: dict[nn.Parameter, torch.Tensor] = {}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._take)
+
+    def _take(self, p: nn.Parameter) -> None:
+        total = self.grads.get(p)
+        if total is None:
+            self.grads[p] = p.grad.float()
+        else:
+            total.add_(p.grad)
+        p.grad = None
+
+    def reset(self) -> None:
+        self.grads.clear()

@@ -41,7 +41,7 @@ from dsv3.train import checkpoint as ckpt
 from dsv3.train.distributed import DistributedSteps
 from dsv3.train.evaluate import router_entropy, unigram_loss, validation_loss
 from dsv3.train.loader import build_data
-from dsv3.train.master_weights import keep_master_weights
+from dsv3.train.master_weights import Float32GradAccumulation, keep_master_weights
 from dsv3.train.metrics import CollapseMonitor, expert_load_stats, peak_memory
 from dsv3.train.optim import (
     bias_update_speed,
@@ -165,6 +165,10 @@ class Trainer:
         else:
             self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.tc, masters=self.masters)
+        self.fp32_grads: Float32GradAccumulation | None = None  # bf16 weights over several micro-batches
+        if self.masters and self.n_micro > 1:
+            self.fp32_grads = Float32GradAccumulation(list(self.masters))
+            self.optimizer.grads = self.fp32_grads.grads
         # No host sync inside a step: fused AdamW (and MixedAdamW) skips a non-finite step on the device,
         # and a step's numbers are read back while the next one runs (`fit`). Every rank computes the
         # same flag (the loss parts are all-reduced, the norm is global). DTensor refuses a mix of plain
@@ -312,7 +316,10 @@ class Trainer:
             grad_norm = self.steps.clip(max_norm, apply=not fold)
         else:
             parts, load = self._forward_backward()
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if self.fp32_grads is not None:
+                grads = list(self.fp32_grads.grads.values())
+            else:
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = total_grad_norm(grads)
             if not fold:
                 torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, grad_norm)
@@ -326,6 +333,8 @@ class Trainer:
             for moe, layer_load in zip(self.model.moe_layers(), load, strict=True):
                 moe.update_bias(gamma, layer_load, stepped)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.fp32_grads is not None:
+            self.fp32_grads.reset()
         self.step += 1
         numbers = {"parts": parts, "grad_norm": grad_norm, "finite": finite}
         if load is not None and load.numel():
