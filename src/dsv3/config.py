@@ -286,9 +286,9 @@ class TrainConfig(_Strict):
     param_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", description="the model's weights while training: bfloat16 keeps bf16 weights "
         "for the forward and backward (no casts each step, bf16 gradients, a bf16 residual stream) and "
-        "their float32 masters in the optimizer, micro-batch gradients summed in float32, as Megatron's bf16 "
-        "training does; checkpoints hold the "
-        "float32 masters. One process only (FSDP already computes in bf16 from float32 shards)",
+        "their float32 masters in the optimizer, micro-batch gradients summed in float32, as Megatron's "
+        "bf16 training does; checkpoints hold the float32 masters. One process only (FSDP already "
+        "computes in bf16 from float32 shards)",
     )
     grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
     mtp_lambda: float = Field(default=0.3, ge=0, description="weight of the MTP loss")
