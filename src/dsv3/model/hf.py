@@ -323,7 +323,7 @@ def save_hf(
     overwrite: bool = False,
 ) -> None:
     """Write `model` as a HF DeepSeek-V3 checkpoint directory that transformers' from_pretrained reads."""
-    state = model.state_dict()  # a bf16-trained model's holds its float32 masters (train.master_weights)
+    state = model.state_dict()  # with bf16 weights: their float32 masters (dsv3.train.master_weights)
     dtype = parse_dtype(dtype) or state.get("lm_head.weight", model.lm_head.weight).dtype
     table = hf_tensor_table(model)
 

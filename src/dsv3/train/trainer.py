@@ -157,13 +157,12 @@ class Trainer:
                 )
         torch.manual_seed(self.tc.seed)
         self.steps: DistributedSteps | None = None
-        self.masters: dict[torch.nn.Parameter, torch.Tensor] | None = None  # train.param_dtype bfloat16
         if self.distributed:
             par = parallelize(cfg, meshes, self.device, torch.bfloat16 if use_bf16 else None, self.n_micro)
-            self.model = par.parts
+            self.model, self.masters = par.parts, None
             self.steps = DistributedSteps(cfg, par, self.device, self.autocast)
         else:
-            self.model = self._build_model()
+            self.model, self.masters = self._build_model()
         self.optimizer = build_optimizer(self.model, self.tc, masters=self.masters)
         self.fp32_grads: Float32GradAccumulation | None = None  # bf16 weights over several micro-batches
         if self.masters and self.n_micro > 1:
@@ -215,7 +214,9 @@ class Trainer:
         self.collapse = CollapseMonitor(self._moe_names(), m.n_routed_experts / m.num_experts_per_tok)
 
     # --- setup ---------------------------------------------------------------------------------
-    def _build_model(self) -> torch.nn.Module:
+    def _build_model(self) -> tuple[torch.nn.Module, dict[torch.nn.Parameter, torch.Tensor] | None]:
+        """The one-process model, laid out and compiled as `train:` says, and the float32 masters of its
+        weights with `param_dtype: bfloat16` (None otherwise)."""
         from dsv3.model import Transformer
 
         if self.resume_from is not None and not is_sharded(self.resume_from):
@@ -224,8 +225,9 @@ class Trainer:
             model = Transformer(self.cfg.model, seed=self.tc.seed).to(self.device)
         model.activation_checkpointing = self.tc.activation_checkpointing
         model.loss_chunk_tokens = self.tc.loss_chunk_tokens
+        masters = None
         if self.tc.param_dtype == "bfloat16":
-            self.masters = keep_master_weights(model)
+            masters = keep_master_weights(model)  # before compiling: the graphs see bf16 weights
         if self.tc.fp8:
             convert_to_fp8(model)
         if self.tc.compile == "model":
@@ -233,7 +235,7 @@ class Trainer:
         elif self.tc.compile:
             model.compile_blocks()
         model.train()
-        return model
+        return model, masters
 
     def _restore(self, directory: Path, group: dist.ProcessGroup | None) -> dict:
         """Weights (unless `_build_model` loaded them), optimizer and RNG state; the trainer state."""
