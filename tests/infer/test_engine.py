@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from dsv3.infer import generate
-from dsv3.infer.engine import EngineConfig, LLMEngine, RequestError, model_runner
+from dsv3.infer.engine import EngineConfig, LLMEngine, RequestError, RequestOutput, model_runner
 from dsv3.infer.llm import LLM
 from dsv3.infer.sampling import SamplingParams
 from dsv3.model.hf import load_hf
@@ -427,6 +427,65 @@ def test_logprobs_are_the_models_own(references):
         assert all(abs(v - float(w)) < 1e-4 for (_, v), w in zip(top, values, strict=True))
 
 
+@pytest.mark.parametrize("name", ["default", "chunked-prefill", "tiny-cache-preempts", "async-scheduling"])
+def test_prompt_logprobs_are_the_models_own_however_the_prompt_is_computed(references, name):
+    """Every prompt token's logprob and top logprobs are log-softmax of a full forward (no cache) at
+    the position before it, through chunked prefill, preemption and overlapped steps; the shared
+    prompts still score every token (the prefix cache is bypassed until they are scored), and
+    completions stay those of plain greedy decoding."""
+    model, prompts, refs = references
+    engine = LLMEngine(model, None, EngineConfig(**{"max_model_len": 64, **CONFIGS[name]}))
+    params = SamplingParams(max_tokens=N_NEW, temperature=0, prompt_logprobs=2)
+    outs, step, pending = {}, 0, list(enumerate(prompts))
+    while pending or engine.has_unfinished_requests():
+        while pending and ARRIVALS[pending[0][0]] <= step:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, params)
+        for out in engine.step():
+            if out.finished:
+                outs[int(out.request_id)] = out
+        step += 1
+    assert engine.blocks.num_used == 0
+    assert name != "tiny-cache-preempts" or engine.stats.preemptions > 0
+    for i, p in enumerate(prompts):
+        out = outs[i]
+        assert out.outputs[0].token_ids == refs[i]
+        with torch.no_grad():
+            lp = model(torch.tensor([p]))[0, :-1].float().log_softmax(-1)
+        assert len(out.prompt_logprobs) == len(out.prompt_top_logprobs) == len(p)
+        assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] == []
+        for t in range(1, len(p)):
+            assert abs(out.prompt_logprobs[t] - float(lp[t - 1, p[t]])) < 1e-4, (i, t)
+            values, ids = lp[t - 1].topk(2)
+            assert [j for j, _ in out.prompt_top_logprobs[t]] == ids.tolist()
+            assert all(
+                abs(v - float(w)) < 1e-4 for (_, v), w in zip(out.prompt_top_logprobs[t], values, strict=True)
+            )
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache_only_while_unscored(references):
+    """A request asking for prompt logprobs computes every prompt position even when its prefix is
+    cached; its other completions (n = 2) still take the cache, and so do requests without them."""
+    model, _, _ = references
+    llm = LLM.from_model(model, config=EngineConfig(max_model_len=64, block_size=4))
+    blocks, prompt, plain = llm.engine.blocks, SHARED + [1, 2, 3], SamplingParams(max_tokens=2, temperature=0)
+
+    def hits(params: SamplingParams) -> tuple[int, RequestOutput]:
+        before = blocks.prefix_hits
+        out = llm.generate([prompt], params)[0]
+        return blocks.prefix_hits - before, out
+
+    hits(plain)
+    cached, _ = hits(plain)
+    assert cached > 0
+    scored, out = hits(SamplingParams(max_tokens=2, temperature=0, n=2, prompt_logprobs=0))
+    assert scored == cached  # the second completion's hits only
+    assert len(out.prompt_logprobs) == len(prompt) and all(v < 0 for v in out.prompt_logprobs[1:])
+    assert out.prompt_top_logprobs[1:] == [[]] * (len(prompt) - 1)
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids
+    assert hits(plain)[0] == cached
+
+
 def test_stop_token_ids_eos_and_max_tokens_end_a_sequence(references):
     model, prompts, refs = references
     ref = refs[0]
@@ -587,6 +646,7 @@ def test_a_prompt_admitted_into_an_overlapped_step_is_prefilled_once(references)
     stop = refs[0][5]
     first = refs[0].index(stop)
     engine = LLMEngine(model, None, EngineConfig(async_scheduling=True))
+
     def prefilled(batch, after=None):
         return [s.seq.request_id for s in batch.prefill]
 

@@ -86,6 +86,63 @@ def test_several_prompts_and_n_are_indexed_choices(server):
     assert [c["index"] for c in ids] == [0, 1, 2, 3]
 
 
+def test_echo_returns_the_prompt_and_its_logprobs_before_the_completion(server, offline):
+    """`echo` + `logprobs` (what lm-eval's local-completions sends to score): the prompt's text and
+    tokens come first, the first token's logprob null, the rest the engine's prompt_logprobs
+    (checked against a full forward in test_engine), then the completion as without echo."""
+    client, llm = server
+    tok = llm.engine.tokenizer
+    ids = tok.encode_prompt("The river")
+    want = offline.generate(ids, SamplingParams(max_tokens=3, temperature=0, logprobs=1, prompt_logprobs=1))[
+        0
+    ]
+    request = {"prompt": "The river", "max_tokens": 3, "temperature": 0, "logprobs": 1, "echo": True}
+    choice = client.post("/v1/completions", json=request).json()["choices"][0]
+    c = want.outputs[0]
+    assert choice["text"] == "The river" + c.text
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"] == [*want.prompt_logprobs, *c.logprobs]
+    assert lp["tokens"] == [tok.decode([t], skip_special_tokens=False) for t in ids + c.token_ids]
+    assert lp["top_logprobs"][0] is None
+    top = [
+        {tok.decode([i], skip_special_tokens=False): v for i, v in t} for t in want.prompt_top_logprobs[1:]
+    ]
+    assert lp["top_logprobs"][1 : len(ids)] == top
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and len(lp["text_offset"]) == len(ids) + 3
+    # token ids in, decoded text out; streamed, the first chunk carries the prompt
+    by_ids = client.post("/v1/completions", json={**request, "prompt": ids}).json()["choices"][0]
+    assert by_ids["logprobs"]["token_logprobs"] == lp["token_logprobs"]
+    assert by_ids["text"] == tok.decode(ids) + c.text
+    events = _events(client.post("/v1/completions", json={**request, "stream": True}))
+    chunks = [e["choices"][0] for e in events[:-1]]
+    assert "".join(ch["text"] for ch in chunks) == choice["text"]
+    assert sum((ch["logprobs"]["token_logprobs"] for ch in chunks), []) == lp["token_logprobs"]
+    # echo without logprobs: only the text
+    plain = client.post("/v1/completions", json={**request, "logprobs": None}).json()["choices"][0]
+    assert plain["text"] == choice["text"] and plain["logprobs"] is None
+
+
+def test_tokenizer_endpoints_tokenize_as_the_server_does(server):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's remote tokenizer)."""
+    client, llm = server
+    tok = llm.engine.tokenizer
+    r = client.post("/tokenize", json={"prompt": "The river"}).json()
+    assert r["tokens"] == tok.encode_prompt("The river") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == MAX_LEN
+    bare = client.post("/tokenize", json={"prompt": "The river", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tok.encode("The river")
+    messages = [{"role": "user", "content": "hi"}]
+    assert client.post("/tokenize", json={"messages": messages}).json()["tokens"] == tok.encode_chat(messages)
+    assert client.post("/detokenize", json={"tokens": bare["tokens"]}).json() == {"prompt": "The river"}
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["chat_template"] == tok.chat_template
+    _error(client.post("/tokenize", json={"prompt": "x", "messages": messages}), 400, "prompt")
+    _error(client.post("/tokenize", json={}), 400, "prompt")
+    _error(client.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+    _error(client.post("/detokenize", json={"tokens": "abc"}), 400, "tokens")
+    assert client.post("/tokenize", json={"prompt": "x", "model": "gpt-4"}).status_code == 404
+
+
 def test_streaming_completion_adds_up_to_the_whole(server):
     client, _ = server
     request = {"prompt": "The baker", "max_tokens": 10, "temperature": 0, "logprobs": 1}
@@ -179,7 +236,8 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
         ({"prompt": "x", "logit_bias": {"five": 1.0}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {str(10**6): 1.0}}, "logit_bias"),
-        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "echo": True, "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": [10**6]}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({}, "prompt"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import dsv3
@@ -143,6 +144,48 @@ def test_concurrent_requests_equal_sequential_generation(live, offline):
         return [o.choices[0].text for o in outs]
 
     assert asyncio.run(main()) == sequential
+    _idle(live)
+
+
+def _loglikelihood(model, ids: list[int], n_context: int) -> tuple[float, bool]:
+    """Sum of the log-probabilities of ids[n_context:] after the rest, and whether each is the argmax:
+    one full forward, no cache."""
+    with torch.no_grad():
+        lp = model(torch.tensor([ids]))[0, n_context - 1 : -1].float().log_softmax(-1)
+    target = torch.tensor(ids[n_context:])
+    return float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())
+
+
+def test_lm_eval_local_completions_scores_through_dsv3_serve(live, offline):
+    """lm-evaluation-harness's `local-completions` model, as `lm_eval --model local-completions
+    --model_args base_url=.../v1/completions,tokenizer_backend=remote` runs it: it tokenizes through
+    /tokenize and scores with echo + logprobs; its loglikelihoods (and greedy flags) equal those of a
+    full forward of the model, for pairs and for a rolling loglikelihood."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(
+        base_url=f"{live}/v1/completions", model="tiny", tokenizer_backend="remote", max_length=MAX_LEN,
+        batch_size=3,
+    )  # fmt: skip
+    pairs = [
+        ("The river", " runs"),
+        ("Once upon a", " time"),
+        ("The baker", " baked bread"),
+        ("Rain", " fell"),
+    ]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    tok, model = offline.engine.tokenizer, offline.engine.model
+    for (context, continuation), (logprob, greedy) in zip(pairs, got, strict=True):
+        want, want_greedy = _loglikelihood(
+            model, tok.encode(context + continuation), len(tok.encode(context))
+        )
+        assert abs(logprob - want) < 1e-3 and greedy == want_greedy
+    text = "The river ran past the old mill."
+    (rolling,) = lm.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True
+    )
+    assert abs(rolling - _loglikelihood(model, [tok.eos_id, *tok.encode(text)], 1)[0]) < 1e-3
     _idle(live)
 
 

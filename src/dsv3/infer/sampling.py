@@ -2,9 +2,9 @@
 
 `SamplingParams` holds what vLLM and the OpenAI API call them (temperature, top_p, top_k, min_p,
 repetition/presence/frequency penalties, logit_bias, stop strings and token ids, n, seed, logprobs,
-max_tokens). The sampler applies them to a batch of rows, each with its own values, in vLLM's
-order: logit_bias added to the raw logits → penalties → temperature → min_p → top_k → top_p → one
-draw (greedy rows: the argmax after the bias and penalties).
+prompt_logprobs, max_tokens). The sampler applies them to a batch of rows, each with its own values,
+in vLLM's order: logit_bias added to the raw logits → penalties → temperature → min_p → top_k →
+top_p → one draw (greedy rows: the argmax after the bias and penalties).
 
 Reproducibility: a row's draw is the inverse CDF at one uniform number that depends only on the
 request's seed, the index of the token in its output and a stream number (`uniform`), so a seeded
@@ -72,6 +72,9 @@ class SamplingParams(BaseModel):
     include_stop_str_in_output: bool = False
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top logprobs per token")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="logprobs of the prompt's tokens, and this many top"
+    )
     skip_special_tokens: bool = True
     # added to a token's logit before anything else (OpenAI's ±100 range); a dict {token id: bias} in
     # (JSON object keys may be strings of ids), held as sorted (id, bias) pairs so params stay hashable

@@ -40,6 +40,7 @@ class TextTokenizer:
         self.tokenizer, self.config = tokenizer, dict(config or {})
         self.bos_token = _token_text(self.config.get("bos_token")) or BOS
         self.eos_token = _token_text(self.config.get("eos_token")) or EOS
+        self.pad_token = _token_text(self.config.get("pad_token"))
         self.bos_id = tokenizer.token_to_id(self.bos_token)
         self.eos_id = tokenizer.token_to_id(self.eos_token)
         if self.eos_id is None:

@@ -78,7 +78,7 @@ class BlockManager:
         """(block ids, keys) of the longest cached prefix of `seq`'s tokens."""
         blocks: list[int] = []
         keys: list[int] = []
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.scores_prompt:
             return blocks, keys
         prev = None
         while (len(blocks) + 1) * self.block_size < seq.num_tokens:

@@ -69,6 +69,10 @@ class RequestOutput:
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    # with SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first, which
+    # nothing predicts) and the top logprobs at its position; filled as the prompt is computed
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -342,6 +346,8 @@ class LLMEngine:
             self.stats.spec_drafts += 1
             self.stats.spec_accepted += int(res.accepted)
         seq.draft = res.draft
+        if res.prompt is not None:
+            self._record_prompt_scores(seq, *res.prompt)
         kept, stopped = 0, False
         for j, token in enumerate(res.tokens):
             seq.token_ids.append(token)
@@ -359,6 +365,21 @@ class LLMEngine:
             seq.finish_time = now
             self.scheduler.finish(seq)
         return kept
+
+    @staticmethod
+    def _record_prompt_scores(
+        seq: Sequence, first: int, logprobs: list[float], top: list[list[tuple[int, float]]]
+    ) -> None:
+        """Append the prompt logprobs a row computed from prompt token `first` on, skipping those
+        already known (a preempted sequence recomputes its prompt)."""
+        skip = len(seq.prompt_logprobs) + 1 - first
+        if skip < 0:
+            raise RuntimeError(
+                f"request {seq.request_id}: prompt logprobs from token {first} arrived before those of "
+                f"tokens {len(seq.prompt_logprobs) + 1}..{first - 1}"
+            )
+        seq.prompt_logprobs += logprobs[skip:]
+        seq.prompt_top_logprobs += top[skip:]
 
     def _stopped(self, seq: Sequence, token: int) -> bool:
         """Append `token`'s text and decide whether `seq` ends here (and why). The text of an eos or
@@ -418,6 +439,11 @@ class LLMEngine:
             )
         times = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         finish = [s.finish_time for s in req.seqs]
+        scored = req.seqs[0]  # the completion that computes the prompt's logprobs (`Sequence.scores_prompt`)
+        prompt_logprobs = prompt_top = None
+        if req.params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *scored.prompt_logprobs]
+            prompt_top = [[], *scored.prompt_top_logprobs]
         return RequestOutput(
             req.request_id,
             req.prompt_ids,
@@ -427,6 +453,8 @@ class LLMEngine:
             req.arrival_time,
             min(times) if times else None,
             max(finish) if req.finished and all(f is not None for f in finish) else None,
+            prompt_logprobs,
+            prompt_top,
         )
 
     # --- state for /metrics and tests ----------------------------------------------------------

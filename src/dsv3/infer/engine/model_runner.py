@@ -58,6 +58,7 @@ __all__ = ["ModelRunner", "Launched", "RowResult", "batch_buckets", "GRAPH_TOKEN
 log = logging.getLogger(__name__)
 
 GRAPH_TOKENS = 2048  # forwards up to this many padded tokens run as captured steps (bounds graph memory)
+PROMPT_SCORE_TOKENS = 512  # prompt positions taken through the head at once (bounds the float32 logits)
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -82,6 +83,8 @@ class RowResult:
     draft: int | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # prompt_logprobs: (the first prompt token scored, the logprobs of it and those after, their top)
+    prompt: tuple[int, list[float], list[list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -109,6 +112,30 @@ class _Group:
     pending: PendingSample | None
     drafts: torch.Tensor | None = None  # speculating: the next draft of each sampling row, in row order
     drafts_host: HostCopy | None = None  # the same, on its way to the host
+    prompt: _PromptScores | None = None
+
+
+@dataclass
+class _PromptScores:
+    """The logprobs of prompt tokens that a forward's rows fed (`prompt_logprobs`), on their way to
+    the host: per row, the first prompt token scored and how many, in row order."""
+
+    spans: dict[int, tuple[int, int]]
+    top_counts: dict[int, int]
+    host: HostCopy
+
+    def rows(self) -> dict[int, tuple[int, list[float], list[list[tuple[int, float]]]]]:
+        host = {name: t.tolist() for name, t in self.host.get().items()}
+        out, at = {}, 0
+        for r, (first, n) in self.spans.items():
+            k = self.top_counts[r]
+            tops = [[] for _ in range(n)]
+            if k:
+                ids, values = host["top_ids"][at : at + n], host["top_values"][at : at + n]
+                tops = [list(zip(i[:k], v[:k], strict=True)) for i, v in zip(ids, values, strict=True)]
+            out[r] = (first, host["logprobs"][at : at + n], tops)
+            at += n
+        return out
 
 
 @dataclass
@@ -596,11 +623,42 @@ class ModelRunner:
                 if not all(row.params.greedy for row in sampling):  # draws read the index shift
                     shift = fwd.shift[to_device([r for r, _ in picks], self.device, torch.long)]
             pending = sample_async(self.model.lm_head(h).float(), sampling, drafts, shift)
-        group = _Group(fwd.items, picks, pending)
+        group = _Group(fwd.items, picks, pending, prompt=self._score_prompts(fwd))
         if self.speculative:
             group.drafts = self._draft(fwd, group)
             group.drafts_host = HostCopy({"drafts": group.drafts})
         return group
+
+    def _score_prompts(self, fwd: _Forward) -> _PromptScores | None:
+        """Enqueue the logprobs of the prompt tokens this forward's rows predict, for sequences that
+        ask for them: the hidden state at position p scores token p + 1, from the first token not
+        scored yet (a chunk recomputed after preemption is not scored twice) to the prompt's end."""
+        spans, flat, targets, T = {}, [], [], fwd.hidden.shape[1]
+        for r, s in enumerate(fwd.items):
+            seq = s.seq
+            if s.pending or not seq.scores_prompt:
+                continue
+            first = max(s.start, len(seq.prompt_logprobs))  # hidden positions [first, end)
+            end = min(s.start + s.num_tokens, seq.num_prompt - 1)
+            if end > first:
+                spans[r] = (first + 1, end - first)
+                flat += [r * T + p - s.start for p in range(first, end)]
+                targets += seq.token_ids[first + 1 : end + 1]
+        if not spans:
+            return None
+        top_counts = {r: fwd.items[r].seq.params.prompt_logprobs for r in spans}
+        want = max(top_counts.values())
+        h = fwd.hidden.flatten(0, 1)[device_index(flat, self.device)]
+        targets = to_device(targets, self.device, torch.long)
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "top_values": [], "top_ids": []}
+        for i in range(0, len(flat), PROMPT_SCORE_TOKENS):
+            lp = self.model.lm_head(h[i : i + PROMPT_SCORE_TOKENS]).float().log_softmax(-1)
+            parts["logprobs"].append(lp.gather(1, targets[i : i + PROMPT_SCORE_TOKENS, None]).squeeze(1))
+            if want:
+                top = lp.topk(want, dim=-1)
+                parts["top_values"].append(top.values)
+                parts["top_ids"].append(top.indices)
+        return _PromptScores(spans, top_counts, HostCopy({k: torch.cat(v) for k, v in parts.items() if v}))
 
     def _results(self, g: _Group) -> list[RowResult]:
         out = None if g.pending is None else g.pending.result()
@@ -608,6 +666,9 @@ class ModelRunner:
         for k, (r, _) in enumerate(g.picks):
             taken.setdefault(r, []).append(k)
         results = [self._result(s, out, taken.get(r, [])) for r, s in enumerate(g.items)]
+        if g.prompt is not None:
+            for r, scores in g.prompt.rows().items():
+                results[r].prompt = scores
         if g.drafts_host is not None:
             for r, draft in zip(sorted(taken), g.drafts_host.get()["drafts"].tolist(), strict=True):
                 results[r].draft = draft

@@ -50,6 +50,9 @@ class Sequence:
     output_text: str = ""
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # prompt_logprobs: the log-probability of prompt tokens 1, 2, ... (token 0 has none) and their top
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     first_token_time: float | None = None
@@ -78,6 +81,14 @@ class Sequence:
     def num_uncomputed(self) -> int:
         """Tokens a step still has to feed before the next token can be sampled."""
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether this sequence still has prompt logprobs to compute. Only a request's first
+        completion computes them (they are the same for all n), and it bypasses the prefix cache
+        until they are all known: cached positions are never fed, so their logprobs would be missing."""
+        wanted = self.params.prompt_logprobs is not None and self.index == 0
+        return wanted and len(self.prompt_logprobs) < self.num_prompt - 1
 
     @property
     def finished(self) -> bool:

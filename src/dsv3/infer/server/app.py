@@ -3,6 +3,7 @@
     POST /v1/completions        text or token-id prompts (one or several), SSE with "stream": true
     POST /v1/chat/completions   messages rendered with the tokenizer's chat template
     GET  /v1/models             the one model served
+    POST /tokenize, /detokenize and GET /tokenizer_info (vLLM's: lm-eval's remote tokenizer uses them)
     GET  /health                200 while serving, 503 while draining
     GET  /metrics               Prometheus text (metrics.py)
 
@@ -206,18 +207,22 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
         return [finals[i] for i in range(len(streams))]
 
     async def stream_events(
-        streams: list[RequestStream], n: int, chunk, final_usage: bool
+        streams: list[RequestStream], n: int, chunk, final_usage: bool, after_prompt: bool = False
     ) -> AsyncIterator[str]:
-        """SSE: one chunk per choice and step (`chunk(index, out, completion, first)`), then [DONE]."""
+        """SSE: one chunk per choice and step (`chunk(index, out, completion, text, start, first)`),
+        then [DONE]. `after_prompt`: a choice's first chunk waits for its first token (`echo`: the
+        prompt's logprobs are complete by then)."""
         sent: dict[int, tuple[int, int]] = {}  # choice → (characters, tokens) already sent
         finals: dict[int, RequestOutput] = {}
         try:
             async for i, out in _merge(streams):
                 for c in out.outputs:
                     index = i * n + c.index
+                    if after_prompt and not c.token_ids and c.finish_reason is None:
+                        continue
                     chars, toks = sent.get(index, (0, 0))
                     if len(c.text) > chars or c.finish_reason is not None or index not in sent:
-                        yield _sse(chunk(index, c, c.text[chars:], toks, index not in sent))
+                        yield _sse(chunk(index, out, c, c.text[chars:], toks, index not in sent))
                         sent[index] = (len(c.text), len(c.token_ids))
                 if out.finished:
                     finals[i] = out
@@ -225,7 +230,7 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
             if final_usage:
                 yield _sse(
                     {
-                        **chunk(None, None, "", 0, False),
+                        **chunk(None, None, None, "", 0, False),
                         "choices": [],
                         "usage": api.usage(list(finals.values())),
                     }
@@ -260,31 +265,57 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
         }
         return {"object": "list", "data": [card]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: api.TokenizeRequest) -> dict:
+        check_model(body.model)
+        try:
+            ids = body.ids(tokenizer)
+        except Exception as err:
+            raise _api_error(err) from None
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: api.DetokenizeRequest) -> dict:
+        check_model(body.model)
+        try:
+            return {"prompt": body.text(tokenizer, engine.engine.model.config.vocab_size)}
+        except Exception as err:
+            raise _api_error(err) from None
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        return api.tokenizer_info(tokenizer, max_model_len)
+
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
         request_id, streams = submit(body, "cmpl")
         head = {"id": request_id, "object": "text_completion", "created": api.created(), "model": model_name}
+        echoed = body.echoed(tokenizer) if body.echo else None
 
-        def logprobs(c, start: int, offset: int):
-            return api.completion_logprobs(tokenizer, c, start, offset)
+        def choice(index: int, out: RequestOutput, c, text: str, start: int, first: bool) -> dict:
+            """A choice's `text` (the completion's from token `start` on), after the prompt's with
+            `echo` in the choice's first chunk (or its whole answer)."""
+            logprobs = api.completion_logprobs(tokenizer, c, start, len(c.text) - len(text))
+            if echoed is not None and first:
+                text, logprobs = api.echoed_choice(tokenizer, echoed[index // body.n], out, text, logprobs)
+            return api.completion_choice(index, text, c, logprobs)
 
         if body.stream:
 
-            def chunk(index, c, text, start, first):  # noqa: ARG001
-                if c is None:
-                    return head
-                choice = api.completion_choice(index, text, c, logprobs(c, start, len(c.text) - len(text)))
-                return {**head, "choices": [choice]}
+            def chunk(index, out, c, text, start, first):
+                return head if c is None else {**head, "choices": [choice(index, out, c, text, start, first)]}
 
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                stream_events(streams, body.n, chunk, usage), media_type="text/event-stream"
+                stream_events(streams, body.n, chunk, usage, after_prompt=body.echo),
+                media_type="text/event-stream",
             )
         outs = await collect(streams, request)
         choices = [
-            api.completion_choice(i * body.n + c.index, c.text, c, logprobs(c, 0, 0))
-            for i, out in enumerate(outs) for c in out.outputs
-        ]  # fmt: skip
+            choice(i * body.n + c.index, out, c, c.text, 0, True)
+            for i, out in enumerate(outs)
+            for c in out.outputs
+        ]
         return JSONResponse({**head, "choices": choices, "usage": api.usage(outs)})
 
     @app.post("/v1/chat/completions")
@@ -294,7 +325,7 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
 
         if body.stream:
 
-            def chunk(index, c, text, start, first):
+            def chunk(index, out, c, text, start, first):  # noqa: ARG001
                 if c is None:
                     return {**head, "object": "chat.completion.chunk"}
                 delta = {"role": "assistant", "content": text} if first else {"content": text}

@@ -2,8 +2,12 @@
 
 Requests are pydantic models that reject unknown fields, so a misspelt parameter is a 400 naming
 it rather than silently ignored. Fields of the OpenAI API that would change the output and that
-dsv3 does not implement (tools, echo, suffix, best_of ≠ n, a JSON response_format)
-are a 400 naming the field too; fields that only label a request (user, metadata) are accepted.
+dsv3 does not implement (tools, suffix, best_of ≠ n, a JSON response_format) are a 400 naming the
+field too; fields that only label a request (user, metadata) are accepted.
+
+`echo` with `logprobs` on /v1/completions returns the prompt's tokens with their logprobs before the
+completion's (the first token's is null, nothing predicts it): how lm-evaluation-harness's
+`local-completions` model scores loglikelihood tasks against a server.
 """
 
 from __future__ import annotations
@@ -78,8 +82,6 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         """RequestError for a field set to something dsv3 does not implement."""
-        if self.echo:
-            raise Unsupported("echo", "is not supported")
         if self.suffix:
             raise Unsupported("suffix", "is not supported")
         if self.best_of is not None and self.best_of != self.n:
@@ -97,6 +99,12 @@ class CompletionRequest(_Sampling):
         if all(isinstance(x, str) for x in p):
             return [tokenizer.encode_prompt(x) for x in p]
         return [list(x) for x in p]
+
+    def echoed(self, tokenizer: TextTokenizer) -> list[str]:
+        """The text `echo` puts before each prompt's completions: the prompt as sent, token ids decoded."""
+        p = self.prompt
+        prompts = [p] if isinstance(p, str) or all(isinstance(x, int) for x in p) else p
+        return [x if isinstance(x, str) else tokenizer.decode(x, self.skip_special_tokens) for x in prompts]
 
 
 class ChatMessage(BaseModel):
@@ -144,6 +152,54 @@ class ChatRequest(_Sampling):
         return [tokenizer.encode_chat(messages, self.add_generation_prompt)]
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a completion prompt (with the document start unless add_special_tokens is
+    false) or a chat rendered with the template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    def ids(self, tokenizer: TextTokenizer) -> list[int]:
+        if (self.prompt is None) == (self.messages is None):
+            raise RequestError("prompt", "give either prompt or messages")
+        if self.messages is not None:
+            chat = ChatRequest(messages=self.messages, add_generation_prompt=self.add_generation_prompt)
+            return chat.prompts(tokenizer)[0]
+        return (
+            tokenizer.encode_prompt(self.prompt) if self.add_special_tokens else tokenizer.encode(self.prompt)
+        )
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+    def text(self, tokenizer: TextTokenizer, vocab_size: int) -> str:
+        bad = [t for t in self.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError("tokens", f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        return tokenizer.decode(self.tokens, skip_special_tokens=False)
+
+
+def tokenizer_info(tokenizer: TextTokenizer, max_model_len: int) -> dict[str, Any]:
+    """vLLM's /tokenizer_info: what a client needs to tokenize as the server does."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.bos_token if tokenizer.bos_id is not None else None,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "add_bos_token": tokenizer.add_bos,
+        "chat_template": tokenizer.chat_template,
+        "model_max_length": max_model_len,
+        "vocab_size": tokenizer.vocab_size,
+    }
+
+
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "seed",
@@ -165,6 +221,9 @@ def sampling_params(request: CompletionRequest | ChatRequest) -> SamplingParams:
     else:
         values["max_tokens"] = request.max_tokens
         values["logprobs"] = request.logprobs
+        if request.echo and request.logprobs is not None:
+            values["prompt_logprobs"] = request.logprobs
+            names["prompt_logprobs"] = "logprobs"
     try:
         return SamplingParams(**values)
     except ValidationError as e:
@@ -204,6 +263,29 @@ def completion_logprobs(
         "token_logprobs": out.logprobs[start:],
         "top_logprobs": [{_token(tokenizer, i): lp for i, lp in top} for top in out.top_logprobs[start:]],
         "text_offset": offsets,
+    }
+
+
+def echoed_choice(
+    tokenizer: TextTokenizer, prefix: str, out: RequestOutput, text: str, logprobs: dict | None
+) -> tuple[str, dict | None]:
+    """(text, logprobs) of a completion with `echo`: the prompt's text and, when logprobs were asked
+    for, its tokens' logprobs (`out.prompt_logprobs`) in front of the completion's."""
+    if logprobs is None or out.prompt_logprobs is None:
+        return prefix + text, logprobs
+    tokens = [_token(tokenizer, t) for t in out.prompt_token_ids]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return prefix + text, {
+        "tokens": tokens + logprobs["tokens"],
+        "token_logprobs": out.prompt_logprobs + logprobs["token_logprobs"],
+        "top_logprobs": [None]
+        + [{_token(tokenizer, i): lp for i, lp in top} for top in out.prompt_top_logprobs[1:]]
+        + logprobs["top_logprobs"],
+        # as vLLM: offsets add up the tokens' texts, prompt then completion (special tokens count too)
+        "text_offset": offsets + [at + o for o in logprobs["text_offset"]],
     }
 
 
