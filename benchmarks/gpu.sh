@@ -6,7 +6,7 @@
 #
 # STEPS picks a subset (default: all, in this order):
 #     parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy
-#     train_bf16_moments train_bf16_weights train_fp8 train_whole_compile train_8k train_32k serve decode
+#     train_bf16_moments train_fp32_weights train_bf16_weights train_fp8 train_whole_compile train_8k train_32k serve decode
 #     decode_fp8 decode_fp32 moe_layer
 # PROFILE=1 adds the `train` step's kernel tables and traces; the profiler stays attached to the process
 # and slows later launches, so that step's later systems are then timed slow: headline figures without it.
@@ -16,7 +16,7 @@ set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_bf16_weights train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32 moe_layer}
+steps=${STEPS:-parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_fp32_weights train_bf16_weights train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32 moe_layer}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -54,6 +54,9 @@ step cross_entropy benchmarks/cross_entropy.py
 # AdamW's moments in bf16 (train.optimizer_state_dtype, DeepSeek-V3's): memory and the optimizer's time
 step train_bf16_moments benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
     --moments bfloat16 --systems trainer
+# float32 weights under bf16 autocast (train.param_dtype: float32, the default before 2026-12-01)
+step train_fp32_weights benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \
+    --param-dtype float32 --systems trainer
 # bf16 weights with float32 masters in the optimizer (train.param_dtype), with bf16 moments, beside
 # compiled transformers in the same process
 step train_bf16_weights benchmarks/train_step.py --preset small --batch 8 --seq 2048 --steps 10 --compile \

@@ -72,9 +72,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--mtp", action="store_true", help="dsv3 also trains its MTP depth(s), λ=0.3")
     p.add_argument("--moments", choices=["float32", "bfloat16"], default="float32",
                    help="the trainer's AdamW moments (train.optimizer_state_dtype)")
-    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--param-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the trainer's weights (train.param_dtype): bfloat16 = bf16 weights, float32 masters "
-                        "in the optimizer")
+                        "in the optimizer; auto (as `dsv3 train`) = bfloat16 on a GPU")
     p.add_argument("--fp8", action="store_true",
                    help="dsv3 (trainer and bare step): FP8 linears, blockwise-scaled (train.fp8)")
     p.add_argument(
@@ -250,7 +250,7 @@ def _write_random_shards(directory: Path, vocab_size: int, windows: int, seq: in
 
 
 def _trainer_precision(param_dtype: str, device: torch.device) -> str:
-    if param_dtype == "bfloat16":
+    if param_dtype == "bfloat16" or (param_dtype == "auto" and device.type == "cuda"):
         autocast = " + bf16 autocast" if device.type == "cuda" else ""
         return "bf16 weights, fp32 masters in the optimizer" + autocast
     return "fp32 master + bf16 autocast" if device.type == "cuda" else "fp32"

@@ -12,6 +12,7 @@ from dsv3.config import (
     PRESETS_DIR,
     ConfigError,
     ModelConfig,
+    TrainConfig,
     load_model_config,
     load_run_config,
     preset_names,
@@ -270,3 +271,22 @@ def test_chunked_loss_with_a_pipeline_is_refused():
     message = _error("tiny", ["train.loss_chunk_tokens=4096", "parallel.gpus=2", "parallel.pp=2"])
     assert "loss_chunk_tokens" in message and "pp" in message
     assert load_run_config("tiny", ["train.loss_chunk_tokens=4096"]).train.loss_chunk_tokens == 4096
+
+
+@pytest.mark.parametrize(
+    "param_dtype, dtype, device, processes, bf16",
+    [
+        ("auto", "auto", "cuda", 1, True),  # one GPU: bf16 weights, float32 masters
+        ("auto", "auto", "cpu", 1, False),  # a CPU computes in float32
+        ("auto", "auto", "cuda", 2, False),  # FSDP: float32 shards, bf16 compute by its policy
+        ("auto", "float32", "cuda", 1, False),
+        ("auto", "bfloat16", "cpu", 1, True),
+        ("float32", "auto", "cuda", 1, False),
+        ("bfloat16", "auto", "cpu", 1, True),
+    ],
+)
+def test_param_dtype_auto_keeps_bf16_weights_where_one_process_computes_in_bf16(
+    param_dtype, dtype, device, processes, bf16
+):
+    train = TrainConfig(param_dtype=param_dtype, dtype=dtype)
+    assert train.bf16_weights(device, processes) is bf16

@@ -216,15 +216,21 @@ def _mem(name: str, train: dict | None = None, **layout):
     return cfg, memory_per_gpu(cfg, t, ParallelConfig(**layout))
 
 
-def test_single_gpu_states_are_exactly_18_bytes_per_parameter():
-    cfg, mem = _mem("tiny", gpus=1)
+def test_single_gpu_states_are_exactly_16_or_18_bytes_per_parameter():
+    cfg, mem = _mem("tiny", gpus=1)  # param_dtype auto: bf16 weights on one GPU
     n = count_params(cfg).total_with_mtp
-    # fp32 master + bf16 autocast copy, fp32 gradient, fp32 Adam m and v
-    assert (mem.weights, mem.gradients, mem.optimizer) == (6 * n, 4 * n, 8 * n)
+    # bf16 weight + fp32 master, bf16 gradient, fp32 Adam m and v
+    assert (mem.weights, mem.gradients, mem.optimizer) == (6 * n, 2 * n, 8 * n)
+    _, fp32 = _mem("tiny", {"param_dtype": "float32"}, gpus=1)
+    # fp32 weight + bf16 autocast copy, fp32 gradient, fp32 Adam m and v
+    assert (fp32.weights, fp32.gradients, fp32.optimizer) == (6 * n, 4 * n, 8 * n)
+    _, two = _mem("tiny", gpus=2, dp_shard=2)  # FSDP: float32 shards and gradients whatever auto says
+    _, two_fp32 = _mem("tiny", {"param_dtype": "float32"}, gpus=2, dp_shard=2)
+    assert two.gradients == two_fp32.gradients
 
 
 def test_fsdp_shards_states_and_recompute_saves_activations():
-    _, one = _mem("small", gpus=1)
+    _, one = _mem("small", {"param_dtype": "float32"}, gpus=1)  # the states FSDP shards
     _, eight = _mem("small", gpus=8, dp_shard=8, ep=8)
     assert eight.optimizer == pytest.approx(one.optimizer / 8, rel=1e-6)
     assert eight.weights < one.weights / 4 and eight.gradients < one.gradients / 4

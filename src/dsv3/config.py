@@ -283,12 +283,13 @@ class TrainConfig(_Strict):
         default="float32", description="AdamW's moments: bfloat16 halves them (4 bytes a parameter instead "
         "of 8) and the step's memory traffic, as DeepSeek-V3 trains; master weights stay float32",
     )
-    param_dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="the model's weights while training: bfloat16 keeps bf16 weights "
+    param_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="the model's weights while training: bfloat16 keeps bf16 weights "
         "for the forward and backward (no casts each step, bf16 gradients, a bf16 residual stream) and "
         "their float32 masters in the optimizer, micro-batch gradients summed in float32, as Megatron's "
         "bf16 training does; checkpoints hold the float32 masters. One process only (FSDP already "
-        "computes in bf16 from float32 shards)",
+        "computes in bf16 from float32 shards). auto = bfloat16 where the run computes in bf16 (`dtype`) "
+        "in one process, else float32",
     )
     grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
     mtp_lambda: float = Field(default=0.3, ge=0, description="weight of the MTP loss")
@@ -323,6 +324,17 @@ class TrainConfig(_Strict):
         "each chunk's gradients made with its logits, instead of keeping all logits (0 = off; no pipeline)",
     )
     seed: int = 1234
+
+    def computes_in_bf16(self, device_type: str) -> bool:
+        """Whether the forward and backward run in bf16 (`dtype`; auto: on a GPU)."""
+        return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
+
+    def bf16_weights(self, device_type: str, processes: int) -> bool:
+        """Whether the model holds bf16 weights with float32 masters in the optimizer (`param_dtype`)."""
+        if self.param_dtype == "auto":
+            return self.computes_in_bf16(device_type) and processes == 1
+        return self.param_dtype == "bfloat16"
+
     eval_every: int = Field(default=200, gt=0)
     eval_batches: int = Field(default=8, gt=0)
     save_every: int = Field(

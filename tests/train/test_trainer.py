@@ -285,6 +285,7 @@ def test_bf16_weights_with_float32_masters_train_like_float32_weights(tmp_path, 
         result = trainer.fit()
         runs[weights] = [r["lm_loss"] for r in records if r["kind"] == "train"]
     model = trainer.model
+    assert records[0]["precision"] == "bf16 weights + fp32 masters, bf16 compute, fp32 AdamW moments"
     assert trainer.n_micro == 2 and trainer.fp32_grads is not None  # micro-batches sum in float32
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(m.gate.e_score_correction_bias.dtype == torch.float32 for m in model.moe_layers())
@@ -323,6 +324,7 @@ def test_tensorboard_and_metrics_files(tmp_path, corpus_shards):
     run = rows[0]
     assert run["kind"] == "run" and run["kv_cache_bytes_per_token"] > 0 and run["unigram_loss"] > 0
     assert run["moe_layers"] == ["model.layers.1.mlp", "mtp.0.block.mlp"]
+    assert run["precision"] == "fp32 weights, fp32 compute, fp32 AdamW moments"  # param_dtype auto on a CPU
     step = next(r for r in rows if r["kind"] == "train")
     for key in ("tokens_per_s", "eta_s", "peak_rss_gb", "imbalance", "load_entropy", "expert_bias", "lr"):
         assert key in step, key

@@ -66,7 +66,7 @@ def print_record(r: dict[str, Any], total_steps: int) -> None:
         console.print(
             f"[bold]{r['name']}[/bold] on {where}{resumed}: {r['params'] / 1e6:.2f}M parameters "
             f"({r['active_params'] / 1e6:.2f}M active), {r['tokens_per_step']:,} tokens/step, "
-            f"{r['train_windows']:,} train / {r['valid_windows']:,} valid windows, "
+            f"{r['train_windows']:,} train / {r['valid_windows']:,} valid windows, {r['precision']}, "
             f"KV cache {r['kv_cache_bytes_per_token']:,} B/token (MHA would need "
             f"{r['kv_cache_bytes_per_token_mha']:,})",
             highlight=False,

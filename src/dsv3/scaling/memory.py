@@ -370,7 +370,7 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
         n_micro=n_micro,
         recompute=train.activation_checkpointing, loss_chunk_tokens=train.loss_chunk_tokens,
         eager=not train.compile, optimizer_bytes=optimizer_bytes_for(train),
-        grad_bytes=COMPUTE_BYTES if train.param_dtype == "bfloat16" else GRAD_BYTES,
+        grad_bytes=COMPUTE_BYTES if train.bf16_weights("cuda", parallel.gpus) else GRAD_BYTES,
     )
 
 

@@ -138,7 +138,7 @@ class Trainer:
             self.device = init_distributed(self.device.type)
             meshes = build_meshes(cfg.parallel, self.device.type)
         self.rank = dist.get_rank() if self.distributed else 0
-        use_bf16 = self.tc.dtype == "bfloat16" or (self.tc.dtype == "auto" and self.device.type == "cuda")
+        use_bf16 = self.tc.computes_in_bf16(self.device.type)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         )
@@ -216,7 +216,7 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------
     def _build_model(self) -> tuple[torch.nn.Module, dict[torch.nn.Parameter, torch.Tensor] | None]:
         """The one-process model, laid out and compiled as `train:` says, and the float32 masters of its
-        weights with `param_dtype: bfloat16` (None otherwise)."""
+        weights where it holds bf16 weights (`param_dtype`; None otherwise)."""
         from dsv3.model import Transformer
 
         if self.resume_from is not None and not is_sharded(self.resume_from):
@@ -226,7 +226,7 @@ class Trainer:
         model.activation_checkpointing = self.tc.activation_checkpointing
         model.loss_chunk_tokens = self.tc.loss_chunk_tokens
         masters = None
-        if self.tc.param_dtype == "bfloat16":
+        if self.tc.bf16_weights(self.device.type, self.world):
             masters = keep_master_weights(model)  # before compiling: the graphs see bf16 weights
         if self.tc.fp8:
             convert_to_fp8(model)
@@ -287,10 +287,19 @@ class Trainer:
             "train_windows": len(self.data.train),
             "valid_windows": len(self.data.valid),
             "tokens_per_step": self.tc.tokens_per_step,
+            "precision": self._precision(),
             "unigram_loss": self.unigram,
             "bias_update_speed": describe_bias_update_speed(self.tc),
             "resumed_from": str(self.resume_from) if self.resume_from else None,
         }
+
+    def _precision(self) -> str:
+        """What `dtype` and `param_dtype` resolved to, for the run record and its header line."""
+        bf16 = self.tc.computes_in_bf16(self.device.type) or self.masters is not None
+        compute = "bf16" if bf16 else "fp32"
+        weights = "bf16 weights + fp32 masters" if self.masters is not None else "fp32 weights"
+        moments = "bf16" if self.tc.optimizer_state_dtype == "bfloat16" else "fp32"
+        return f"{weights}, {compute} compute, {moments} AdamW moments"
 
     def _emit(self, record: Record) -> None:
         if self.metrics is not None:  # rank 0
