@@ -12,6 +12,10 @@ lines, one per measurement:
   (and its tokenizer) for a meaningful figure. Where greedy tokens differ, a `speculative_differences`
   line gives each differing prompt's first parting token and the two tokens' logit gap under the
   same weights in float32 (near-ties: rounding; see `_first_differences`).
+- `score`: prompt logprobs, what `echo` + `logprobs` (lm-eval's `local-completions`) asks the server
+  for: --score-requests random prompts of --prompt-len tokens scored by the engine (one new token
+  each, 64 in flight), against the same model's batched forward (64 prompts a batch, log-softmax in
+  float32 at every position); prompt tokens scored a second by each and their largest difference.
 - `step`: for each concurrency C, the engine's decode step function (its CUDA graph on a GPU)
   replayed back to back: the device time of a step, against the engine's TPOT at C; at C = 1 also
   the speculative engine's fused step (two tokens verified, the next drafted).
@@ -60,7 +64,7 @@ from dsv3.model.hf import load_hf, save_hf
 from kernel_table import write_host_table, write_kernel_table
 from trace_summary import summarize
 
-PARTS = ("prefix", "speculative", "load", "step")
+PARTS = ("prefix", "speculative", "load", "step", "score")
 SYSTEMS = ("dsv3-engine", "dsv3-engine-sync", "dsv3-generate", "hf-static")
 ENGINES = {"dsv3-engine": {}, "dsv3-engine-sync": {"async_scheduling": False}}  # EngineConfig options
 
@@ -85,7 +89,10 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=1024, help="shared system prompt (prefix part)")
     p.add_argument("--suffix-len", type=int, default=32, help="each request's own tokens after it")
     p.add_argument("--repeats", type=int, default=5, help="prefix part: requests timed")
+    p.add_argument("--score-requests", type=int, default=512, help="score part: prompts scored")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="the model's weights (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--no-compile", action="store_true",
                    help="the engine captures its step functions without torch.compile (EngineConfig.compile)")
     p.add_argument("--checkpoint", help="speculative part: a trained checkpoint with MTP and its tokenizer")
@@ -107,7 +114,8 @@ def _parse() -> argparse.Namespace:
     if bad := (set(systems) - set(SYSTEMS)) | (set(args.parts) - set(PARTS)):
         p.error(f"unknown {sorted(bad)}")
     args.systems = systems
-    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    default = "bfloat16" if args.device == "cuda" else "float32"
+    args.dtype = getattr(torch, args.dtype or default)
     return args
 
 
@@ -253,6 +261,46 @@ def prefix_part(args) -> None:
             "ttft_cold_ms": round(ttft["cold"] * 1e3, 3),
             "ttft_warm_ms": round(ttft["warm"] * 1e3, 3),
             "speedup": round(ttft["cold"] / ttft["warm"], 2),
+        }
+    )
+
+
+def score_part(args) -> None:
+    """Prompt logprobs through the engine against one batched forward of the model (module docstring)."""
+    model = _model(args, mtp=False)
+    prompts = _prompts(args.score_requests, args.prompt_len, model.config.vocab_size, args.seed + 4)
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    engine, _ = _engine(model, args, 64, args.prompt_len + 8)
+    _drive(engine, prompts[:64], 64, params)  # graphs, warm-up
+    run = _drive(engine, prompts, 64, params)
+    got = torch.tensor([o.prompt_logprobs[1:] for o in run["outputs"]])
+    device = torch.device(args.device)
+
+    def forward() -> torch.Tensor:
+        rows = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), 64):
+                ids = torch.tensor(prompts[i : i + 64], device=device)
+                lp = model(ids)[:, :-1].float().log_softmax(-1)
+                rows.append(lp.gather(2, ids[:, 1:, None]).squeeze(2).cpu())
+        return torch.cat(rows)
+
+    forward()  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    want = forward()
+    seconds = time.perf_counter() - start
+    scored = got.numel()
+    _emit(
+        {
+            "bench": "score",
+            "prompts": len(prompts),
+            "prompt_tokens": args.prompt_len,
+            "engine_tokens_per_s": round(scored / run["wall_s"], 1),
+            "forward_tokens_per_s": round(scored / seconds, 1),
+            "engine_vs_forward": round(seconds / run["wall_s"], 3),
+            "max_abs_diff": round(float((got - want).abs().max()), 5),
+            "mean_abs_diff": round(float((got - want).abs().mean()), 6),
         }
     )
 
@@ -556,7 +604,8 @@ def main() -> None:
             "engine_compile": not args.no_compile and args.device == "cuda",
         }
     )
-    parts = {"prefix": prefix_part, "speculative": speculative_part, "load": load_part, "step": step_part}
+    parts = {"prefix": prefix_part, "speculative": speculative_part, "load": load_part, "step": step_part,
+             "score": score_part}
     args.profiles = []  # --profile: run after every part's timings (see the module docstring)
     for name in args.parts:
         start = time.perf_counter()
