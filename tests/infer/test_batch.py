@@ -16,6 +16,7 @@ LINES = [
     {"messages": [{"role": "user", "content": "Where does the river go?"}], "max_tokens": 3},
     {"id": "sampled", "prompt": "The baker", "temperature": 1.0, "seed": 11, "n": 2, "logprobs": 1},
     {"id": "biased", "prompt": "The river", "logit_bias": {"65": 100}},
+    {"id": "scored", "prompt": "The river", "prompt_logprobs": 2},
 ]
 
 
@@ -29,9 +30,9 @@ def test_a_prompt_file_is_answered_line_by_line(served_checkpoint, tmp_path, cap
     argv = ["generate", "--checkpoint", str(served_checkpoint), "--input", src, "--output", str(dst),
             "--temperature", "0", "--max-new-tokens", "6", "--max-model-len", "64"]  # fmt: skip
     assert main(argv) == 0
-    assert "5 prompts" in capsys.readouterr().out
+    assert "6 prompts" in capsys.readouterr().out
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", 7, None, "sampled", "biased"]
+    assert [r["id"] for r in rows] == ["a", 7, None, "sampled", "biased", "scored"]
     llm = LLM(served_checkpoint, max_model_len=64)
     tok = llm.engine.tokenizer
     greedy = SamplingParams(max_tokens=6, temperature=0)
@@ -42,6 +43,7 @@ def test_a_prompt_file_is_answered_line_by_line(served_checkpoint, tmp_path, cap
         llm.generate("The baker", SamplingParams(max_tokens=6, temperature=1.0, top_p=0.95, seed=11, n=2,
                                                  logprobs=1))[0],  # --top-p's default, the line's others
         llm.generate("The river", greedy.model_copy(update={"logit_bias": ((65, 100.0),)}))[0],
+        llm.generate("The river", greedy.model_copy(update={"prompt_logprobs": 2}))[0],
     ]
     for row, out in zip(rows, want, strict=True):
         assert [o["text"] for o in row["outputs"]] == [c.text for c in out.outputs]
@@ -50,6 +52,9 @@ def test_a_prompt_file_is_answered_line_by_line(served_checkpoint, tmp_path, cap
     assert len(rows[3]["outputs"]) == 2 and len(rows[3]["outputs"][0]["logprobs"]) == 6
     assert "logprobs" not in rows[0]["outputs"][0]
     assert rows[4]["outputs"][0]["token_ids"] == [65] * 6  # forced by its bias
+    assert "prompt_logprobs" not in rows[0]
+    assert rows[5]["prompt_logprobs"] == want[5].prompt_logprobs and rows[5]["prompt_logprobs"][0] is None
+    assert rows[5]["prompt_top_logprobs"] == [[list(t) for t in top] for top in want[5].prompt_top_logprobs]
 
 
 @pytest.mark.parametrize(
