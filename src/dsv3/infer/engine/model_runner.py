@@ -592,8 +592,8 @@ class ModelRunner:
                     continue
                 if self._fusable(items):
                     groups.append(self._speculate(items, after))
-                else:
-                    groups.append(self._sample(self._forward(items, after)))
+                else:  # a decode row feeds a sequence's last token: no prompt token to score
+                    groups.append(self._sample(self._forward(items, after), prompts=items is batch.prefill))
         return Launched(batch, groups)
 
     def collect(self, launched: Launched) -> list[RowResult]:
@@ -603,9 +603,10 @@ class ModelRunner:
             results += self._results(g)
         return results
 
-    def _sample(self, fwd: _Forward) -> _Group:
+    def _sample(self, fwd: _Forward, prompts: bool = True) -> _Group:
         """Enqueue the sampling of the rows of a forward that reached their last token and, when
-        speculating, the drafting of their next tokens."""
+        speculating, the drafting of their next tokens; with `prompts`, the logprobs of the prompt
+        tokens its rows fed for sequences that ask for them (`_score_prompts`)."""
         picks = [
             (r, j) for r, s in enumerate(fwd.items) if s.samples for j in range(s.num_tokens - 1, len(s.fed))
         ]
@@ -623,7 +624,7 @@ class ModelRunner:
                 if not all(row.params.greedy for row in sampling):  # draws read the index shift
                     shift = fwd.shift[to_device([r for r, _ in picks], self.device, torch.long)]
             pending = sample_async(self.model.lm_head(h).float(), sampling, drafts, shift)
-        group = _Group(fwd.items, picks, pending, prompt=self._score_prompts(fwd))
+        group = _Group(fwd.items, picks, pending, prompt=self._score_prompts(fwd) if prompts else None)
         if self.speculative:
             group.drafts = self._draft(fwd, group)
             group.drafts_host = HostCopy({"drafts": group.drafts})
