@@ -207,7 +207,8 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
         return [finals[i] for i in range(len(streams))]
 
     async def stream_events(
-        streams: list[RequestStream], n: int, chunk, final_usage: bool, after_prompt: bool = False
+        streams: list[RequestStream], n: int, chunk, final_usage: bool, after_prompt: bool = False,
+        generated: bool = True,
     ) -> AsyncIterator[str]:
         """SSE: one chunk per choice and step (`chunk(index, out, completion, text, start, first)`),
         then [DONE]. `after_prompt`: a choice's first chunk waits for its first token (`echo`: the
@@ -232,7 +233,7 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
                     {
                         **chunk(None, None, None, "", 0, False),
                         "choices": [],
-                        "usage": api.usage(list(finals.values())),
+                        "usage": api.usage(list(finals.values()), generated),
                     }
                 )
             yield _sse("[DONE]")
@@ -295,6 +296,8 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
         def choice(index: int, out: RequestOutput, c, text: str, start: int, first: bool) -> dict:
             """A choice's `text` (the completion's from token `start` on), after the prompt's with
             `echo` in the choice's first chunk (or its whole answer)."""
+            if body.prompt_only:
+                c, text = api.without_completion(c), ""
             logprobs = api.completion_logprobs(tokenizer, c, start, len(c.text) - len(text))
             if echoed is not None and first:
                 text, logprobs = api.echoed_choice(tokenizer, echoed[index // body.n], out, text, logprobs)
@@ -307,7 +310,8 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
 
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                stream_events(streams, body.n, chunk, usage, after_prompt=body.echo),
+                stream_events(streams, body.n, chunk, usage, after_prompt=body.echo,
+                              generated=not body.prompt_only),  # fmt: skip
                 media_type="text/event-stream",
             )
         outs = await collect(streams, request)
@@ -316,7 +320,7 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
             for i, out in enumerate(outs)
             for c in out.outputs
         ]
-        return JSONResponse({**head, "choices": choices, "usage": api.usage(outs)})
+        return JSONResponse({**head, "choices": choices, "usage": api.usage(outs, not body.prompt_only)})
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest, request: Request) -> Response:

@@ -7,11 +7,14 @@ field too; fields that only label a request (user, metadata) are accepted.
 
 `echo` with `logprobs` on /v1/completions returns the prompt's tokens with their logprobs before the
 completion's (the first token's is null, nothing predicts it): how lm-evaluation-harness's
-`local-completions` model scores loglikelihood tasks against a server.
+`local-completions` model scores loglikelihood tasks against a server. With `"max_tokens": 0` as
+well (OpenAI's legacy way to score a prompt, which HELM uses) the answer is the prompt alone: the
+engine samples one token, which the answer leaves out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any, Literal
@@ -99,6 +102,11 @@ class CompletionRequest(_Sampling):
         if all(isinstance(x, str) for x in p):
             return [tokenizer.encode_prompt(x) for x in p]
         return [list(x) for x in p]
+
+    @property
+    def prompt_only(self) -> bool:
+        """`echo` with `max_tokens` 0: score the prompt, generate nothing."""
+        return self.echo and self.max_tokens == 0
 
     def echoed(self, tokenizer: TextTokenizer) -> list[str]:
         """The text `echo` puts before each prompt's completions: the prompt as sent, token ids decoded."""
@@ -219,7 +227,7 @@ def sampling_params(request: CompletionRequest | ChatRequest) -> SamplingParams:
             values["logprobs"] = request.top_logprobs or 0
             names["logprobs"] = "top_logprobs"
     else:
-        values["max_tokens"] = request.max_tokens
+        values["max_tokens"] = 1 if request.prompt_only else request.max_tokens
         values["logprobs"] = request.logprobs
         if request.echo and request.logprobs is not None:
             values["prompt_logprobs"] = request.logprobs
@@ -236,9 +244,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def usage(outputs: list[RequestOutput], generated: bool = True) -> dict[str, int]:
+    """Token counts; `generated` False: the completions are left out of the answer (`prompt_only`)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs) if generated else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -264,6 +273,12 @@ def completion_logprobs(
         "top_logprobs": [{_token(tokenizer, i): lp for i, lp in top} for top in out.top_logprobs[start:]],
         "text_offset": offsets,
     }
+
+
+def without_completion(out: CompletionOutput) -> CompletionOutput:
+    """`out` with no generated token (`prompt_only`: the one the engine sampled is not answered)."""
+    logprobs = None if out.logprobs is None else []
+    return dataclasses.replace(out, text="", token_ids=[], logprobs=logprobs, top_logprobs=logprobs)
 
 
 def echoed_choice(
