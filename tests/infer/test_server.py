@@ -125,8 +125,8 @@ def test_echo_returns_the_prompt_and_its_logprobs_before_the_completion(server, 
     alone = body["choices"][0]
     assert alone["text"] == "The river" and alone["logprobs"]["token_logprobs"] == want.prompt_logprobs
     assert alone["logprobs"]["tokens"] == lp["tokens"][: len(ids)] and body["usage"]["completion_tokens"] == 0
-    events = _events(client.post("/v1/completions", json={**request, "max_tokens": 0, "stream": True,
-                                                          "stream_options": {"include_usage": True}}))  # fmt: skip
+    streamed = {**request, "max_tokens": 0, "stream": True, "stream_options": {"include_usage": True}}
+    events = _events(client.post("/v1/completions", json=streamed))
     assert "".join(e["choices"][0]["text"] for e in events[:-2]) == "The river"
     assert events[-2]["usage"]["completion_tokens"] == 0
     _error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens")
