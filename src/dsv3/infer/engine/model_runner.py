@@ -16,7 +16,8 @@ its number of kernels. Longer prefills run eagerly at their exact shape. Attenti
 absorbed form for one or two tokens a row, the expand path for longer chunks.
 
 Then one sampler call covers every row that fed its sequence's last token (two positions for a row
-that verifies a draft). With speculative decoding the MTP module runs over the positions the main
+that verifies a draft), and a prefill row whose request asks for prompt logprobs has the positions it
+fed taken through the head as well (`_score_prompts`). With speculative decoding the MTP module runs over the positions the main
 model just computed, fed the token after each, which fills its own cache layer and drafts the next
 token: the argmax of its head at the row's last accepted position. A decode group whose rows all
 verify a draft and pick greedily (no penalties, logprobs or banned tokens) runs all of that as one
