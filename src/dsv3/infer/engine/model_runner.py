@@ -17,12 +17,12 @@ absorbed form for one or two tokens a row, the expand path for longer chunks.
 
 Then one sampler call covers every row that fed its sequence's last token (two positions for a row
 that verifies a draft), and a prefill row whose request asks for prompt logprobs has the positions it
-fed taken through the head as well (`_score_prompts`). With speculative decoding the MTP module runs over the positions the main
-model just computed, fed the token after each, which fills its own cache layer and drafts the next
-token: the argmax of its head at the row's last accepted position. A decode group whose rows all
-verify a draft and pick greedily (no penalties, logprobs or banned tokens) runs all of that as one
-step function instead (`_speculate`; one CUDA graph on a GPU), since between the two forwards
-there is nothing the host must decide. `launch` enqueues all of it
+fed taken through the head as well (`_score_prompts`). With speculative decoding the MTP module runs
+over the positions the main model just computed, fed the token after each, which fills its own
+cache layer and drafts the next token: the argmax of its head at the row's last accepted position.
+A decode group whose rows all verify a draft and pick greedily (no penalties, logprobs or banned
+tokens) runs all of that as one step function instead (`_speculate`; one CUDA graph on a GPU),
+since between the two forwards there is nothing the host must decide. `launch` enqueues all of it
 without waiting for the device; `collect` reads the step back. A step launched before the one it
 continues is read back (async scheduling) takes that step's sampled tokens, and when speculating
 its drafts and acceptances, from the device: a row whose draft was accepted starts one position
