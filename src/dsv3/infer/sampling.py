@@ -40,6 +40,8 @@ __all__ = [
     "uniform",
     "sample",
     "sample_async",
+    "token_logprobs",
+    "top_pairs",
     "PendingSample",
     "device_index",
     "to_device",
@@ -308,9 +310,7 @@ class PendingSample:
         if logprobs is not None:
             top = [[] for _ in tokens]
             if self.top is not None:
-                values, ids = host["top_values"], host["top_ids"]
-                top = [list(zip(ids[i][:k], values[i][:k], strict=True))
-                       for i, k in enumerate(self.top_counts)]
+                top = top_pairs(host["top_ids"], host["top_values"], self.top_counts)
         return SampleOutput(tokens, host["accepted"], logprobs, top)
 
 
@@ -378,9 +378,25 @@ def sample_async(
     logprobs = top = None
     counts = [r.params.logprobs or 0 for r in rows]
     if want is not None:
-        lp = raw.log_softmax(-1)
-        logprobs = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        if want > 0:
-            top = lp.topk(want, dim=-1)
-            top = (top.values, top.indices)
+        logprobs, top = token_logprobs(raw, tokens, want)
     return PendingSample(tokens, accepted, logprobs, top, counts)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The model's own logprobs (log-softmax of the raw float32 logits (N, V)) of `tokens` (N,), and
+    the k largest as (values, ids), each (N, k) (None for k = 0)."""
+    lp = logits.log_softmax(-1)
+    chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    if not k:
+        return chosen, None
+    top = lp.topk(k, dim=-1)
+    return chosen, (top.values, top.indices)
+
+
+def top_pairs(
+    ids: list[list[int]], values: list[list[float]], counts: Sequence[int]
+) -> list[list[tuple[int, float]]]:
+    """Host rows of top-k ids and values as each row's first counts[i] (id, logprob) pairs."""
+    return [list(zip(i[:k], v[:k], strict=True)) for i, v, k in zip(ids, values, counts, strict=True)]

@@ -51,6 +51,8 @@ from dsv3.infer.sampling import (
     device_index,
     sample_async,
     to_device,
+    token_logprobs,
+    top_pairs,
 )
 from dsv3.model.moe import indexed_expert_tokens
 
@@ -129,11 +131,10 @@ class _PromptScores:
         host = {name: t.tolist() for name, t in self.host.get().items()}
         out, at = {}, 0
         for r, (first, n) in self.spans.items():
-            k = self.top_counts[r]
             tops = [[] for _ in range(n)]
-            if k:
-                ids, values = host["top_ids"][at : at + n], host["top_values"][at : at + n]
-                tops = [list(zip(i[:k], v[:k], strict=True)) for i, v in zip(ids, values, strict=True)]
+            if self.top_counts[r]:
+                rows = slice(at, at + n)
+                tops = top_pairs(host["top_ids"][rows], host["top_values"][rows], [self.top_counts[r]] * n)
             out[r] = (first, host["logprobs"][at : at + n], tops)
             at += n
         return out
@@ -654,12 +655,12 @@ class ModelRunner:
         targets = to_device(targets, self.device, torch.long)
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "top_values": [], "top_ids": []}
         for i in range(0, len(flat), PROMPT_SCORE_TOKENS):
-            lp = self.model.lm_head(h[i : i + PROMPT_SCORE_TOKENS]).float().log_softmax(-1)
-            parts["logprobs"].append(lp.gather(1, targets[i : i + PROMPT_SCORE_TOKENS, None]).squeeze(1))
-            if want:
-                top = lp.topk(want, dim=-1)
-                parts["top_values"].append(top.values)
-                parts["top_ids"].append(top.indices)
+            chunk = slice(i, i + PROMPT_SCORE_TOKENS)
+            chosen, top = token_logprobs(self.model.lm_head(h[chunk]).float(), targets[chunk], want)
+            parts["logprobs"].append(chosen)
+            if top is not None:
+                parts["top_values"].append(top[0])
+                parts["top_ids"].append(top[1])
         return _PromptScores(spans, top_counts, HostCopy({k: torch.cat(v) for k, v in parts.items() if v}))
 
     def _results(self, g: _Group) -> list[RowResult]:

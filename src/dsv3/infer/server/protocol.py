@@ -90,18 +90,18 @@ class CompletionRequest(_Sampling):
         if self.best_of is not None and self.best_of != self.n:
             raise Unsupported("best_of", "must equal n (ranking candidates is not supported)")
 
-    def prompts(self, tokenizer: TextTokenizer) -> list[list[int]]:
-        """Token ids of each prompt: text after the document start, ids as they are."""
+    def _each_prompt(self) -> list[str | list[int]]:
+        """The request's prompts, one text or token-id list each."""
         p = self.prompt
         if isinstance(p, str):
-            return [tokenizer.encode_prompt(p)]
+            return [p]
         if not p:
             raise RequestError("prompt", "is empty")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        if all(isinstance(x, str) for x in p):
-            return [tokenizer.encode_prompt(x) for x in p]
-        return [list(x) for x in p]
+        return [list(p)] if all(isinstance(x, int) for x in p) else list(p)
+
+    def prompts(self, tokenizer: TextTokenizer) -> list[list[int]]:
+        """Token ids of each prompt: text after the document start, ids as they are."""
+        return [tokenizer.encode_prompt(x) if isinstance(x, str) else list(x) for x in self._each_prompt()]
 
     @property
     def prompt_only(self) -> bool:
@@ -110,9 +110,8 @@ class CompletionRequest(_Sampling):
 
     def echoed(self, tokenizer: TextTokenizer) -> list[str]:
         """The text `echo` puts before each prompt's completions: the prompt as sent, token ids decoded."""
-        p = self.prompt
-        prompts = [p] if isinstance(p, str) or all(isinstance(x, int) for x in p) else p
-        return [x if isinstance(x, str) else tokenizer.decode(x, self.skip_special_tokens) for x in prompts]
+        return [x if isinstance(x, str) else tokenizer.decode(x, self.skip_special_tokens)
+                for x in self._each_prompt()]  # fmt: skip
 
 
 class ChatMessage(BaseModel):
