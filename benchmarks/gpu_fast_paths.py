@@ -15,6 +15,7 @@ skip compute what the plain path computes; this checks the same on a GPU, where 
   input's and the output gradient's extra rows: the covered rows' results and the weight gradient are
   those of the trimmed rows, bit for bit;
 - the all-gather dispatch's bounded row ops (Triton kernels) against their CPU references in bf16;
+- the one-process experts' weighted SwiGLU backward (a Triton kernel) against its CPU reference in bf16;
 - fused AdamW with the trainer's `found_inf` flag: a flagged step leaves parameters and step count
   exactly as they were; an unflagged one equals a step without the flag, bit for bit;
 - AdamW with bf16 moments (`train.optimizer_state_dtype`), its update compiled on the GPU: against the
@@ -48,8 +49,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=512, help="positions per chunk of the chunked loss")
     p.add_argument("--only", default="", help="comma-separated kernel checks to run alone, skipping the "
-                   "model's: expert_rows_past_the_end, bounded_rows, fp8_gemms, fused_adamw_found_inf, "
-                   "adamw_bf16_moments, master_weights")
+                   "model's: expert_rows_past_the_end, bounded_rows, weighted_swiglu, fp8_gemms, "
+                   "fused_adamw_found_inf, adamw_bf16_moments, master_weights")
     return p.parse_args()
 
 
@@ -178,28 +179,51 @@ def _bounded_rows(device: torch.device) -> dict:
     ys[bound:] = float("nan")
     gate_up = torch.randn(P, 2 * inter, generator=g).to(bf)
     gate_up[bound:] = float("nan")
-    src, other = torch.randn(T, d, generator=g).to(bf), torch.randn(T, d, generator=g).to(bf)
+    src = torch.randn(T, d, generator=g).to(bf)
     index, pos = torch.randint(0, T, (P,), generator=g), torch.randint(0, P, (T, k), generator=g)
     scale, weight = torch.rand(P, generator=g), torch.rand(T, k, generator=g)
-    grad_h = torch.randn(P, inter, generator=g).to(bf)
+    grad_h, w = torch.randn(P, inter, generator=g).to(bf), torch.rand(P, 1, generator=g)
     b = torch.tensor(bound)
     calls = {
         "gather": ("bounded_gather", (src, index, b, scale), bound),
         "reduce": ("bounded_reduce", (ys, pos, b, weight, torch.float32), None),
         "reduce_bf16": ("bounded_reduce", (ys, pos, b, weight), None),
-        "dot": ("bounded_dot", (ys, other, pos, b), None),
-        "swiglu": ("bounded_swiglu", (gate_up, b), bound),
-        "swiglu_backward": ("bounded_swiglu_backward", (gate_up, grad_h, b), bound),
+        "swiglu": ("bounded_swiglu", (gate_up, w, b), bound),
+        "swiglu_backward": ("bounded_swiglu_backward", (gate_up, w, grad_h, b), bound),
     }
     out = {}
     for key, (name, args, rows) in calls.items():
         op = getattr(br, name)
-        want = op(*args).float()
-        got = op(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]).float().cpu()
-        if rows is not None:
-            want, got = want[:rows], got[:rows]
-        out[key] = {"rel_diff": float((got - want).abs().max() / want.abs().max()),
-                    "nan": bool(got.isnan().any())}
+        wants = op(*args)
+        gots = op(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+        if isinstance(wants, torch.Tensor):
+            wants, gots = (wants,), (gots,)
+        for i, (want, got) in enumerate(zip(wants, gots, strict=True)):
+            want, got = want.float(), got.float().cpu()
+            if rows is not None:
+                want, got = want[:rows], got[:rows]
+            rel = float((got - want).abs().max() / want.abs().max())
+            out[key if i == 0 else f"{key}_dw"] = {"rel_diff": rel, "nan": bool(got.isnan().any())}
+    return out
+
+
+def _weighted_swiglu(device: torch.device) -> dict:
+    """The one-process experts' SwiGLU backward (`dsv3.model.swiglu`, a Triton kernel on CUDA) against
+    its torch implementation on the CPU, in bf16 at a training layer's rows: d [gate; up] and dw,
+    largest difference relative to the reference's largest entry (bf16 output rounding: ~4e-3)."""
+    from dsv3.model.swiglu import weighted_swiglu_backward
+
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for rows, inter in ((98_304, 512), (1_000, 1_030)):
+        gate_up = torch.randn(rows, 2 * inter, generator=g).bfloat16()
+        w, grad = torch.rand(rows, 1, generator=g), torch.randn(rows, inter, generator=g).bfloat16()
+        want = weighted_swiglu_backward(gate_up, w, grad)
+        got = weighted_swiglu_backward(gate_up.to(device), w.to(device), grad.to(device))
+        out[f"{rows}x{inter}"] = {
+            name: float((a.float().cpu() - b.float()).abs().max() / b.float().abs().max())
+            for name, a, b in zip(("d_gate_up", "dw"), got, want, strict=True)
+        }
     return out
 
 
@@ -249,6 +273,7 @@ KERNEL_CHECKS = {
     "fused_adamw_found_inf": _fused_adamw_flag, "adamw_bf16_moments": _bf16_moments,
     "master_weights": _master_weights,
     "expert_rows_past_the_end": _expert_rows_past_the_end, "bounded_rows": _bounded_rows,
+    "weighted_swiglu": _weighted_swiglu,
     "fp8_gemms": _fp8_gemms,
 }
 

@@ -12,9 +12,9 @@ from dsv3.model.moe_ops import (
     gather_rows,
     grouped_mm_supported,
     padded_expert_mm,
-    pair_weighted_sum,
+    pair_sum,
     sort_by_expert,
-    weighted_sum,
+    sum_rows,
 )
 from tests.conftest import traced_ops
 
@@ -221,6 +221,49 @@ def test_moe_output_equals_per_token_reference(make_config):
     assert torch.equal(moe.tokens_per_expert, torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts))
 
 
+def test_moe_gradients_equal_the_per_token_reference(make_config):
+    """The combine weight applied inside the activation (`swiglu.weighted_swiglu`) and the plain sum into
+    tokens (`sum_rows`) give the router, the experts and the input the gradients of Σ_k w·expert(x)."""
+    cfg = make_config(hidden_size=24, moe_intermediate_size=12)
+    moe = MoE(cfg).double()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3, generator=gen)
+    x = torch.randn(2, 5, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 24, generator=gen, dtype=torch.float64)
+    params = [x, moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
+
+    (moe(x)[0] * g).sum().backward()
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    flat = x.view(-1, 24)
+    _, weights, idx = moe.gate(flat)
+    out = moe.shared_experts(flat)
+    rows = []
+    for t in range(flat.shape[0]):
+        row = out[t]
+        for slot in range(idx.shape[1]):
+            e = idx[t, slot]
+            gate, up = (moe.experts.gate_up_proj[e] @ flat[t]).chunk(2)
+            row = row + weights[t, slot] * (moe.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+        rows.append(row)
+    (torch.stack(rows).view_as(g) * g).sum().backward()
+    for name, a, p in zip(["x", "router", "gate_up", "down"], got, params, strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_sum_rows_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(6, generator=gen)  # 3 tokens × 2 slots in expert order
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(6))
+    y = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y: sum_rows(y, inverse, order // 2, 2), (y,))
+    want = torch.stack([y[inverse[2 * t]] + y[inverse[2 * t + 1]] for t in range(3)])
+    torch.testing.assert_close(sum_rows(y, inverse, order // 2, 2), want)
+
+
 def test_sequence_balance_loss():
     B, T, E, k = 2, 8, 4, 2
     # perfectly balanced routing with uniform scores: f_i = 1 and P_i = 1/E → loss 1
@@ -273,7 +316,7 @@ def test_gather_rows_in_bf16_equals_gathering_float32_rows_then_casting():
     torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-6)
 
 
-def test_pair_weighted_sum_equals_the_dense_weighted_sum_with_grads():
+def test_pair_sum_equals_the_dense_sum_with_grads():
     """Pairs in any order, some slots empty (their expert on another rank): same sums and gradients."""
     torch.manual_seed(1)
     M, k, d = 5, 4, 8
@@ -281,20 +324,16 @@ def test_pair_weighted_sum_equals_the_dense_weighted_sum_with_grads():
     present[:, 0] = True
     where = present.view(-1).nonzero().squeeze(1)  # the pairs' row · k + slot
     by_pair = where[torch.randperm(where.numel())]  # any order, as sorting by expert gives
-    P = by_pair.numel()
-    y = torch.randn(P, d, requires_grad=True)
-    w = (torch.rand(M, k) * present).requires_grad_()
-    out = pair_weighted_sum(w, y, by_pair)
+    y = torch.randn(by_pair.numel(), d, requires_grad=True)
+    out = pair_sum(y, by_pair, M, k)
     g = torch.randn(M, d)
     (out * g).sum().backward()
-    got = (out.detach(), w.grad, y.grad)
-    w.grad = y.grad = None
-    dense = y.new_zeros(M * k, d).index_copy(0, by_pair, y).view(M, k, d)
-    want = weighted_sum(w, dense)
+    got = (out.detach(), y.grad)
+    y.grad = None
+    want = y.new_zeros(M * k, d).index_copy(0, by_pair, y).view(M, k, d).sum(1)  # every slot, empty ones 0
     (want * g).sum().backward()
     torch.testing.assert_close(got[0], want.detach(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got[1], w.grad * present, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got[2], y.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], y.grad, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -319,8 +358,11 @@ def test_few_tokens_compiled_without_gradients_index_the_expert_weights_for_the_
         assert torch.searchsorted in traced_ops(moe, torch.randn(1, 3, 32).to(dtype))  # 6 pairs: grouped
         torch._dynamo.reset()
         gathered, _ = torch.compile(moe)(x)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # float32: sums in another order (2.1e-6 seen)
-    torch.testing.assert_close(gathered, grouped.detach(), rtol=tol, atol=tol)
+    # float32: sums in another order (2.1e-6 seen); bf16: roundings Inductor keeps in float32, up to
+    # ~0.5 % of the output's scale (both paths are that far from a float64 forward of the same weights)
+    scale = grouped.detach().abs().max().item()
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1e-2 * scale)
+    torch.testing.assert_close(gathered, grouped.detach(), rtol=rtol, atol=atol)
     assert torch.equal(moe.tokens_per_expert, grouped_counts)
 
 

@@ -37,9 +37,10 @@ from dsv3.model.moe_ops import (
     inverse_permutation,
     router_logits,
     sort_by_expert,
-    weighted_sum,
+    sum_rows,
 )
 from dsv3.model.packing import pack_linears, packed_weight
+from dsv3.model.swiglu import swiglu, weighted_swiglu
 
 __all__ = [
     "MLP", "route", "sequence_balance_loss", "expert_ffn", "ExpertDispatcher", "LocalDispatcher", "Gate",
@@ -158,12 +159,6 @@ class Gate(nn.Module):
         return self
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """[gate; up] (M, 2I) → silu(gate) · up (M, I)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def expert_ffn(
     xs: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
     matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = expert_matmul,
@@ -171,7 +166,8 @@ def expert_ffn(
 ) -> torch.Tensor:
     """Rows sorted by expert (M, d), each expert's end offset (E,) → SwiGLU through its weights (M, d).
     `matmul`: the grouped product (`Experts.matmul`: bf16, or FP8 after `convert_to_fp8`);
-    `activation`: `swiglu`, or one that stops at the rows the GEMMs compute (expert parallelism)."""
+    `activation`: `swiglu`, or the dispatchers' weighted one (each row's combine weight applied
+    inside it: `dsv3.model.swiglu.weighted_swiglu`, or one that stops at the rows the GEMMs compute)."""
     return matmul(activation(matmul(xs, gate_up_proj, ends)), down_proj, ends)
 
 
@@ -186,18 +182,21 @@ class ExpertDispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """Every expert lives in this process: the (token, slot) rows go through the stacked weights."""
+    """Every expert lives in this process: the (token, slot) rows go through the stacked weights,
+    each row's combine weight applied inside the activation (`weighted_swiglu`), so the combine is
+    a sum and no expert output is kept for the backward."""
 
     def __call__(
         self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, order: torch.Tensor,
         ends: torch.Tensor, experts: Experts,
     ) -> torch.Tensor:
-        N, k = weights.shape
-        inverse = inverse_permutation(order)
-        xs = gather_rows(x, order // k, inverse, k, compute_dtype(x))  # (N·k, d) sorted by expert
-        ys = expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj, experts.matmul)
-        ys = gather_rows(ys, inverse, order, 1).view(N, k, -1)  # back to (token, slot)
-        return weighted_sum(weights, ys)
+        k = weights.shape[1]
+        inverse, token = inverse_permutation(order), order // k
+        xs = gather_rows(x, token, inverse, k, compute_dtype(x))  # (N·k, d) sorted by expert
+        w = gather_rows(weights.reshape(-1, 1), order, inverse, 1)  # (N·k, 1) each row's combine weight
+        ys = expert_ffn(xs, ends, experts.gate_up_proj, experts.down_proj, experts.matmul,
+                        activation=lambda h: weighted_swiglu(h, w))  # weighted rows
+        return sum_rows(ys, inverse, token, k)  # back to tokens, each the sum of its k weighted rows
 
 
 class Experts(nn.Module):

@@ -3,7 +3,7 @@
 Everything here is device work with static shapes and no host sync on the forward path (torch.compile
 and CUDA graphs need that): `sort_by_expert` orders the (token, slot) pairs, `expert_matmul` runs
 every expert's rows through torch's grouped_mm (or an exact padded-bmm fallback, a custom op),
-`gather_rows` and `weighted_sum` move rows in and out of expert order with hand-written backwards,
+`gather_rows` and `sum_rows` move rows in and out of expert order with hand-written backwards,
 and `router_logits` is the float32 router GEMM. moe.py composes them as the paper describes.
 """
 
@@ -24,8 +24,8 @@ __all__ = [
     "gathered_expert_ffn",
     "expert_counts",
     "gather_rows",
-    "weighted_sum",
-    "pair_weighted_sum",
+    "sum_rows",
+    "pair_sum",
     "router_logits",
 ]
 
@@ -160,17 +160,19 @@ def gathered_expert_ffn(
     dozen tiny kernels whose launches cost more than the GEMVs themselves; here, under torch.compile,
     each product-and-sum is one reduction kernel that reads the indexed weights in place (eagerly
     they are copied first). Products are summed in float32 from operands in the GEMMs' dtype, as a
-    GEMM does; the result equals the grouped path's up to the order of the sums.
+    GEMM does, with each row's combine weight applied in the activation as the grouped path does
+    (`dsv3.model.swiglu.weighted_swiglu`); the result equals the grouped path's up to the order of the sums.
     """
     N, k = indices.shape
     dtype = compute_dtype(x)
     ids = indices.reshape(-1)
     xs = x.to(dtype).float().repeat_interleave(k, dim=0).unsqueeze(1)  # (N·k, 1, d)
     h = (gate_up_proj[ids].to(dtype).float() * xs).sum(-1).to(dtype)  # (N·k, 2I)
-    gate, up = h.chunk(2, dim=-1)
-    a = (F.silu(gate) * up).float().unsqueeze(1)  # (N·k, 1, I)
-    y = (down_proj[ids].to(dtype).float() * a).sum(-1).to(dtype)  # (N·k, d)
-    return weighted_sum(weights, y.view(N, k, -1))
+    gate, up = h.float().chunk(2, dim=-1)
+    # the combine weight inside the activation, rounded once, as the grouped path (`weighted_swiglu`)
+    a = (F.silu(gate) * up * weights.reshape(-1, 1).float()).to(dtype).float().unsqueeze(1)  # (N·k, 1, I)
+    y = (down_proj[ids].to(dtype).float() * a).sum(-1).to(dtype)  # (N·k, d) weighted rows
+    return y.view(N, k, -1).sum(1, dtype=torch.float32).to(dtype)
 
 
 def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -179,28 +181,6 @@ def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     stays an eager sort-and-accumulate under Inductor (five kernels a layer in the H200 profile)."""
     experts = torch.arange(n_experts, device=indices.device, dtype=indices.dtype)
     return (indices.reshape(-1, 1) == experts).sum(0)
-
-
-class _WeightedSum(torch.autograd.Function):
-    """out (N, d) = Σ_k w (N, k) · y (N, k, d), accumulated in float32.
-
-    Written as elementwise math so torch.compile fuses it with the gather that feeds it: 0.53 ms a
-    layer forward + backward on an H200 at 16k tokens, against 1.70 ms as a batched (1, k) @ (k, d)
-    matmul. Saves y in its own dtype, never a float32 (N, k, d) copy.
-    """
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w, y)
-        return fresh_output((w.unsqueeze(-1).float() * y.float()).sum(1).to(y.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        w, y = ctx.saved_tensors
-        g = grad.float().unsqueeze(1)  # (N, 1, d)
-        grad_w = (g * y.float()).sum(-1).to(w.dtype) if ctx.needs_input_grad[0] else None
-        grad_y = (g * w.unsqueeze(-1).float()).to(y.dtype) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_y
 
 
 class _GatherRows(torch.autograd.Function):
@@ -229,40 +209,50 @@ class _GatherRows(torch.autograd.Function):
         return g.to(ctx.in_dtype), None, None, None, None
 
 
-class _PairWeightedSum(torch.autograd.Function):
-    """out (M, d) = Σ over a row's pairs p of w[p] · y[p], from y (P, d) with pairs in any order.
+class _SumRows(torch.autograd.Function):
+    """out (N, d) = Σ_j y[inverse[t·fold + j]] over each token t's `fold` rows of y (N·fold, d), summed
+    in float32: the combine of rows in expert order back into tokens. The transpose of `_GatherRows`
+    (its backward is this forward): the backward hands each row its token's gradient, grad[index]."""
 
-    `pair_slot` (P,) names each pair's place row · k + slot in w (M, k). The float32 sum runs over a
-    row's slots in a fixed order — the order `_WeightedSum` uses — without an (M, k, d) copy of y
-    being kept for the backward (expert parallelism: a received token has only its experts on this
-    rank, 1 to k of its k slots; a slot without a pair adds nothing).
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, fold: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        rows = y.index_select(0, inverse).view(-1, fold, y.shape[-1])
+        return fresh_output(rows.sum(1, dtype=torch.promote_types(y.dtype, torch.float32)).to(y.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None, None
+
+
+class _PairSum(torch.autograd.Function):
+    """out (M, d) = Σ over a row's pairs p of y[p], from y (P, d) with pairs in any order.
+
+    `pair_slot` (P,) names each pair's place row · k + slot. The float32 sum runs over a row's slots
+    in a fixed order (slot 0 first), as `sum_rows` sums one process's (expert parallelism: a received
+    token has only its experts on this rank, 1 to k of its k slots; a slot without a pair adds
+    nothing). The backward hands each pair its row's gradient.
     """
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, y: torch.Tensor, pair_slot: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w, y, pair_slot)
-        M, k = w.shape
+    def forward(ctx, y: torch.Tensor, pair_slot: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+        ctx.save_for_backward(pair_slot)
+        ctx.k = k
         P = y.shape[0]
-        slot_pair = torch.full((M * k,), P, dtype=torch.long, device=y.device)  # P: the zero row
+        slot_pair = torch.full((rows * k,), P, dtype=torch.long, device=y.device)  # P: the zero row
         slot_pair[pair_slot] = torch.arange(P, device=y.device)
-        slot_pair = slot_pair.view(M, k)
+        slot_pair = slot_pair.view(rows, k)
         padded = torch.cat([y, y.new_zeros(1, y.shape[1])])
-        out = torch.zeros(M, y.shape[1], dtype=torch.float32, device=y.device)
+        out = torch.zeros(rows, y.shape[1], dtype=torch.float32, device=y.device)
         for j in range(k):
-            out += w[:, j : j + 1].float() * padded.index_select(0, slot_pair[:, j]).float()
+            out += padded.index_select(0, slot_pair[:, j]).float()
         return fresh_output(out.to(y.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w, y, pair_slot = ctx.saved_tensors
-        g = grad.float().index_select(0, pair_slot // w.shape[1])  # (P, d) the gradient of each pair's row
-        grad_w = grad_y = None
-        if ctx.needs_input_grad[1]:
-            grad_y = (g * w.view(-1).index_select(0, pair_slot).float().unsqueeze(1)).to(y.dtype)
-        if ctx.needs_input_grad[0]:
-            per_pair = (g * y.float()).sum(-1).to(w.dtype)  # (P,)
-            grad_w = w.new_zeros(w.numel()).index_copy(0, pair_slot, per_pair).view_as(w)
-        return grad_w, grad_y, None
+        (pair_slot,) = ctx.saved_tensors
+        return grad.index_select(0, pair_slot // ctx.k), None, None, None
 
 
 class _Bf16RouterLogits(torch.autograd.Function):
@@ -299,12 +289,13 @@ def gather_rows(
     return _GatherRows.apply(x, index, inverse, fold, dtype)
 
 
-def weighted_sum(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Σ_k w (N, k) · y (N, k, d) → (N, d), accumulated in float32 (see `_WeightedSum`)."""
-    return _WeightedSum.apply(w, y)
+def sum_rows(y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, fold: int) -> torch.Tensor:
+    """Σ of each token's `fold` rows of y (N·fold, d) in expert order → (N, d) in y's dtype, summed in
+    float32; `inverse` reads them in (token, slot) order, `index` (each row's token) undoes it."""
+    return _SumRows.apply(y, inverse, index, fold)
 
 
-def pair_weighted_sum(w: torch.Tensor, y: torch.Tensor, pair_slot: torch.Tensor) -> torch.Tensor:
-    """Σ over each row's pairs of w (M, k) · y (P, d) → (M, d) in y's dtype, summed in float32;
-    pair_slot (P,): each pair's row · k + slot (see `_PairWeightedSum`)."""
-    return _PairWeightedSum.apply(w, y, pair_slot)
+def pair_sum(y: torch.Tensor, pair_slot: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """Σ over each of `rows` rows' pairs of y (P, d) → (rows, d) in y's dtype, summed in float32;
+    pair_slot (P,): each pair's row · k + slot (see `_PairSum`)."""
+    return _PairSum.apply(y, pair_slot, rows, k)

@@ -10,10 +10,12 @@ and touches only the rows below it, which leaves the rows past it unspecified (n
 
 - `bounded_gather`: out[p] = src[index[p]] (· scale[p]) for p < bound;
 - `bounded_reduce`: out[t] = Σ_s w[t, s] · src[pos[t, s]] over the slots with pos < bound, in float32;
-- `bounded_dot`: out[t, s] = src[pos[t, s]] · other[t] where pos < bound, else 0;
-- `bounded_swiglu` and its backward: silu(gate) · up on the rows below the bound.
+- `bounded_swiglu` and its backward: w · silu(gate) · up on the rows below the bound (the combine
+  weights applied inside the activation, as one process does: dsv3.model.swiglu), the weights'
+  gradient 0 past it.
 
-On CUDA they are Triton kernels (one program a row, masked loads past the bound: no memory traffic);
+On CUDA they are Triton kernels (one program a row, masked loads past the bound: no memory traffic;
+SwiGLU's is dsv3.model.swiglu's, which the one-process experts' backward runs too);
 elsewhere torch ops over every row with the same results below the bound (CPU ranks in the tests).
 They are torch custom ops, opaque to torch.compile, with no host sync.
 """
@@ -24,9 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-from dsv3.model.moe import swiglu
+from dsv3.model.swiglu import triton_swiglu, weighted_swiglu_backward
 
-__all__ = ["bounded_gather", "bounded_reduce", "bounded_dot", "bounded_swiglu", "bounded_swiglu_backward"]
+__all__ = ["bounded_gather", "bounded_reduce", "bounded_swiglu", "bounded_swiglu_backward"]
 
 _BLOCK = 1024  # columns a program handles at a time
 
@@ -62,29 +64,23 @@ def bounded_reduce(
     return rows.sum(1).to(out_dtype or src.dtype)
 
 
-@torch.library.custom_op("dsv3::bounded_dot", mutates_args=())
-def bounded_dot(
-    src: torch.Tensor, other: torch.Tensor, pos: torch.Tensor, bound: torch.Tensor
-) -> torch.Tensor:
-    """(T, k) float32: src[pos[t, s]] · other[t] where pos < bound, else 0."""
-    return (_live_rows(src, pos, bound) * other.float().unsqueeze(1)).sum(-1)
-
-
 @torch.library.custom_op("dsv3::bounded_swiglu", mutates_args=())
-def bounded_swiglu(gate_up: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """(P, 2I) → (P, I): silu(gate) · up for the rows below the bound."""
-    return swiglu(gate_up)
+def bounded_swiglu(gate_up: torch.Tensor, w: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """(P, 2I), (P, 1) → (P, I): w · silu(gate) · up for the rows below the bound, in float32, rounded
+    once to gate_up's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up * w.float()).to(gate_up.dtype)
 
 
 @torch.library.custom_op("dsv3::bounded_swiglu_backward", mutates_args=())
-def bounded_swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """d loss / d gate_up (P, 2I) of `bounded_swiglu`, given its output's gradient (P, I)."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    g = grad.float()
-    sig = torch.sigmoid(gate)
-    d_gate = g * up * sig * (1 + gate * (1 - sig))
-    d_up = g * gate * sig
-    return torch.cat([d_gate, d_up], dim=-1).to(gate_up.dtype)
+def bounded_swiglu_backward(
+    gate_up: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, bound: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `bounded_swiglu` given its output's (P, I): d gate_up (P, 2I), unspecified past
+    the bound, and dw (P, 1), 0 past it (those pairs' weights belong to other ranks)."""
+    d_gate_up, dw = weighted_swiglu_backward(gate_up, w, grad)
+    live = torch.arange(gate_up.shape[0], device=gate_up.device).unsqueeze(1) < bound
+    return d_gate_up, torch.where(live, dw, 0.0)
 
 
 @bounded_gather.register_fake
@@ -97,19 +93,14 @@ def _(src, pos, bound, weight=None, out_dtype=None):
     return src.new_empty(pos.shape[0], src.shape[1], dtype=out_dtype or src.dtype)
 
 
-@bounded_dot.register_fake
-def _(src, other, pos, bound):
-    return src.new_empty(pos.shape, dtype=torch.float32)
-
-
 @bounded_swiglu.register_fake
-def _(gate_up, bound):
+def _(gate_up, w, bound):
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
 @bounded_swiglu_backward.register_fake
-def _(gate_up, grad, bound):
-    return torch.empty_like(gate_up)
+def _(gate_up, w, grad, bound):
+    return torch.empty_like(gate_up), torch.empty_like(w)
 
 
 # --- CUDA: Triton kernels ---------------------------------------------------------------------------
@@ -154,43 +145,6 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
                 acc += v
             tl.store(out + t * d + cols, acc.to(out.dtype.element_ty), mask=inside)
 
-    @triton.jit
-    def dot_kernel(src, other, pos, bound, out, d: tl.constexpr, k: tl.constexpr, BLOCK: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        n = tl.load(bound)
-        for s in range(k):
-            row = tl.load(pos + t * k + s).to(tl.int64)
-            live = row < n
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, d, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = (cols < d) & live
-                a = tl.load(src + row * d + cols, mask=mask, other=0.0).to(tl.float32)
-                b = tl.load(other + t * d + cols, mask=mask, other=0.0).to(tl.float32)
-                acc += a * b
-            tl.store(out + t * k + s, tl.sum(acc, axis=0))
-
-    @triton.jit
-    def swiglu_kernel(gate_up, grad, bound, out, inter: tl.constexpr, BACKWARD: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        """Forward: out (P, I) = silu(gate) · up. Backward: out (P, 2I) = the gradient with respect to
-        [gate; up], given the output's (grad (P, I))."""
-        p = tl.program_id(0).to(tl.int64)
-        live = p < tl.load(bound)
-        for start in range(0, inter, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = (cols < inter) & live
-            g = tl.load(gate_up + p * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(gate_up + p * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(g)
-            if BACKWARD:
-                dh = tl.load(grad + p * inter + cols, mask=mask, other=0.0).to(tl.float32)
-                d_gate, d_up = dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
-                tl.store(out + p * 2 * inter + cols, d_gate.to(out.dtype.element_ty), mask=mask)
-                tl.store(out + p * 2 * inter + inter + cols, d_up.to(out.dtype.element_ty), mask=mask)
-            else:
-                tl.store(out + p * inter + cols, (g * sig * u).to(out.dtype.element_ty), mask=mask)
-
     def block(width: int) -> int:
         return min(_BLOCK, triton.next_power_of_2(width))
 
@@ -211,33 +165,22 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
                                            HAS_WEIGHT=weight is not None, BLOCK=block(src.shape[1]))
         return out
 
-    def dot(src, other, pos, bound):
-        src, other, pos = src.contiguous(), other.contiguous(), pos.contiguous()
-        out = src.new_empty(pos.shape, dtype=torch.float32)
-        if out.numel():
-            dot_kernel[(pos.shape[0],)](src, other, pos, bound, out, src.shape[1], pos.shape[1],
-                                        BLOCK=block(src.shape[1]))
+    launch_swiglu = triton_swiglu()
+
+    def swiglu_forward(gate_up, w, bound):
+        gate_up, w = gate_up.contiguous(), w.contiguous()
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        launch_swiglu(gate_up, None, w, bound, out, None, backward=False)
         return out
 
-    def swiglu_forward(gate_up, bound):
-        gate_up = gate_up.contiguous()
-        inter = gate_up.shape[1] // 2
-        out = gate_up.new_empty(gate_up.shape[0], inter)
-        if out.numel():
-            swiglu_kernel[(gate_up.shape[0],)](gate_up, gate_up, bound, out, inter, BACKWARD=False,
-                                               BLOCK=block(inter))
-        return out
+    def swiglu_backward(gate_up, w, grad, bound):
+        gate_up, w, grad = gate_up.contiguous(), w.contiguous(), grad.contiguous()
+        out, dw = torch.empty_like(gate_up), torch.empty_like(w)
+        launch_swiglu(gate_up, grad, w, bound, out, dw, backward=True)  # dw: 0 past the bound
+        return out, dw
 
-    def swiglu_backward(gate_up, grad, bound):
-        gate_up, grad = gate_up.contiguous(), grad.contiguous()
-        out = torch.empty_like(gate_up)
-        if out.numel():
-            swiglu_kernel[(gate_up.shape[0],)](gate_up, grad, bound, out, grad.shape[1], BACKWARD=True,
-                                               BLOCK=block(grad.shape[1]))
-        return out
-
-    return {"bounded_gather": gather, "bounded_reduce": reduce, "bounded_dot": dot,
-            "bounded_swiglu": swiglu_forward, "bounded_swiglu_backward": swiglu_backward}
+    return {"bounded_gather": gather, "bounded_reduce": reduce, "bounded_swiglu": swiglu_forward,
+            "bounded_swiglu_backward": swiglu_backward}
 
 
 def _register_cuda_kernels() -> None:

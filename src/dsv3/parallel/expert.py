@@ -37,7 +37,8 @@ from torch.distributed.tensor import DTensor, Shard
 from dsv3.model.autograd_output import fresh_output
 from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe import MoE, expert_ffn
-from dsv3.model.moe_ops import pair_weighted_sum
+from dsv3.model.moe_ops import pair_sum
+from dsv3.model.swiglu import weighted_swiglu
 from dsv3.parallel.expert_allgather import AllGatherDispatcher, local_part
 
 __all__ = ["AllToAllDispatcher", "DISPATCHERS", "apply_ep"]
@@ -148,11 +149,12 @@ class AllToAllDispatcher:
             x, slot_weight, token, local_expert, n_pairs, recv_sizes, send_sizes, self.group,
             compute_dtype(x), El)
         local_ends = recv[:, 1:].sum(0).cumsum(0)  # (El,)
+        pair_weight = w_in.reshape(-1, 1).index_select(0, by_expert)  # (P, 1) each pair's combine weight
         ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj),
-                        experts.matmul)
-        # One weighted sum per received row over its slots in a fixed order: the same float32 sum as
-        # one process (a slot whose expert is elsewhere has weight 0 and no pair).
-        partial = pair_weighted_sum(w_in, ys, by_expert)  # (M, d)
+                        experts.matmul, activation=lambda h: weighted_swiglu(h, pair_weight))
+        # The weights applied inside SwiGLU, as one process does; one float32 sum per received row over
+        # its slots in a fixed order (a slot whose expert is elsewhere has no pair).
+        partial = pair_sum(ys, by_expert, w_in.shape[0], w_in.shape[1])  # (M, d)
 
         back = _AllToAll.apply(partial, send_sizes, recv_sizes, self.group)  # (S, d) in send order
         out = torch.zeros(N, back.shape[1], dtype=torch.float32, device=back.device)

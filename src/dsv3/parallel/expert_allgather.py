@@ -10,9 +10,9 @@ dispatcher has only fixed-size messages, so the host never waits:
      the others last, and runs them through its experts with grouped GEMMs whose offsets end at its
      last pair; the ops between (the gather into expert order, SwiGLU's product) stop there too
      (bounded_rows.py: the bound is read on the GPU), so the rows past it are never computed;
-  3. sums each token's slots on this rank's experts with their weights into a partial sum (reading
-     no row past the bound) and reduce-scatters the partial sums: each rank gets its own tokens,
-     summed over the group.
+  3. sums each token's slots on this rank's experts (their combine weights applied inside SwiGLU, as
+     one process does) into a partial sum (reading no row past the bound) and reduce-scatters the
+     partial sums: each rank gets its own tokens, summed over the group.
 
 The backward is the mirror image (reduce-scatter of the token gradients, all-gather of the output
 gradients), in the experts' dtype like the forward: each rank's partial token gradients are summed in
@@ -46,7 +46,6 @@ from dsv3.model.gemv import compute_dtype
 from dsv3.model.moe import expert_ffn
 from dsv3.model.moe_ops import inverse_permutation, sort_by_expert
 from dsv3.parallel.bounded_rows import (
-    bounded_dot,
     bounded_gather,
     bounded_reduce,
     bounded_swiglu,
@@ -118,43 +117,37 @@ class _GatherDispatch(torch.autograd.Function):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) · up of the rows below `bound` (gate_up (P, 2I) → (P, I)); the rest unspecified."""
+    """w · silu(gate) · up of the rows below `bound` (gate_up (P, 2I), w (P, 1) → (P, I)): each pair's
+    combine weight applied inside the activation, as one process does; the rest unspecified. The
+    weights' gradient is 0 past the bound (other ranks' pairs)."""
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate_up, bound)
-        return bounded_swiglu(gate_up, bound)
+    def forward(ctx, gate_up: torch.Tensor, w: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up, w, bound)
+        return bounded_swiglu(gate_up, w, bound)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        gate_up, bound = ctx.saved_tensors
-        return bounded_swiglu_backward(gate_up, grad, bound), None
+        gate_up, w, bound = ctx.saved_tensors
+        d_gate_up, dw = bounded_swiglu_backward(gate_up, w, grad, bound)
+        return d_gate_up, dw, None
 
 
 class _Combine(torch.autograd.Function):
-    """The experts' rows in expert order ys (P, d) → each group token's Σ over its local slots of
-    weight · row (R·N, d), summed in float32; rows past `bound` are never read.
-
-    Backward: row p's gradient is its pair's weight times its token's gradient (rows below the bound
-    only), a weight's gradient its row · its token's gradient (0 for the other ranks' slots).
-    """
+    """The experts' weighted rows in expert order ys (P, d) → each group token's sum over its local
+    slots (R·N, d), in float32; rows past `bound` are never read. Backward: row p's gradient is its
+    token's (rows below the bound only)."""
 
     @staticmethod
-    def forward(ctx, ys, weights, pair_order, position, bound) -> torch.Tensor:
-        ctx.save_for_backward(ys, weights, pair_order, position, bound)
-        return bounded_reduce(ys, position, bound, weights, ys.dtype)
+    def forward(ctx, ys, pair_order, position, bound) -> torch.Tensor:
+        ctx.save_for_backward(pair_order, bound)
+        ctx.k = position.shape[1]
+        return bounded_reduce(ys, position, bound, None, ys.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ys, weights, pair_order, position, bound = ctx.saved_tensors
-        grad_ys = grad_w = None
-        if ctx.needs_input_grad[0]:
-            k = weights.shape[1]
-            pair_weight = weights.flatten().index_select(0, pair_order)
-            grad_ys = bounded_gather(grad.to(ys.dtype), pair_order // k, bound, pair_weight)
-        if ctx.needs_input_grad[1]:
-            grad_w = bounded_dot(ys, grad, position, bound).to(weights.dtype)
-        return grad_ys, grad_w, None, None, None
+        pair_order, bound = ctx.saved_tensors
+        return bounded_gather(grad, pair_order // ctx.k, bound), None, None, None
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
@@ -198,7 +191,8 @@ class AllGatherDispatcher:
         position = inverse_permutation(pair_order).view(-1, k)  # each (token, slot)'s row
         bound = local_ends[-1]
         xs = _GatherDispatch.apply(x, pair_order // k, position, bound, self.group, compute_dtype(x))
+        pair_weight = routing[:, :k].to(weights.dtype).reshape(-1, 1).index_select(0, pair_order)
         ys = expert_ffn(xs, local_ends, local_part(experts.gate_up_proj), local_part(experts.down_proj),
-                        experts.matmul, activation=lambda gate_up: _SwiGLU.apply(gate_up, bound))
-        partial = _Combine.apply(ys, routing[:, :k].to(weights.dtype), pair_order, position, bound)
+                        experts.matmul, activation=lambda h: _SwiGLU.apply(h, pair_weight, bound))
+        partial = _Combine.apply(ys, pair_order, position, bound)
         return _ReduceScatter.apply(partial, self.group)

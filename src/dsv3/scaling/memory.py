@@ -117,7 +117,9 @@ def _layer_activation_bytes(cfg: ModelConfig, moe: bool) -> _Acts:
         # SwiGLU keeps gate and up outputs, silu(gate), and the product fed to down_proj.
         return _Acts(ACT_BYTES * (attn_heads + 4 * cfg.intermediate_size) + 4 * h,
                      ACT_BYTES * (attn_whole + norm))
-    routed = cfg.num_experts_per_tok * (2 * d + 4 * cfg.moe_intermediate_size)  # per copy: in, SwiGLU, out
+    # per copy: the input and SwiGLU's; no output is kept (the combine weights are applied inside
+    # SwiGLU, whose backward makes their gradient: dsv3.model.swiglu)
+    routed = cfg.num_experts_per_tok * (d + 4 * cfg.moe_intermediate_size)
     shared = 4 * cfg.n_shared_experts * cfg.moe_intermediate_size
     return _Acts(ACT_BYTES * (attn_heads + shared) + 4 * h,
                  ACT_BYTES * (attn_whole + norm) + 4 * cfg.n_routed_experts, ACT_BYTES * routed)
