@@ -70,8 +70,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS",
                    help="dsv3 computes its losses this many positions at a time (train.loss_chunk_tokens)")
     p.add_argument("--mtp", action="store_true", help="dsv3 also trains its MTP depth(s), λ=0.3")
-    p.add_argument("--moments", choices=["float32", "bfloat16"], default="float32",
-                   help="the trainer's AdamW moments (train.optimizer_state_dtype)")
+    p.add_argument("--moments", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the trainer's AdamW moments (train.optimizer_state_dtype); auto (as `dsv3 train`) = "
+                        "bfloat16 with bf16 weights")
     p.add_argument("--param-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the trainer's weights (train.param_dtype): bfloat16 = bf16 weights, float32 masters "
                         "in the optimizer; auto (as `dsv3 train`) = bfloat16 on a GPU")
@@ -286,8 +287,11 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
             overrides.append("train.mtp_lambda=0")
         run = load_run_config(args.preset, overrides).model_copy(update={"model": cfg})
         records: list[dict] = []
+        precision: list[str] = []
 
         def collect(record: dict) -> None:
+            if "precision" in record:  # the run's header: what param_dtype and the moments resolved to
+                precision.append(record["precision"])
             if record["kind"] in ("train", "skip"):
                 records.append(record)
                 if len(records) == steps:
@@ -321,6 +325,7 @@ def _trainer_step(cfg: ModelConfig, args, device: torch.device) -> dict:
         "loss_chunk_tokens": args.loss_chunk,
         "optimizer_moments": args.moments,
         "param_dtype": args.param_dtype,
+        "precision": precision[0] if precision else None,
         "fp8": args.fp8,
     }
 

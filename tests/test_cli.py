@@ -164,7 +164,7 @@ def test_select_config_judges_extra_configs_and_prints_reasons(tmp_path, capsys)
     extra = _tiny_run(tmp_path, _steps_for(21), "my-tiny")
     code, out, _ = _run(capsys, "select-config", "--gpus", "1", "--gpu-memory", "24", "--config", extra)
     assert code == 0
-    assert "my-tiny" in out and "Largest that fits: 1b" in out and "small does not fit" in out
+    assert "my-tiny" in out and "Largest that fits: 1b" in out and "5b does not fit" in out
 
 
 def test_select_config_set_applies_to_the_named_preset_once(capsys):

@@ -279,9 +279,10 @@ class TrainConfig(_Strict):
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    optimizer_state_dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="AdamW's moments: bfloat16 halves them (4 bytes a parameter instead "
-        "of 8) and the step's memory traffic, as DeepSeek-V3 trains; master weights stay float32",
+    optimizer_state_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="AdamW's moments: bfloat16 halves them (4 bytes a parameter instead "
+        "of 8) and the step's memory traffic, as DeepSeek-V3 trains; master weights stay float32. "
+        "auto = bfloat16 with bf16 weights (`param_dtype`), else float32",
     )
     param_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="the model's weights while training: bfloat16 keeps bf16 weights "
@@ -334,6 +335,12 @@ class TrainConfig(_Strict):
         if self.param_dtype == "auto":
             return self.computes_in_bf16(device_type) and processes == 1
         return self.param_dtype == "bfloat16"
+
+    def bf16_moments(self, device_type: str, processes: int) -> bool:
+        """Whether AdamW keeps its moments in bf16 (`optimizer_state_dtype`; auto: with bf16 weights)."""
+        if self.optimizer_state_dtype == "auto":
+            return self.bf16_weights(device_type, processes)
+        return self.optimizer_state_dtype == "bfloat16"
 
     eval_every: int = Field(default=200, gt=0)
     eval_batches: int = Field(default=8, gt=0)

@@ -218,7 +218,7 @@ def test_masters_take_float32_adamw_steps_and_the_weights_are_their_rounding():
     model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
     reference = copy.deepcopy(model)
     masters = keep_master_weights(model)
-    cfg = _cfg(lr=1e-2, warmup_steps=1, beta2=0.95)
+    cfg = _cfg(lr=1e-2, warmup_steps=1, beta2=0.95, optimizer_state_dtype="float32")
     opt = build_optimizer(model, cfg, fused=False, masters=masters)
     ref_opt = build_optimizer(reference, cfg, fused=False)
     gen = torch.Generator().manual_seed(3)
@@ -232,7 +232,30 @@ def test_masters_take_float32_adamw_steps_and_the_weights_are_their_rounding():
         assert p.dtype == torch.bfloat16 and masters[p].dtype == torch.float32
         torch.testing.assert_close(masters[p], r.detach(), rtol=0, atol=1e-6)
         assert torch.equal(p, masters[p].bfloat16())
-    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32  # optimizer_state_dtype's default
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32  # as asked
+
+
+def test_auto_moments_are_bf16_exactly_with_bf16_weights():
+    """`optimizer_state_dtype: auto` (the default): bf16 moments beside float32 masters, float32
+    moments for float32 weights; the config's rule says the same for one GPU, several, and a CPU."""
+    from dsv3.config import TrainConfig
+    from dsv3.train.master_weights import keep_master_weights
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    plain = copy.deepcopy(model)
+    opt = build_optimizer(model, _cfg(), fused=False, masters=keep_master_weights(model))
+    opt_plain = build_optimizer(plain, _cfg(), fused=False)
+    for m, o in ((model, opt), (plain, opt_plain)):
+        m[0].weight.grad = torch.ones_like(m[0].weight)
+        m[0].bias.grad = torch.ones_like(m[0].bias)
+        o.step()
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.bfloat16
+    assert opt_plain.state[plain[0].weight]["exp_avg"].dtype == torch.float32
+    auto = TrainConfig()
+    assert auto.bf16_moments("cuda", 1) and not auto.bf16_moments("cuda", 2)
+    assert not auto.bf16_moments("cpu", 1)
+    assert not TrainConfig(optimizer_state_dtype="float32").bf16_moments("cuda", 1)
+    assert TrainConfig(optimizer_state_dtype="bfloat16").bf16_moments("cpu", 4)
 
 
 def test_a_model_with_masters_gives_them_as_its_state_dict():
@@ -264,7 +287,7 @@ def test_micro_batch_gradients_of_bf16_weights_add_up_in_float32():
     reference = copy.deepcopy(model)
     masters = keep_master_weights(model)
     sums = Float32GradAccumulation(list(masters))
-    cfg = _cfg(lr=1e-2, warmup_steps=1)
+    cfg = _cfg(lr=1e-2, warmup_steps=1, optimizer_state_dtype="float32")  # torch's AdamW's
     opt = build_optimizer(model, cfg, fused=False, masters=masters)
     opt.grads = sums.grads
     ref_opt = build_optimizer(reference, cfg, fused=False)

@@ -19,6 +19,7 @@ __all__ = [
     "memory_per_gpu",
     "memory_profile",
     "estimate_memory",
+    "grad_bytes_for",
     "optimizer_bytes_for",
 ]
 
@@ -371,11 +372,17 @@ def memory_per_gpu(cfg: ModelConfig, train: TrainConfig, parallel: ParallelConfi
         memory_profile(cfg), parallel, seq_len=train.seq_len, micro_batch=train.micro_batch_size,
         n_micro=n_micro,
         recompute=train.activation_checkpointing, loss_chunk_tokens=train.loss_chunk_tokens,
-        eager=not train.compile, optimizer_bytes=optimizer_bytes_for(train),
-        grad_bytes=COMPUTE_BYTES if train.bf16_weights("cuda", parallel.gpus) else GRAD_BYTES,
+        eager=not train.compile, optimizer_bytes=optimizer_bytes_for(train, parallel.gpus),
+        grad_bytes=grad_bytes_for(train, parallel.gpus),
     )
 
 
-def optimizer_bytes_for(train: TrainConfig) -> int:
-    """AdamW's m and v a parameter: float32 (8 bytes) or bfloat16 (4, `optimizer_state_dtype`)."""
-    return OPTIM_BYTES // 2 if train.optimizer_state_dtype == "bfloat16" else OPTIM_BYTES
+def grad_bytes_for(train: TrainConfig, gpus: int) -> int:
+    """A gradient's bytes on `gpus` GPUs: bf16 (2) with bf16 weights (`param_dtype`), else float32 (4)."""
+    return COMPUTE_BYTES if train.bf16_weights("cuda", gpus) else GRAD_BYTES
+
+
+def optimizer_bytes_for(train: TrainConfig, gpus: int) -> int:
+    """AdamW's m and v a parameter on `gpus` GPUs: float32 (8 bytes) or bfloat16 (4,
+    `optimizer_state_dtype`)."""
+    return OPTIM_BYTES // 2 if train.bf16_moments("cuda", gpus) else OPTIM_BYTES

@@ -16,6 +16,7 @@ from dsv3.scaling.memory import (
     KVCacheBytes,
     MemoryEstimate,
     estimate_memory,
+    grad_bytes_for,
     kv_cache_bytes_per_token,
     memory_per_gpu,
     memory_profile,
@@ -257,7 +258,8 @@ def _judge(
         for layout, mbs, n_micro in (x for base in layouts for x in _with_resharding(*base)):
             mem = estimate_memory(prof, layout, seq_len=train.seq_len, micro_batch=mbs, n_micro=n_micro,
                                   recompute=recompute, loss_chunk_tokens=train.loss_chunk_tokens,
-                                  eager=not train.compile, optimizer_bytes=optimizer_bytes_for(train))
+                                  eager=not train.compile, optimizer_bytes=optimizer_bytes_for(train, gpus),
+                                  grad_bytes=grad_bytes_for(train, gpus))
             if not mem.fits(gpu_memory_gb, headroom):
                 smallest = mem if smallest is None or mem.total < smallest.total else smallest
                 continue

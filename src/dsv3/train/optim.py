@@ -52,15 +52,18 @@ def build_optimizer(
     masters: Mapping[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW over `param_groups`. MixedAdamW where torch's kernels cannot serve: bf16 moments
-    (`optimizer_state_dtype`) or float32 `masters` of bf16 weights (`param_dtype`, from
-    `keep_master_weights`); else torch's, the fused kernel on CUDA (or where `fused`), the multi-tensor
-    one elsewhere (the CPU runs and their reference curve are kept on it)."""
+    (`optimizer_state_dtype`; auto: exactly when there are masters, `TrainConfig.bf16_moments`) or
+    float32 `masters` of bf16 weights (`param_dtype`, from `keep_master_weights`); else torch's, the
+    fused kernel on CUDA (or where `fused`), the multi-tensor one elsewhere (the CPU runs and their
+    reference curve are kept on it)."""
     fused = next(model.parameters()).is_cuda if fused is None else fused
     groups = param_groups(model, cfg.weight_decay)
     log.debug("AdamW: parameters per group (weight decay): %s",
               [(sum(p.numel() for p in g["params"]), g["weight_decay"]) for g in groups])
-    if cfg.optimizer_state_dtype == "bfloat16" or masters:
-        state_dtype = torch.bfloat16 if cfg.optimizer_state_dtype == "bfloat16" else torch.float32
+    moments = cfg.optimizer_state_dtype
+    bf16_moments = moments == "bfloat16" or (moments == "auto" and masters is not None)
+    if bf16_moments or masters:
+        state_dtype = torch.bfloat16 if bf16_moments else torch.float32
         return MixedAdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                           state_dtype=state_dtype, masters=masters)
     return torch.optim.AdamW(
