@@ -7,6 +7,10 @@ qk_nope_head_dim so W_UK and W_UV cannot be mixed up.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,3 +178,17 @@ def traced_ops(fn: Callable, *args) -> set:
     torch._dynamo.reset()
     torch.compile(fn, backend=backend)(*args)
     return seen
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed")
+
+
+def run_under_triton_interpreter(script: str) -> None:
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1 (Triton kernels on CPU tensors); it must
+    print "ok"."""
+    root = Path(__file__).resolve().parents[1]
+    path = f"{root / 'src'}:{root}:{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -3,17 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 import torch.nn.functional as F
 
 from dsv3.model.swiglu import weighted_swiglu, weighted_swiglu_backward
+from tests.conftest import needs_triton, run_under_triton_interpreter
 
 
 def test_backward_is_autograd_of_the_weighted_product():
@@ -61,13 +55,8 @@ print("ok")
 '''
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_the_triton_kernel_equals_the_torch_backward_under_the_interpreter():
     """The CUDA implementation's kernel, run on CPU tensors by Triton's interpreter: weighted forward,
     backward with dw, one column block and two."""
-    root = Path(__file__).resolve().parents[2]
-    path = f"{root / 'src'}:{root}:{os.environ.get('PYTHONPATH', '')}"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    run_under_triton_interpreter(_INTERPRETED)

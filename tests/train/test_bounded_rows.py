@@ -4,13 +4,6 @@ implementations) against the references under Triton's interpreter where Triton 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +13,7 @@ from dsv3.parallel.bounded_rows import (
     bounded_swiglu,
     bounded_swiglu_backward,
 )
+from tests.conftest import needs_triton, run_under_triton_interpreter
 
 BOUND = 23  # of P = 40 rows
 
@@ -108,12 +102,7 @@ print("ok")
 '''
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_the_triton_kernels_equal_the_references_under_the_interpreter():
     """The CUDA implementations' kernels, run on CPU tensors by Triton's interpreter."""
-    root = Path(__file__).resolve().parents[2]
-    path = f"{root / 'src'}:{root}:{os.environ.get('PYTHONPATH', '')}"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    run_under_triton_interpreter(_INTERPRETED)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.model.autograd_output import fresh_output
+from dsv3.model.cuda_kernels import register_triton_kernels
 
 __all__ = ["swiglu", "weighted_swiglu", "weighted_swiglu_backward", "triton_swiglu"]
 
@@ -137,21 +138,17 @@ def triton_swiglu() -> Callable[..., None]:
     return launch
 
 
-def _register_cuda_kernel() -> None:
-    """The Triton kernel becomes the backward's CUDA implementation, where Triton and CUDA are present."""
-    if not torch.cuda.is_available():
-        return
-    try:
-        launch = triton_swiglu()
-    except ImportError:  # a CUDA build without Triton: the torch implementation runs
-        return
+def _cuda_backward() -> dict:
+    """`weighted_swiglu_backward`'s CUDA implementation: the Triton kernel."""
+    launch = triton_swiglu()
 
-    @weighted_swiglu_backward.register_kernel("cuda")
-    def _(gate_up, w, grad):
+    def backward(gate_up, w, grad):
         gate_up, w, grad = gate_up.contiguous(), w.contiguous(), grad.contiguous()
         out, dw = torch.empty_like(gate_up), torch.empty_like(w)
         launch(gate_up, grad, w, None, out, dw, backward=True)
         return out, dw
 
+    return {weighted_swiglu_backward: backward}
 
-_register_cuda_kernel()
+
+register_triton_kernels(_cuda_backward)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from dsv3.model.cuda_kernels import register_triton_kernels
 from dsv3.model.swiglu import triton_swiglu, weighted_swiglu_backward
 
 __all__ = ["bounded_gather", "bounded_reduce", "bounded_swiglu", "bounded_swiglu_backward"]
@@ -183,16 +184,4 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
             "bounded_swiglu_backward": swiglu_backward}
 
 
-def _register_cuda_kernels() -> None:
-    """The Triton kernels become the ops' CUDA implementations, where Triton and CUDA are present."""
-    if not torch.cuda.is_available():
-        return
-    try:
-        ops = triton_ops()
-    except ImportError:  # a CUDA build without Triton: the reference implementations run
-        return
-    for name, fn in ops.items():
-        globals()[name].register_kernel("cuda")(fn)
-
-
-_register_cuda_kernels()
+register_triton_kernels(lambda: {globals()[name]: fn for name, fn in triton_ops().items()})
