@@ -54,6 +54,7 @@ def test_a_prompt_file_is_answered_line_by_line(served_checkpoint, tmp_path, cap
     assert rows[4]["outputs"][0]["token_ids"] == [65] * 6  # forced by its bias
     assert "prompt_logprobs" not in rows[0]
     assert rows[5]["prompt_logprobs"] == want[5].prompt_logprobs and rows[5]["prompt_logprobs"][0] is None
+    assert rows[5]["prompt_ranks"] == want[5].prompt_ranks and rows[5]["prompt_ranks"][1] >= 1
     assert rows[5]["prompt_top_logprobs"] == [[list(t) for t in top] for top in want[5].prompt_top_logprobs]
 
 

@@ -452,10 +452,12 @@ def test_prompt_logprobs_are_the_models_own_however_the_prompt_is_computed(refer
         assert out.outputs[0].token_ids == refs[i]
         with torch.no_grad():
             lp = model(torch.tensor([p]))[0, :-1].float().log_softmax(-1)
-        assert len(out.prompt_logprobs) == len(out.prompt_top_logprobs) == len(p)
+        assert len(out.prompt_logprobs) == len(out.prompt_top_logprobs) == len(out.prompt_ranks) == len(p)
         assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] == []
+        assert out.prompt_ranks[0] is None
         for t in range(1, len(p)):
             assert abs(out.prompt_logprobs[t] - float(lp[t - 1, p[t]])) < 1e-4, (i, t)
+            assert out.prompt_ranks[t] == int((lp[t - 1] > lp[t - 1, p[t]]).sum()) + 1, (i, t)
             values, ids = lp[t - 1].topk(2)
             assert [j for j, _ in out.prompt_top_logprobs[t]] == ids.tolist()
             assert all(

@@ -132,6 +132,38 @@ def test_echo_returns_the_prompt_and_its_logprobs_before_the_completion(server, 
     _error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens")
 
 
+def test_vllm_prompt_logprobs_give_each_prompt_tokens_logprob_rank_and_top(server, offline):
+    """vLLM's `prompt_logprobs: k`: per completion choice (chat: beside the choices) the first prompt
+    token null, then {token id: {logprob, rank, decoded_token}} for the token and the k most likely;
+    echo's logprobs keep their own top count; streaming asks are a 400 naming the field."""
+    client, llm = server
+    tok = llm.engine.tokenizer
+    ids = tok.encode_prompt("The river")
+    want = offline.generate(ids, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))[0]
+    request = {"prompt": "The river", "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3, "n": 2}
+    choices = client.post("/v1/completions", json=request).json()["choices"]
+    rows = choices[0]["prompt_logprobs"]
+    assert choices[1]["prompt_logprobs"] == rows and len(rows) == len(ids) and rows[0] is None
+    for t in range(1, len(ids)):
+        row, top = rows[t], want.prompt_top_logprobs[t]
+        assert row[str(ids[t])] == {"logprob": want.prompt_logprobs[t], "rank": want.prompt_ranks[t],
+                                    "decoded_token": tok.decode([ids[t]], skip_special_tokens=False)}
+        for rank, (i, v) in enumerate(top, start=1):
+            assert row[str(i)]["logprob"] == v and (row[str(i)]["rank"] == rank or i == ids[t])
+        assert len(row) == len({ids[t], *(i for i, _ in top)})
+    # with echo: its logprobs show their own top count (1) while prompt_logprobs shows 3
+    echo = client.post("/v1/completions", json={**request, "echo": True, "logprobs": 1, "n": 1}).json()
+    assert all(len(t) == 1 for t in echo["choices"][0]["logprobs"]["top_logprobs"][1 : len(ids)])
+    assert echo["choices"][0]["prompt_logprobs"] == rows
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0}
+    body = client.post("/v1/chat/completions", json=chat).json()
+    assert body["prompt_logprobs"][0] is None and all(len(r) == 1 for r in body["prompt_logprobs"][1:])
+    assert body["usage"]["prompt_tokens"] == len(body["prompt_logprobs"])
+    _error(client.post("/v1/completions", json={**request, "stream": True}), 400, "prompt_logprobs")
+    _error(client.post("/v1/chat/completions", json={**chat, "stream": True}), 400, "prompt_logprobs")
+    _error(client.post("/v1/completions", json={**request, "prompt_logprobs": -1}), 400, "prompt_logprobs")
+
+
 def test_tokenizer_endpoints_tokenize_as_the_server_does(server):
     """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's remote tokenizer)."""
     client, llm = server

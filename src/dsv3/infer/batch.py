@@ -11,7 +11,8 @@ or names an unknown field is an error naming the file, the line and the field; n
 Each output line answers the input line at the same position (blank lines aside):
     {"id": ..., "outputs": [{"index", "text", "token_ids", "finish_reason", "stop_reason"
      (+ "logprobs", "top_logprobs" when asked)}], "prompt_tokens": N, "cached_prompt_tokens": N
-     (+ "prompt_logprobs", "prompt_top_logprobs" with "prompt_logprobs": the first token's null)}
+     (+ "prompt_logprobs", "prompt_top_logprobs", "prompt_ranks" with "prompt_logprobs": the first
+     token's null)}
 The file is written atomically once every prompt has finished.
 """
 
@@ -149,6 +150,7 @@ def run_prompt_lines(
             if p.params.prompt_logprobs is not None:
                 record["prompt_logprobs"] = out.prompt_logprobs
                 record["prompt_top_logprobs"] = out.prompt_top_logprobs
+                record["prompt_ranks"] = out.prompt_ranks
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     generated = sum(len(c.token_ids) for out in outs for c in out.outputs)
     return BatchSummary(len(lines), sum(len(o.prompt_token_ids) for o in outs), generated, seconds)

@@ -73,6 +73,7 @@ class RequestOutput:
     # nothing predicts) and the top logprobs at its position; filled as the prompt is computed
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ranks: list[int | None] | None = None  # each prompt token's rank in the vocabulary (1: top)
 
 
 @dataclass
@@ -368,7 +369,7 @@ class LLMEngine:
 
     @staticmethod
     def _record_prompt_scores(
-        seq: Sequence, first: int, logprobs: list[float], top: list[list[tuple[int, float]]]
+        seq: Sequence, first: int, logprobs: list[float], top: list[list[tuple[int, float]]], ranks: list[int]
     ) -> None:
         """Append the prompt logprobs a row computed from prompt token `first` on, skipping those
         already known (a preempted sequence recomputes its prompt)."""
@@ -380,6 +381,7 @@ class LLMEngine:
             )
         seq.prompt_logprobs += logprobs[skip:]
         seq.prompt_top_logprobs += top[skip:]
+        seq.prompt_ranks += ranks[skip:]
 
     def _stopped(self, seq: Sequence, token: int) -> bool:
         """Append `token`'s text and decide whether `seq` ends here (and why). The text of an eos or
@@ -440,10 +442,11 @@ class LLMEngine:
         times = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         finish = [s.finish_time for s in req.seqs]
         scored = req.seqs[0]  # the completion that computes the prompt's logprobs (`Sequence.scores_prompt`)
-        prompt_logprobs = prompt_top = None
+        prompt_logprobs = prompt_top = prompt_ranks = None
         if req.params.prompt_logprobs is not None:
             prompt_logprobs = [None, *scored.prompt_logprobs]
             prompt_top = [[], *scored.prompt_top_logprobs]
+            prompt_ranks = [None, *scored.prompt_ranks]
         return RequestOutput(
             req.request_id,
             req.prompt_ids,
@@ -455,6 +458,7 @@ class LLMEngine:
             max(finish) if req.finished and all(f is not None for f in finish) else None,
             prompt_logprobs,
             prompt_top,
+            prompt_ranks,
         )
 
     # --- state for /metrics and tests ----------------------------------------------------------

@@ -87,7 +87,7 @@ class RowResult:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     # prompt_logprobs: (the first prompt token scored, the logprobs of it and those after, their top)
-    prompt: tuple[int, list[float], list[list[tuple[int, float]]]] | None = None
+    prompt: tuple[int, list[float], list[list[tuple[int, float]]], list[int]] | None = None
 
 
 @dataclass
@@ -127,15 +127,16 @@ class _PromptScores:
     top_counts: dict[int, int]
     host: HostCopy
 
-    def rows(self) -> dict[int, tuple[int, list[float], list[list[tuple[int, float]]]]]:
+    def rows(self) -> dict[int, tuple[int, list[float], list[list[tuple[int, float]]], list[int]]]:
+        """Per row: the first prompt token scored, the logprobs, top pairs and ranks from it on."""
         host = {name: t.tolist() for name, t in self.host.get().items()}
         out, at = {}, 0
         for r, (first, n) in self.spans.items():
+            rows = slice(at, at + n)
             tops = [[] for _ in range(n)]
             if self.top_counts[r]:
-                rows = slice(at, at + n)
                 tops = top_pairs(host["top_ids"][rows], host["top_values"][rows], [self.top_counts[r]] * n)
-            out[r] = (first, host["logprobs"][at : at + n], tops)
+            out[r] = (first, host["logprobs"][rows], tops, host["ranks"][rows])
             at += n
         return out
 
@@ -653,11 +654,14 @@ class ModelRunner:
         want = max(top_counts.values())
         h = fwd.hidden.flatten(0, 1)[device_index(flat, self.device)]
         targets = to_device(targets, self.device, torch.long)
-        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "top_values": [], "top_ids": []}
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ranks": [], "top_values": [], "top_ids": []}
         for i in range(0, len(flat), PROMPT_SCORE_TOKENS):
             chunk = slice(i, i + PROMPT_SCORE_TOKENS)
-            chosen, top = token_logprobs(self.model.lm_head(h[chunk]).float(), targets[chunk], want)
+            logits = self.model.lm_head(h[chunk]).float()
+            chosen, top = token_logprobs(logits, targets[chunk], want)
             parts["logprobs"].append(chosen)
+            # the token's rank in the vocabulary (1: the most likely), as vLLM reports it
+            parts["ranks"].append((logits > logits.gather(1, targets[chunk].unsqueeze(1))).sum(-1) + 1)
             if top is not None:
                 parts["top_values"].append(top[0])
                 parts["top_ids"].append(top[1])

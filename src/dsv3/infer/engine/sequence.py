@@ -50,9 +50,11 @@ class Sequence:
     output_text: str = ""
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    # prompt_logprobs: the log-probability of prompt tokens 1, 2, ... (token 0 has none) and their top
+    # prompt_logprobs: the log-probability of prompt tokens 1, 2, ... (token 0 has none), their top
+    # pairs and their ranks in the vocabulary
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     first_token_time: float | None = None

@@ -300,8 +300,12 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
                 c, text = api.without_completion(c), ""
             logprobs = api.completion_logprobs(tokenizer, c, start, len(c.text) - len(text))
             if echoed is not None and first:
-                text, logprobs = api.echoed_choice(tokenizer, echoed[index // body.n], out, text, logprobs)
-            return api.completion_choice(index, text, c, logprobs)
+                text, logprobs = api.echoed_choice(tokenizer, echoed[index // body.n], out, text, logprobs,
+                                                   body.logprobs or 0)  # fmt: skip
+            answer = api.completion_choice(index, text, c, logprobs)
+            if body.prompt_logprobs is not None:  # never streamed (`check`)
+                answer["prompt_logprobs"] = api.vllm_prompt_logprobs(tokenizer, out, body.prompt_logprobs)
+            return answer
 
         if body.stream:
 
@@ -348,9 +352,10 @@ def build_app(engine: AsyncEngine, model_name: str, tokenizer: TextTokenizer) ->
             )
         outs = await collect(streams, request)
         choices = [api.chat_choice(c.index, c, api.chat_logprobs(tokenizer, c, 0)) for c in outs[0].outputs]
-        return JSONResponse(
-            {**head, "object": "chat.completion", "choices": choices, "usage": api.usage(outs)}
-        )
+        answer = {**head, "object": "chat.completion", "choices": choices, "usage": api.usage(outs)}
+        if body.prompt_logprobs is not None:
+            answer["prompt_logprobs"] = api.vllm_prompt_logprobs(tokenizer, outs[0], body.prompt_logprobs)
+        return JSONResponse(answer)
 
     return app
 

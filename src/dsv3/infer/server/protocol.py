@@ -9,7 +9,9 @@ field too; fields that only label a request (user, metadata) are accepted.
 completion's (the first token's is null, nothing predicts it): how lm-evaluation-harness's
 `local-completions` model scores loglikelihood tasks against a server. With `"max_tokens": 0` as
 well (OpenAI's legacy way to score a prompt, which HELM uses) the answer is the prompt alone: the
-engine samples one token, which the answer leaves out.
+engine samples one token, which the answer leaves out. vLLM's `prompt_logprobs: k` (both endpoints,
+not streamed) answers each prompt token's logprob and rank with the k most likely tokens, per
+completion choice (/v1/completions) or beside the choices (/v1/chat/completions), as vLLM does.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dsv3.infer.engine import CompletionOutput, RequestError, RequestOutput
-from dsv3.infer.sampling import SamplingParams
+from dsv3.infer.sampling import MAX_LOGPROBS, SamplingParams
 from dsv3.infer.tokenizer import TextTokenizer
 
 __all__ = [
@@ -71,8 +73,14 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's object keys) → bias
+    # vLLM's: each prompt token's logprob and rank with this many most likely tokens (not streamed)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None
     metadata: dict[str, Any] | None = None
+
+    def _check_streaming(self) -> None:
+        if self.stream and self.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs", "is not available when streaming (stream: true)")
 
 
 class CompletionRequest(_Sampling):
@@ -85,6 +93,7 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         """RequestError for a field set to something dsv3 does not implement."""
+        self._check_streaming()
         if self.suffix:
             raise Unsupported("suffix", "is not supported")
         if self.best_of is not None and self.best_of != self.n:
@@ -144,6 +153,7 @@ class ChatRequest(_Sampling):
 
     def check(self) -> None:
         """RequestError for a field set to something dsv3 does not implement."""
+        self._check_streaming()
         if self.tools:
             raise Unsupported("tools", "tool calling is not supported")
         if self.tool_choice not in (None, "none"):
@@ -231,6 +241,8 @@ def sampling_params(request: CompletionRequest | ChatRequest) -> SamplingParams:
         if request.echo and request.logprobs is not None:
             values["prompt_logprobs"] = request.logprobs
             names["prompt_logprobs"] = "logprobs"
+    if request.prompt_logprobs is not None:  # the engine computes the larger top; each answer cuts its own
+        values["prompt_logprobs"] = max(request.prompt_logprobs, values.get("prompt_logprobs", 0))
     try:
         return SamplingParams(**values)
     except ValidationError as e:
@@ -281,10 +293,11 @@ def without_completion(out: CompletionOutput) -> CompletionOutput:
 
 
 def echoed_choice(
-    tokenizer: TextTokenizer, prefix: str, out: RequestOutput, text: str, logprobs: dict | None
+    tokenizer: TextTokenizer, prefix: str, out: RequestOutput, text: str, logprobs: dict | None, k: int
 ) -> tuple[str, dict | None]:
     """(text, logprobs) of a completion with `echo`: the prompt's text and, when logprobs were asked
-    for, its tokens' logprobs (`out.prompt_logprobs`) in front of the completion's."""
+    for, its tokens' logprobs (`out.prompt_logprobs`, the k most likely at each) in front of the
+    completion's."""
     if logprobs is None or out.prompt_logprobs is None:
         return prefix + text, logprobs
     tokens = [_token(tokenizer, t) for t in out.prompt_token_ids]
@@ -296,11 +309,30 @@ def echoed_choice(
         "tokens": tokens + logprobs["tokens"],
         "token_logprobs": out.prompt_logprobs + logprobs["token_logprobs"],
         "top_logprobs": [None]
-        + [{_token(tokenizer, i): lp for i, lp in top} for top in out.prompt_top_logprobs[1:]]
+        + [{_token(tokenizer, i): lp for i, lp in top[:k]} for top in out.prompt_top_logprobs[1:]]
         + logprobs["top_logprobs"],
         # as vLLM: offsets add up the tokens' texts, prompt then completion (special tokens count too)
         "text_offset": offsets + [at + o for o in logprobs["text_offset"]],
     }
+
+
+def vllm_prompt_logprobs(tokenizer: TextTokenizer, out: RequestOutput, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token (nothing predicts it), then per token
+    {token id: {"logprob", "rank", "decoded_token"}} for the token itself (its rank in the vocabulary)
+    and the k most likely (ranks 1..k); -inf is sent as -9999.0, as vLLM clamps it (JSON has no inf)."""
+
+    def entry(token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": _token(tokenizer, token_id)}
+
+    rows: list[dict | None] = [None]
+    scored = zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], out.prompt_ranks[1:],
+                 out.prompt_top_logprobs[1:], strict=True)  # fmt: skip
+    for token, logprob, rank, top in scored:
+        row = {str(token): entry(token, logprob, rank)}
+        for j, (i, v) in enumerate(top[:k]):
+            row.setdefault(str(i), entry(i, v, j + 1))
+        rows.append(row)
+    return rows
 
 
 def chat_logprobs(tokenizer: TextTokenizer, out: CompletionOutput, start: int) -> dict[str, list] | None:
