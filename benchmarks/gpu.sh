@@ -7,7 +7,7 @@
 # STEPS picks a subset (default: all, in this order):
 #     parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy
 #     train_bf16_moments train_fp32_weights train_bf16_weights train_fp8 train_whole_compile train_8k train_32k serve decode
-#     decode_fp8 decode_fp32 moe_layer
+#     decode_fp8 decode_fp32 moe_layer moe_layer_train
 # PROFILE=1 adds the `train` step's kernel tables and traces; the profiler stays attached to the process
 # and slows later launches, so that step's later systems are then timed slow: headline figures without it.
 # CUDA_VISIBLE_DEVICES picks the GPU: two instances with different STEPS can share a 2-GPU machine.
@@ -16,7 +16,7 @@ set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-steps=${STEPS:-parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_fp32_weights train_bf16_weights train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32 moe_layer}
+steps=${STEPS:-parity fast_paths fast_paths_fp32 train train_eager train_1b train_ac train_sac train_chunked cross_entropy train_bf16_moments train_fp32_weights train_bf16_weights train_fp8 train_whole_compile train_8k train_32k serve decode decode_fp8 decode_fp32 moe_layer moe_layer_train}
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SCRIPT ARGS...: run, append its JSON lines to results.jsonl, everything to log.txt
@@ -81,4 +81,6 @@ step decode_fp32 benchmarks/decode.py --preset small --dtype fp32 --batch 1,4 --
     --repeats 1 --warmup 1
 # one MoE layer at 1 and 2 tokens (a decode step, a speculative verification): why MTP's step costs 1.4x
 step moe_layer benchmarks/moe_layer.py --preset small --tokens 1,2,4
+# one MoE layer's training forward + backward at small's 8 x 2048 batch: time and saved activations
+step moe_layer_train benchmarks/moe_layer.py --preset small --train --tokens 16384 --iters 30
 exit 0
