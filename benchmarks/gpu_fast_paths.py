@@ -181,13 +181,12 @@ def _bounded_rows(device: torch.device) -> dict:
     gate_up[bound:] = float("nan")
     src = torch.randn(T, d, generator=g).to(bf)
     index, pos = torch.randint(0, T, (P,), generator=g), torch.randint(0, P, (T, k), generator=g)
-    scale, weight = torch.rand(P, generator=g), torch.rand(T, k, generator=g)
     grad_h, w = torch.randn(P, inter, generator=g).to(bf), torch.rand(P, 1, generator=g)
     b = torch.tensor(bound)
     calls = {
-        "gather": ("bounded_gather", (src, index, b, scale), bound),
-        "reduce": ("bounded_reduce", (ys, pos, b, weight, torch.float32), None),
-        "reduce_bf16": ("bounded_reduce", (ys, pos, b, weight), None),
+        "gather": ("bounded_gather", (src, index, b), bound),
+        "reduce": ("bounded_reduce", (ys, pos, b, torch.float32), None),
+        "reduce_bf16": ("bounded_reduce", (ys, pos, b), None),
         "swiglu": ("bounded_swiglu", (gate_up, w, b), bound),
         "swiglu_backward": ("bounded_swiglu_backward", (gate_up, w, grad_h, b), bound),
     }

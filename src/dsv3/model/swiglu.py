@@ -1,16 +1,17 @@
 """SwiGLU over packed [gate; up] rows, optionally weighted per row: the routed experts' activation.
 
-The routed experts' first grouped GEMM writes [gate; up] (M, 2I) a row. One process applies each
-row's combine weight inside the activation (`weighted_swiglu`: w · silu(gate) · up), so the combine
-back into tokens is a plain sum and no expert output is kept for the weight's gradient.
+The routed experts' first grouped GEMM writes [gate; up] (M, 2I) a row. Every dispatcher (one
+process, and both expert-parallel ones) applies each row's combine weight inside the activation
+(`weighted_swiglu`: w · silu(gate) · up), so the combine back into tokens is a plain sum and no
+expert output is kept for the weight's gradient.
 
 Its backward is one pass a row: d gate, d up and dw = Σ_i grad · silu(gate) · up from the saved
 [gate; up] and the output's gradient. Left to Inductor, that pass became a "pointwise cat" that
 evaluates both halves' expressions for every element, written twice (once for each grouped GEMM
 that reads it), plus a second kernel for dw: 0.27 ms a layer at 16k tokens on an H200 for ~0.5 GB
 of traffic. On CUDA it is a Triton kernel (`swiglu_kernel`, one program a row), elsewhere the same
-math in torch; a custom op, opaque to torch.compile. Expert parallelism's bounded rows
-(dsv3.parallel.bounded_rows) launch the same kernel with a bound and no weight.
+math in torch; a custom op, opaque to torch.compile. The all-gather dispatcher's bounded rows
+(dsv3.parallel.bounded_rows) launch the same kernel, forward and backward, with a bound.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ SwiGLU's product, the masking and the weighted sum back into token order all ran
 the group: ep times the local path's rows (twice at ep = 2). Each op here reads the bound on the GPU
 and touches only the rows below it, which leaves the rows past it unspecified (nothing reads them):
 
-- `bounded_gather`: out[p] = src[index[p]] (· scale[p]) for p < bound;
-- `bounded_reduce`: out[t] = Σ_s w[t, s] · src[pos[t, s]] over the slots with pos < bound, in float32;
+- `bounded_gather`: out[p] = src[index[p]] for p < bound;
+- `bounded_reduce`: out[t] = Σ_s src[pos[t, s]] over the slots with pos < bound, in float32;
 - `bounded_swiglu` and its backward: w · silu(gate) · up on the rows below the bound (the combine
   weights applied inside the activation, as one process does: dsv3.model.swiglu), the weights'
   gradient 0 past it.
@@ -44,25 +44,18 @@ def _live_rows(src: torch.Tensor, pos: torch.Tensor, bound: torch.Tensor) -> tor
 
 
 @torch.library.custom_op("dsv3::bounded_gather", mutates_args=())
-def bounded_gather(
-    src: torch.Tensor, index: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(P, d) in src's dtype: src[index[p]] · scale[p] for p < bound (the product in float32)."""
-    out = src.index_select(0, index)
-    return out if scale is None else (out.float() * scale.float().unsqueeze(1)).to(src.dtype)
+def bounded_gather(src: torch.Tensor, index: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """(P, d): src[index[p]] for p < bound."""
+    return src.index_select(0, index)
 
 
 @torch.library.custom_op("dsv3::bounded_reduce", mutates_args=())
 def bounded_reduce(
-    src: torch.Tensor, pos: torch.Tensor, bound: torch.Tensor, weight: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    src: torch.Tensor, pos: torch.Tensor, bound: torch.Tensor, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """(T, d): Σ over the slots s of pos (T, k) with pos < bound of weight[t, s] · src[pos[t, s]],
-    summed in float32, in `out_dtype` (default src's)."""
-    rows = _live_rows(src, pos, bound)
-    if weight is not None:
-        rows = rows * weight.float().unsqueeze(-1)
-    return rows.sum(1).to(out_dtype or src.dtype)
+    """(T, d): Σ over the slots s of pos (T, k) with pos < bound of src[pos[t, s]], summed in float32,
+    in `out_dtype` (default src's)."""
+    return _live_rows(src, pos, bound).sum(1).to(out_dtype or src.dtype)
 
 
 @torch.library.custom_op("dsv3::bounded_swiglu", mutates_args=())
@@ -85,12 +78,12 @@ def bounded_swiglu_backward(
 
 
 @bounded_gather.register_fake
-def _(src, index, bound, scale=None):
+def _(src, index, bound):
     return src.new_empty(index.shape[0], src.shape[1])
 
 
 @bounded_reduce.register_fake
-def _(src, pos, bound, weight=None, out_dtype=None):
+def _(src, pos, bound, out_dtype=None):
     return src.new_empty(pos.shape[0], src.shape[1], dtype=out_dtype or src.dtype)
 
 
@@ -115,22 +108,17 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
     import triton.language as tl
 
     @triton.jit
-    def gather_kernel(src, index, scale, bound, out, d: tl.constexpr, HAS_SCALE: tl.constexpr,
-                      BLOCK: tl.constexpr):
+    def gather_kernel(src, index, bound, out, d: tl.constexpr, BLOCK: tl.constexpr):
         p = tl.program_id(0).to(tl.int64)
         live = p < tl.load(bound)
         row = tl.load(index + p).to(tl.int64)
         for start in range(0, d, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = (cols < d) & live
-            v = tl.load(src + row * d + cols, mask=mask, other=0.0)
-            if HAS_SCALE:
-                v = v.to(tl.float32) * tl.load(scale + p).to(tl.float32)
-            tl.store(out + p * d + cols, v.to(out.dtype.element_ty), mask=mask)
+            tl.store(out + p * d + cols, tl.load(src + row * d + cols, mask=mask, other=0.0), mask=mask)
 
     @triton.jit
-    def reduce_kernel(src, pos, weight, bound, out, d: tl.constexpr, k: tl.constexpr,
-                      HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    def reduce_kernel(src, pos, bound, out, d: tl.constexpr, k: tl.constexpr, BLOCK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         n = tl.load(bound)
         for start in range(0, d, BLOCK):
@@ -140,30 +128,24 @@ def triton_ops() -> dict[str, Callable[..., torch.Tensor]]:
             for s in range(k):
                 row = tl.load(pos + t * k + s).to(tl.int64)
                 live = row < n
-                v = tl.load(src + row * d + cols, mask=inside & live, other=0.0).to(tl.float32)
-                if HAS_WEIGHT:
-                    v = v * tl.load(weight + t * k + s).to(tl.float32)
-                acc += v
+                acc += tl.load(src + row * d + cols, mask=inside & live, other=0.0).to(tl.float32)
             tl.store(out + t * d + cols, acc.to(out.dtype.element_ty), mask=inside)
 
     def block(width: int) -> int:
         return min(_BLOCK, triton.next_power_of_2(width))
 
-    def gather(src, index, bound, scale=None):
+    def gather(src, index, bound):
         src, out = src.contiguous(), src.new_empty(index.shape[0], src.shape[1])
         if out.numel():
-            dummy = scale if scale is not None else index  # a pointer the kernel never reads
-            gather_kernel[(index.shape[0],)](src, index, dummy, bound, out, src.shape[1],
-                                             HAS_SCALE=scale is not None, BLOCK=block(src.shape[1]))
+            gather_kernel[(index.shape[0],)](src, index, bound, out, src.shape[1], BLOCK=block(src.shape[1]))
         return out
 
-    def reduce(src, pos, bound, weight=None, out_dtype=None):
+    def reduce(src, pos, bound, out_dtype=None):
         src, pos = src.contiguous(), pos.contiguous()
         out = src.new_empty(pos.shape[0], src.shape[1], dtype=out_dtype or src.dtype)
         if out.numel():
-            w = weight.contiguous() if weight is not None else pos
-            reduce_kernel[(pos.shape[0],)](src, pos, w, bound, out, src.shape[1], pos.shape[1],
-                                           HAS_WEIGHT=weight is not None, BLOCK=block(src.shape[1]))
+            reduce_kernel[(pos.shape[0],)](src, pos, bound, out, src.shape[1], pos.shape[1],
+                                           BLOCK=block(src.shape[1]))
         return out
 
     launch_swiglu = triton_swiglu()

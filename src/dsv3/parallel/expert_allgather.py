@@ -112,7 +112,7 @@ class _GatherDispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         position, bound = ctx.saved_tensors
-        per_token = bounded_reduce(grad, position, bound, None, grad.dtype)
+        per_token = bounded_reduce(grad, position, bound, grad.dtype)
         return _reduce_scatter(per_token, ctx.group).to(ctx.x_dtype), None, None, None, None, None
 
 
@@ -142,7 +142,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, ys, pair_order, position, bound) -> torch.Tensor:
         ctx.save_for_backward(pair_order, bound)
         ctx.k = position.shape[1]
-        return bounded_reduce(ys, position, bound, None, ys.dtype)
+        return bounded_reduce(ys, position, bound, ys.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
