@@ -338,8 +338,12 @@ class TrainConfig(_Strict):
 
     def bf16_moments(self, device_type: str, processes: int) -> bool:
         """Whether AdamW keeps its moments in bf16 (`optimizer_state_dtype`; auto: with bf16 weights)."""
+        return self.bf16_moments_with(self.bf16_weights(device_type, processes))
+
+    def bf16_moments_with(self, bf16_weights: bool) -> bool:
+        """`bf16_moments` once the weights' precision is known (the optimizer sees it as masters)."""
         if self.optimizer_state_dtype == "auto":
-            return self.bf16_weights(device_type, processes)
+            return bf16_weights
         return self.optimizer_state_dtype == "bfloat16"
 
     eval_every: int = Field(default=200, gt=0)

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from dsv3.model.autograd_output import fresh_output
 from dsv3.model.cuda_kernels import register_triton_kernels
 
-__all__ = ["swiglu", "weighted_swiglu", "weighted_swiglu_backward", "triton_swiglu"]
+__all__ = [
+    "swiglu", "weighted_swiglu", "weighted_swiglu_forward", "weighted_swiglu_backward", "triton_swiglu",
+]
 
 BLOCK = 1024  # columns a program handles at a time
 
@@ -38,6 +40,12 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 def _wide(t: torch.Tensor) -> torch.dtype:
     """The dtype to compute t's values in: float32, or t's own where that is wider (float64)."""
     return torch.promote_types(t.dtype, torch.float32)
+
+
+def weighted_swiglu_forward(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w (M, 1) · silu(gate) · up, computed in float32 (or wider) and rounded once to gate_up's dtype."""
+    gate, up = gate_up.to(_wide(gate_up)).chunk(2, dim=-1)
+    return (F.silu(gate) * up * w).to(gate_up.dtype)
 
 
 @torch.library.custom_op("dsv3::weighted_swiglu_backward", mutates_args=())
@@ -62,14 +70,13 @@ def _(gate_up, w, grad):
 
 
 class _WeightedSwiGLU(torch.autograd.Function):
-    """w (M, 1) · silu(gate) · up from [gate; up] (M, 2I), computed in float32 (or wider) and rounded
-    once to gate_up's dtype; the forward stays torch ops, which Inductor fuses at memory speed."""
+    """`weighted_swiglu_forward` with its backward: the forward stays torch ops, which Inductor fuses
+    at memory speed; the backward is the custom op."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate_up, w)
-        gate, up = gate_up.to(_wide(gate_up)).chunk(2, dim=-1)
-        return fresh_output((F.silu(gate) * up * w).to(gate_up.dtype))
+        return fresh_output(weighted_swiglu_forward(gate_up, w))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

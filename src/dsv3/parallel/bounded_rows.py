@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from dsv3.model.cuda_kernels import register_triton_kernels
-from dsv3.model.swiglu import triton_swiglu, weighted_swiglu_backward
+from dsv3.model.swiglu import triton_swiglu, weighted_swiglu_backward, weighted_swiglu_forward
 
 __all__ = ["bounded_gather", "bounded_reduce", "bounded_swiglu", "bounded_swiglu_backward"]
 
@@ -62,8 +62,7 @@ def bounded_reduce(
 def bounded_swiglu(gate_up: torch.Tensor, w: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """(P, 2I), (P, 1) → (P, I): w · silu(gate) · up for the rows below the bound, in float32, rounded
     once to gate_up's dtype."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up * w.float()).to(gate_up.dtype)
+    return weighted_swiglu_forward(gate_up, w)
 
 
 @torch.library.custom_op("dsv3::bounded_swiglu_backward", mutates_args=())

@@ -60,8 +60,7 @@ def build_optimizer(
     groups = param_groups(model, cfg.weight_decay)
     log.debug("AdamW: parameters per group (weight decay): %s",
               [(sum(p.numel() for p in g["params"]), g["weight_decay"]) for g in groups])
-    moments = cfg.optimizer_state_dtype
-    bf16_moments = moments == "bfloat16" or (moments == "auto" and masters is not None)
+    bf16_moments = cfg.bf16_moments_with(masters is not None)
     if bf16_moments or masters:
         state_dtype = torch.bfloat16 if bf16_moments else torch.float32
         return MixedAdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,

@@ -298,7 +298,7 @@ class Trainer:
         bf16 = self.tc.computes_in_bf16(self.device.type) or self.masters is not None
         compute = "bf16" if bf16 else "fp32"
         weights = "bf16 weights + fp32 masters" if self.masters is not None else "fp32 weights"
-        moments = "bf16" if self.tc.bf16_moments(self.device.type, self.world) else "fp32"
+        moments = "bf16" if self.tc.bf16_moments_with(self.masters is not None) else "fp32"
         return f"{weights}, {compute} compute, {moments} AdamW moments"
 
     def _emit(self, record: Record) -> None:
